@@ -1,0 +1,348 @@
+"""OnDeviceModel: a TFLite interpreter trained and checkpointed through its signatures."""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import os
+import shutil
+import tempfile
+import time
+import warnings
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import tensorflow as tf
+
+from fl_ondevice.checkpoint import Weights, WeightSpec, read_checkpoint, write_checkpoint
+from fl_ondevice.errors import (
+    CheckpointError,
+    InputError,
+    ModelError,
+    RuntimeUnsupportedError,
+    TrainingError,
+)
+from fl_ondevice.model import RESET_SIGNATURE, SIGNATURES
+
+log = logging.getLogger(__name__)
+
+# tf.lite.Interpreter warns that it is deprecated in favour of ai-edge-litert, whose interpreter
+# lacks the Flex delegate our save/restore signatures need; the warning is noise here.
+warnings.filterwarnings("ignore", message=r".*LiteRT interpreter.*")
+
+FLEX_HELP = (
+    "install tensorflow-cpu==2.18.1 (pip install 'tensorflow-cpu==2.18.1' "
+    "'flwr[simulation]==1.42.0'): it is the newest TensorFlow whose Python TFLite interpreter "
+    "links the Flex delegate; TF >= 2.19 and ai-edge-litert lack it"
+)
+# What an interpreter without the Flex delegate says when it meets a TF op (TF >= 2.19).
+FLEX_MISSING = "Select TensorFlow op"
+_SCRATCH: list[str] = []
+
+
+def scratch_dir() -> str:
+    """This process's scratch directory for checkpoint files (RAM-backed where /dev/shm exists)."""
+    if not _SCRATCH:
+        base = "/dev/shm" if os.access("/dev/shm", os.W_OK) else None
+        _SCRATCH.append(tempfile.mkdtemp(prefix=f"fl_ondevice-{os.getpid()}-", dir=base))
+        atexit.register(shutil.rmtree, _SCRATCH[0], True)
+    return _SCRATCH[0]
+
+
+def _path_tensor(path: str | os.PathLike[str]) -> np.ndarray:
+    # A bytes scalar: an object array would reach the Save op as a garbage file name.
+    return np.array(os.fspath(path).encode(), dtype=np.bytes_)
+
+
+def explain_load_error(err: BaseException, source: str) -> ModelError | RuntimeUnsupportedError:
+    """Turn an interpreter's load or invoke error into one that says what to do."""
+    if FLEX_MISSING in str(err):
+        return RuntimeUnsupportedError(
+            f"{source}: the TFLite interpreter of this TensorFlow ({tf.__version__}) cannot run "
+            f"the model's TensorFlow (Flex) ops such as Save/Restore; {FLEX_HELP}"
+        )
+    return ModelError(f"{source} is not a loadable .tflite model: {_first_line(err)}")
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+class OnDeviceModel:
+    """A ``.tflite`` model with ``train``/``infer``/``save``/``restore`` signatures.
+
+    Works with any such model (ours from :mod:`fl_ondevice.model`, or one built by following
+    TensorFlow's on-device training guide): input names, shapes and the label encoding (integer
+    labels or one-hot) are read from the signatures.
+
+    Parameters
+    ----------
+    model
+        Path to a ``.tflite`` file, or its bytes.
+    num_threads
+        Interpreter threads. TFLite's kernels for trainable weights are single-threaded, so one
+        thread per interpreter and one interpreter per core is the efficient layout.
+    """
+
+    def __init__(self, model: str | os.PathLike[str] | bytes, num_threads: int = 1) -> None:
+        if isinstance(model, bytes):
+            self.model_bytes, self.source = model, "<bytes>"
+        else:
+            self.source = os.fspath(model)
+            try:
+                self.model_bytes = Path(self.source).read_bytes()
+            except OSError as err:
+                raise ModelError(f"cannot read model file {self.source!r}: {err}") from None
+        self.num_threads = num_threads
+        self._ckpt = os.path.join(scratch_dir(), f"weights-{id(self)}.ckpt")
+        self._load()
+        self._discover()
+        try:
+            initial = self.get_weights()
+        except TrainingError as err:
+            raise ModelError(f"{self.source}: the save signature failed: {err}") from None
+        self.weight_spec = WeightSpec.of(initial)
+
+    # -- loading and signature discovery ------------------------------------------------------
+    def _load(self) -> None:
+        try:
+            self.interpreter = tf.lite.Interpreter(
+                model_content=self.model_bytes, num_threads=self.num_threads
+            )
+            self.signatures = self.interpreter.get_signature_list()
+            self._runners = {
+                name: self.interpreter.get_signature_runner(name) for name in self.signatures
+            }
+        except (ValueError, RuntimeError) as err:
+            raise explain_load_error(err, self.source) from None
+
+    def _discover(self) -> None:
+        missing = [s for s in SIGNATURES if s not in self.signatures]
+        if missing:
+            raise ModelError(
+                f"{self.source} lacks the signature(s) {missing} "
+                f"(it has {sorted(self.signatures)}); "
+                "an on-device training model needs train(x, y) -> loss, infer(x) -> output, "
+                "save(checkpoint_path) and restore(checkpoint_path)"
+            )
+        infer_in = self._inputs("infer")
+        if len(infer_in) != 1:
+            raise ModelError(f"{self.source}: infer must take one input, it takes {list(infer_in)}")
+        ((self.x_name_infer, x_spec),) = infer_in.items()
+        self.x_shape = tuple(int(d) for d in x_spec["shape_signature"][1:])
+        outputs = self.signatures["infer"]["outputs"]
+        if "output" not in outputs:
+            raise ModelError(
+                f"{self.source}: infer must return 'output' (class probabilities); "
+                f"it returns {outputs}"
+            )
+        self.has_logits = "logits" in outputs
+        train_in = self._inputs("train")
+        if len(train_in) != 2 or "loss" not in self.signatures["train"]["outputs"]:
+            raise ModelError(
+                f"{self.source}: train must take (x, y) and return 'loss'; it takes "
+                f"{list(train_in)} and returns {self.signatures['train']['outputs']}"
+            )
+        # x is the train input shaped like infer's input; y is the other one.
+        names = sorted(train_in, key=lambda n: (n != "x", n))
+        x_like = [n for n in names if tuple(train_in[n]["shape_signature"][1:]) == self.x_shape]
+        if not x_like:
+            raise ModelError(
+                f"{self.source}: no train input has infer's input shape {self.x_shape}: "
+                f"{ {n: list(s['shape_signature']) for n, s in train_in.items()} }"
+            )
+        self.x_name = x_like[0]
+        self.y_name = next(n for n in train_in if n != self.x_name)
+        y_spec = train_in[self.y_name]
+        self.y_dtype = y_spec["dtype"]
+        self.one_hot = np.issubdtype(self.y_dtype, np.floating)
+        probe = self._runners["infer"].get_output_details()["output"]["shape_signature"]
+        self.num_classes = int(probe[-1])
+        for sig in ("save", "restore"):
+            ins = self._inputs(sig)
+            if len(ins) != 1 or next(iter(ins.values()))["dtype"] is not np.bytes_:
+                raise ModelError(
+                    f"{self.source}: {sig} must take one string input (checkpoint_path); "
+                    f"it takes {list(ins)}"
+                )
+        self._path_name = {s: next(iter(self._inputs(s))) for s in ("save", "restore")}
+
+    def _inputs(self, signature: str) -> dict[str, Any]:
+        return dict(self._runners[signature].get_input_details())
+
+    def _invoke(self, signature: str, **inputs: np.ndarray) -> dict[str, np.ndarray]:
+        try:
+            return dict(self._runners[signature](**inputs))
+        except (ValueError, RuntimeError) as err:
+            if FLEX_MISSING in str(err):
+                raise explain_load_error(err, self.source) from None
+            # Error text accumulates on a failed interpreter: replace it before going on.
+            self._load()
+            raise TrainingError(
+                f"{self.source}: the {signature} signature failed ({_first_line(err)}); the "
+                "interpreter was reloaded with the model file's initial weights"
+            ) from None
+
+    # -- input validation ---------------------------------------------------------------------
+    def _check_x(self, x: np.ndarray) -> np.ndarray:
+        x = np.asarray(x, dtype=np.float32)
+        shape = tuple(x.shape[1:])
+        if x.ndim != len(self.x_shape) + 1 or any(
+            want not in (-1, got) for want, got in zip(self.x_shape, shape, strict=True)
+        ):
+            raise InputError(
+                f"x has shape {tuple(x.shape)}; the model expects (batch, "
+                f"{', '.join(str(d) for d in self.x_shape)})"
+            )
+        return x
+
+    def _check_xy(self, x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        x = self._check_x(x)
+        y = np.asarray(y)
+        if y.ndim != 1 or not np.issubdtype(y.dtype, np.integer):
+            raise InputError(f"y must be a 1-D array of integer labels, got {y.dtype} {y.shape}")
+        if len(x) != len(y):
+            raise InputError(f"x holds {len(x)} examples but y holds {len(y)} labels")
+        if len(y) and (y.min() < 0 or y.max() >= self.num_classes):
+            raise InputError(
+                f"labels must be in [0, {self.num_classes}), got min {y.min()} max {y.max()}"
+            )
+        return x, y
+
+    def _encode_y(self, y: np.ndarray) -> np.ndarray:
+        if self.one_hot:
+            return np.eye(self.num_classes, dtype=self.y_dtype)[y]
+        return y.astype(self.y_dtype)
+
+    # -- training -----------------------------------------------------------------------------
+    def _train_batch(self, x: np.ndarray, y: np.ndarray) -> float:
+        out = self._invoke("train", **{self.x_name: x, self.y_name: self._encode_y(y)})
+        loss = float(out["loss"])
+        if not np.isfinite(loss):
+            raise TrainingError(
+                f"train returned a non-finite loss ({loss}) on a batch of {len(x)}: the weights "
+                "have diverged; lower model.learning_rate or check the inputs for NaN/Inf"
+            )
+        return loss
+
+    def train_step(self, x: np.ndarray, y: np.ndarray) -> float:
+        """Run one optimizer step (the ``train`` signature) on a batch; return its loss."""
+        x, y = self._check_xy(x, y)
+        if not len(x):
+            raise InputError("train_step needs at least one example")
+        return self._train_batch(x, y)
+
+    def fit(
+        self,
+        x: np.ndarray,
+        y: np.ndarray,
+        epochs: int = 1,
+        batch_size: int | None = 32,
+        seed: int = 0,
+    ) -> dict[str, float]:
+        """Train for ``epochs`` passes of shuffled minibatches (the last one may be smaller).
+
+        ``batch_size=None`` means full batch (one step per epoch: FedSGD's B = inf). Returns the
+        mean loss over all steps, ``examples`` (per epoch), ``steps``, wall ``seconds`` and the
+        ``train_seconds`` spent inside the ``train`` signature.
+        """
+        x, y = self._check_xy(x, y)
+        n = len(x)
+        if n == 0:
+            raise InputError("fit needs at least one example")
+        if epochs < 1 or (batch_size is not None and batch_size < 1):
+            raise InputError(f"epochs ({epochs}) and batch_size ({batch_size}) must be >= 1")
+        b = n if batch_size is None else batch_size
+        rng = np.random.default_rng(seed)
+        t0 = time.perf_counter()
+        losses: list[float] = []
+        in_train = 0.0
+        for _ in range(epochs):
+            order = rng.permutation(n)
+            for start in range(0, n, b):
+                idx = order[start : start + b]
+                xb, yb = x[idx], y[idx]
+                t1 = time.perf_counter()
+                losses.append(self._train_batch(xb, yb))
+                in_train += time.perf_counter() - t1
+        return {
+            "loss": float(np.mean(losses)),
+            "examples": float(n),
+            "steps": float(len(losses)),
+            "seconds": time.perf_counter() - t0,
+            "train_seconds": in_train,
+        }
+
+    def reset_optimizer(self) -> None:
+        """Zero optimizer state (momentum, Adam moments, step) so no client inherits another's.
+
+        Models with a ``reset`` signature (ours) reset in place; for any other model the
+        interpreter is recreated from the model bytes, which also resets the weights to the
+        file's: call ``set_weights`` after this.
+        """
+        if RESET_SIGNATURE in self.signatures:
+            self._invoke(RESET_SIGNATURE)
+        else:
+            self._load()
+
+    # -- inference ----------------------------------------------------------------------------
+    def _infer(self, x: np.ndarray, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+        probs, log_probs = [], []
+        for start in range(0, len(x), batch_size):
+            out = self._invoke("infer", **{self.x_name_infer: x[start : start + batch_size]})
+            p = out["output"]
+            if self.has_logits:
+                z = out["logits"].astype(np.float64)
+                z -= z.max(axis=1, keepdims=True)
+                lp = z - np.log(np.exp(z).sum(axis=1, keepdims=True))
+            else:
+                lp = np.log(np.clip(p.astype(np.float64), 1e-12, None))
+            probs.append(p)
+            log_probs.append(lp)
+        return np.concatenate(probs), np.concatenate(log_probs)
+
+    def predict(self, x: np.ndarray, batch_size: int = 1024) -> np.ndarray:
+        """Class probabilities ``(N, classes)`` from the ``infer`` signature."""
+        x = self._check_x(x)
+        return self._infer(x, batch_size)[0]
+
+    def evaluate(self, x: np.ndarray, y: np.ndarray, batch_size: int = 1024) -> dict[str, float]:
+        """Mean cross-entropy ``loss`` and ``accuracy`` of the model on ``(x, y)``."""
+        x, y = self._check_xy(x, y)
+        if not len(x):
+            raise InputError("evaluate needs at least one example")
+        probs, log_probs = self._infer(x, batch_size)
+        return {
+            "loss": float(-log_probs[np.arange(len(y)), y].mean()),
+            "accuracy": float((probs.argmax(axis=1) == y).mean()),
+        }
+
+    # -- checkpoints --------------------------------------------------------------------------
+    def save(self, path: str | os.PathLike[str]) -> None:
+        """Write the model's weights to ``path`` through its ``save`` signature."""
+        self._invoke("save", **{self._path_name["save"]: _path_tensor(path)})
+        if not Path(path).is_file():
+            raise CheckpointError(f"the save signature did not write {os.fspath(path)!r}")
+
+    def restore(self, path: str | os.PathLike[str]) -> None:
+        """Load weights from a checkpoint file through the ``restore`` signature.
+
+        The file is read and checked against the model's weight names, shapes and dtypes first,
+        so a bad file raises ``CheckpointError`` and leaves the weights unchanged.
+        """
+        self.weight_spec.validate(read_checkpoint(path), f"checkpoint {os.fspath(path)!r}")
+        self._invoke("restore", **{self._path_name["restore"]: _path_tensor(path)})
+
+    def get_weights(self) -> Weights:
+        """The current weights, ``{name: array}`` in sorted name order (via ``save``)."""
+        self.save(self._ckpt)
+        return read_checkpoint(self._ckpt)
+
+    def set_weights(self, weights: Mapping[str, np.ndarray]) -> None:
+        """Set the weights (checked first, then written as a checkpoint and ``restore``d)."""
+        self.weight_spec.validate(weights, "weights")
+        write_checkpoint(self._ckpt, weights)
+        self._invoke("restore", **{self._path_name["restore"]: _path_tensor(self._ckpt)})

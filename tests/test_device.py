@@ -1,0 +1,313 @@
+"""OnDeviceModel: training through signatures, any guide-style model, and bad input."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import tempfile
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from fl_ondevice.device import FLEX_MISSING, OnDeviceModel, explain_load_error
+from fl_ondevice.errors import (
+    CheckpointError,
+    InputError,
+    ModelError,
+    RuntimeUnsupportedError,
+    TrainingError,
+)
+
+
+def _to_tflite(module: tf.Module, signatures: dict) -> bytes:
+    """The guide's conversion recipe, written out here so no project code is involved."""
+    with tempfile.TemporaryDirectory() as saved:
+        tf.saved_model.save(module, saved, signatures=signatures)
+        converter = tf.lite.TFLiteConverter.from_saved_model(saved)
+        converter.target_spec.supported_ops = [
+            tf.lite.OpsSet.TFLITE_BUILTINS,
+            tf.lite.OpsSet.SELECT_TF_OPS,
+        ]
+        converter.experimental_enable_resource_variables = True
+        return converter.convert()
+
+
+class GuideModel(tf.Module):
+    """The TFLite on-device training guide's model: Keras layers, one-hot labels, Keras SGD.
+
+    As the guide, except the weights and optimizer variables are tracked on the module and
+    weights are named by ``v.path``: Keras 3's ``v.name`` is not unique and the converter drops
+    untracked variables (DESIGN.md).
+    """
+
+    def __init__(self, with_save: bool = True) -> None:
+        self.model = keras.Sequential(
+            [
+                keras.layers.Input((8, 8)),
+                keras.layers.Flatten(),
+                keras.layers.Dense(32, activation="relu"),
+                keras.layers.Dense(10),
+            ]
+        )
+        self.model.compile(
+            optimizer=keras.optimizers.SGD(0.1),
+            loss=keras.losses.CategoricalCrossentropy(from_logits=True),
+        )
+        self.model.optimizer.build(self.model.trainable_variables)
+        self.vars = [v.value for v in self.model.weights]
+        self.names = [v.path for v in self.model.weights]
+        self.optimizer_vars = [v.value for v in self.model.optimizer.variables]
+
+    @tf.function(
+        input_signature=[
+            tf.TensorSpec([None, 8, 8], tf.float32),
+            tf.TensorSpec([None, 10], tf.float32),
+        ]
+    )
+    def train(self, x, y):
+        with tf.GradientTape() as tape:
+            loss = self.model.loss(y, self.model(x))
+        grads = tape.gradient(loss, self.model.trainable_variables)
+        self.model.optimizer.apply_gradients(zip(grads, self.model.trainable_variables))
+        return {"loss": loss}
+
+    @tf.function(input_signature=[tf.TensorSpec([None, 8, 8], tf.float32)])
+    def infer(self, x):
+        logits = self.model(x)
+        return {"output": tf.nn.softmax(logits, axis=-1), "logits": logits}
+
+    @tf.function(input_signature=[tf.TensorSpec(shape=[], dtype=tf.string)])
+    def save(self, checkpoint_path):
+        tf.raw_ops.Save(
+            filename=checkpoint_path,
+            tensor_names=self.names,
+            data=[v.read_value() for v in self.vars],
+            name="save",
+        )
+        return {"checkpoint_path": checkpoint_path}
+
+    @tf.function(input_signature=[tf.TensorSpec(shape=[], dtype=tf.string)])
+    def restore(self, checkpoint_path):
+        restored = {}
+        for name, var in zip(self.names, self.vars):
+            t = tf.raw_ops.Restore(file_pattern=checkpoint_path, tensor_name=name, dt=var.dtype)
+            t.set_shape(var.shape)
+            var.assign(t)
+            restored[name] = t
+        return restored
+
+
+@pytest.fixture(scope="module")
+def guide_tflite() -> bytes:
+    m = GuideModel()
+    sigs = {k: getattr(m, k).get_concrete_function() for k in ("train", "infer", "save", "restore")}
+    return _to_tflite(m, sigs)
+
+
+@pytest.fixture()
+def mlp(converted) -> OnDeviceModel:
+    return OnDeviceModel(converted("mlp", (8, 8), learning_rate=0.1)[1])
+
+
+# -- behaviour ------------------------------------------------------------------------------------
+def test_centralised_mlp_on_digits_reaches_90_percent(converted, digits):
+    x_tr, y_tr, x_te, y_te = digits
+    device = OnDeviceModel(converted("mlp", (8, 8), learning_rate=0.1)[1])
+    before = device.evaluate(x_te, y_te)
+
+    fit = device.fit(x_tr, y_tr, epochs=10, batch_size=32, seed=0)
+    after = device.evaluate(x_te, y_te)
+
+    assert before["accuracy"] < 0.3
+    assert after["accuracy"] >= 0.90, after
+    assert fit["examples"] == len(x_tr) and fit["steps"] == 10 * -(-len(x_tr) // 32)
+    assert after["loss"] < before["loss"]
+
+
+def test_weights_round_trip_bitwise(mlp):
+    rng = np.random.default_rng(0)
+    w = {n: rng.normal(size=a.shape).astype(np.float32) for n, a in mlp.get_weights().items()}
+
+    mlp.set_weights(w)
+    back = mlp.get_weights()
+    mlp.set_weights(back)
+
+    assert all(back[n].tobytes() == w[n].tobytes() for n in w)
+    assert all(mlp.get_weights()[n].tobytes() == w[n].tobytes() for n in w)
+
+
+def test_fit_is_deterministic_for_a_seed_and_differs_across_seeds(mlp, digits):
+    x, y = digits[0][:200], digits[1][:200]
+    w0 = mlp.get_weights()
+    runs = []
+    for seed in (5, 5, 6):
+        mlp.set_weights(w0)
+        runs.append((mlp.fit(x, y, epochs=2, batch_size=16, seed=seed)["loss"], mlp.get_weights()))
+    assert runs[0][0] == runs[1][0]
+    assert all(runs[0][1][n].tobytes() == runs[1][1][n].tobytes() for n in w0)
+    assert runs[0][0] != runs[2][0]
+
+
+def test_full_batch_fit_takes_one_step_per_epoch(mlp, digits):
+    fit = mlp.fit(digits[0][:100], digits[1][:100], epochs=3, batch_size=None)
+    assert fit["steps"] == 3
+
+
+def test_reset_optimizer_clears_momentum(converted, digits):
+    # A momentum model trained on other data, reset and restored, must equal a fresh interpreter.
+    tflite = converted("mlp", (8, 8), learning_rate=0.05, momentum=0.9)[1]
+    used, fresh = OnDeviceModel(tflite), OnDeviceModel(tflite)
+    w0 = fresh.get_weights()
+    x, y = digits[0][:64], digits[1][:64]
+    used.fit(digits[0][64:300], digits[1][64:300], epochs=1, batch_size=16)
+
+    used.reset_optimizer()
+    used.set_weights(w0)
+    used.fit(x, y, epochs=1, batch_size=16, seed=1)
+    fresh.fit(x, y, epochs=1, batch_size=16, seed=1)
+
+    a, b = used.get_weights(), fresh.get_weights()
+    assert all(a[n].tobytes() == b[n].tobytes() for n in a)
+
+
+def test_guide_model_trains_through_on_device_model(guide_tflite, digits):
+    device = OnDeviceModel(guide_tflite)
+    x, y = digits[0], digits[1]
+    assert device.one_hot and device.num_classes == 10
+    before = device.evaluate(x, y)["loss"]
+
+    first = device.fit(x, y, epochs=1, batch_size=32, seed=0)["loss"]
+    last = device.fit(x, y, epochs=3, batch_size=32, seed=1)["loss"]
+
+    assert last < first < before
+    assert device.evaluate(x, y)["accuracy"] > 0.8
+    # No reset signature: reset recreates the interpreter, back to the file's weights.
+    device.reset_optimizer()
+    assert device.evaluate(x, y)["loss"] == pytest.approx(before)
+
+
+# -- bad input ------------------------------------------------------------------------------------
+def test_missing_signatures_are_named():
+    m = GuideModel()
+    sigs = {k: getattr(m, k).get_concrete_function() for k in ("train", "infer")}
+    with pytest.raises(ModelError, match=r"lacks the signature\(s\) \['save', 'restore'\]"):
+        OnDeviceModel(_to_tflite(m, sigs))
+
+
+def test_unexpected_train_inputs_are_named():
+    class ThreeInputs(GuideModel):
+        @tf.function(
+            input_signature=[
+                tf.TensorSpec([None, 8, 8], tf.float32),
+                tf.TensorSpec([None, 10], tf.float32),
+                tf.TensorSpec([None], tf.float32),
+            ]
+        )
+        def train(self, x, y, w):
+            return {"loss": tf.reduce_sum(self.model(x)) + tf.reduce_sum(y) + tf.reduce_sum(w)}
+
+    m = ThreeInputs()
+    sigs = {k: getattr(m, k).get_concrete_function() for k in ("train", "infer", "save", "restore")}
+    with pytest.raises(ModelError, match=r"train must take \(x, y\).*\['w', 'x', 'y'\]"):
+        OnDeviceModel(_to_tflite(m, sigs))
+
+
+def test_not_a_model_is_rejected(tmp_path):
+    (tmp_path / "m.tflite").write_bytes(b"\x00" * 64)
+    with pytest.raises(ModelError, match=r"m\.tflite is not a loadable \.tflite model"):
+        OnDeviceModel(tmp_path / "m.tflite")
+
+
+@pytest.mark.parametrize(
+    ("x_shape", "y", "message"),
+    [
+        ((4, 8, 8), np.arange(3), "x holds 4 examples but y holds 3 labels"),
+        ((4, 8, 9), np.arange(4), r"x has shape \(4, 8, 9\); the model expects \(batch, 8, 8\)"),
+        ((4, 64), np.arange(4), r"x has shape \(4, 64\)"),
+        ((4, 8, 8), np.array([0, 1, 2, 10]), r"labels must be in \[0, 10\), got min 0 max 10"),
+        ((4, 8, 8), np.array([0, -1, 2, 3]), r"labels must be in \[0, 10\), got min -1"),
+        ((4, 8, 8), np.zeros(4, np.float32), "1-D array of integer labels"),
+    ],
+)
+def test_bad_batches_fail_before_invoking(mlp, x_shape, y, message):
+    w = mlp.get_weights()
+    with pytest.raises(InputError, match=message):
+        mlp.train_step(np.zeros(x_shape, np.float32), y)
+    assert all(mlp.get_weights()[n].tobytes() == w[n].tobytes() for n in w)
+
+
+def test_non_finite_loss_is_reported(mlp):
+    x = np.full((4, 8, 8), np.nan, np.float32)
+    with pytest.raises(TrainingError, match=r"non-finite loss \(nan\)"):
+        mlp.train_step(x, np.arange(4))
+    with pytest.raises(TrainingError, match="non-finite"):
+        mlp.fit(x, np.arange(4))
+
+
+@pytest.mark.parametrize(
+    ("corrupt", "message"),
+    [
+        (lambda w, p: w.pop("output/bias"), r"missing tensors \['output/bias'\]"),
+        (
+            lambda w, p: w.update({"hidden1/kernel": np.zeros((64, 100), np.float32)}),
+            r"'hidden1/kernel' has shape \(64, 100\), the model expects \(64, 128\)",
+        ),
+        (
+            lambda w, p: w.update({"output/bias": np.zeros(10, np.int32)}),
+            "'output/bias' has dtype int32, the model expects float32",
+        ),
+    ],
+)
+def test_mismatched_checkpoint_is_named_and_weights_unchanged(mlp, tmp_path, corrupt, message):
+    from fl_ondevice.checkpoint import write_checkpoint
+
+    before = mlp.get_weights()
+    bad = {n: np.ones_like(a) for n, a in before.items()}
+    corrupt(bad, tmp_path)
+    write_checkpoint(tmp_path / "bad.ckpt", bad)
+
+    with pytest.raises(CheckpointError, match=message):
+        mlp.restore(tmp_path / "bad.ckpt")
+    with pytest.raises(CheckpointError, match=message):
+        mlp.set_weights(bad)
+    assert all(mlp.get_weights()[n].tobytes() == before[n].tobytes() for n in before)
+
+
+def test_truncated_checkpoint_is_named_and_weights_unchanged(mlp, tmp_path):
+    path = tmp_path / "w.ckpt"
+    before = mlp.get_weights()
+    mlp.save(path)
+    path.write_bytes(path.read_bytes()[:-100])
+
+    with pytest.raises(CheckpointError, match=r"w\.ckpt.*cannot be read"):
+        mlp.restore(path)
+    assert all(mlp.get_weights()[n].tobytes() == before[n].tobytes() for n in before)
+
+
+def test_interpreter_without_flex_delegate_says_which_tensorflow_to_install(converted, tmp_path):
+    # ai-edge-litert's interpreter lacks the Flex delegate, as TF >= 2.19's does. Run it in a
+    # process that never imports TensorFlow (which would register TF 2.18's Flex delegate) to
+    # get the real error text, then check what OnDeviceModel makes of it.
+    pytest.importorskip("ai_edge_litert")
+    path = tmp_path / "m.tflite"
+    path.write_bytes(converted("mlp", (8, 8), learning_rate=0.1)[1])
+    script = (
+        "import numpy as np\n"
+        "from ai_edge_litert.interpreter import Interpreter\n"
+        f"it = Interpreter(model_path={str(path)!r})\n"
+        "try:\n"
+        "    it.get_signature_runner('save')(checkpoint_path=np.array(b'/tmp/x', dtype=np.bytes_))\n"
+        "except RuntimeError as err:\n"
+        "    print(err)\n"
+    )
+    text = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120
+    ).stdout
+    assert FLEX_MISSING in text  # the real message of a Flex-less interpreter
+
+    err = explain_load_error(RuntimeError(text), str(path))
+
+    assert isinstance(err, RuntimeUnsupportedError)
+    assert "tensorflow-cpu==2.18.1" in str(err) and "Flex" in str(err)

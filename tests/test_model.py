@@ -1,0 +1,121 @@
+"""Parity of the converted models with the TF models they came from, and of our optimizers."""
+
+from __future__ import annotations
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from fl_ondevice.config import ModelConfig
+from fl_ondevice.device import OnDeviceModel
+from fl_ondevice.errors import ConfigError
+from fl_ondevice.model import build_model
+
+
+def _batches(shape: tuple[int, int], steps: int, batch: int, seed: int = 1):
+    rng = np.random.default_rng(seed)
+    for _ in range(steps):
+        x = rng.random((batch, *shape), dtype=np.float32)
+        yield x, rng.integers(0, 10, batch).astype(np.int32)
+
+
+def _tf_weights(module) -> dict[str, np.ndarray]:
+    return {n: w.numpy() for n, w in zip(module.weight_names, module.weights_, strict=True)}
+
+
+@pytest.mark.parametrize(
+    ("name", "opt"),
+    [
+        ("mlp", {"learning_rate": 0.1}),
+        ("mlp", {"learning_rate": 0.05, "momentum": 0.9}),
+        ("mlp", {"optimizer": "adam", "learning_rate": 1e-3}),
+        ("2nn", {"learning_rate": 0.05, "momentum": 0.9}),
+        ("2nn", {"optimizer": "adam", "learning_rate": 1e-3}),
+    ],
+)
+def test_100_interpreter_steps_match_tf(converted, name, opt):
+    # Prepare: TF module and its .tflite from the same initial weights.
+    module, tflite = converted(name, (28, 28), **opt)
+    device = OnDeviceModel(tflite)
+    d_loss, d_w = [], 0.0
+    # Execute: the same 100 batches through both.
+    for x, y in _batches((28, 28), 100, 32):
+        tf_loss = float(module.train(x, y)["loss"])
+        d_loss.append(abs(tf_loss - device.train_step(x, y)))
+    lite = device.get_weights()
+    d_w = max(float(np.abs(lite[n] - w).max()) for n, w in _tf_weights(module).items())
+    # Assert: DESIGN.md measured 4.8e-7 / 4.6e-7 for the MLP; the issue's bound is 1e-5.
+    assert max(d_loss) <= 1e-5
+    assert d_w <= 1e-5
+
+
+@pytest.mark.parametrize("name", ["cnn", "simple_cnn"])
+def test_one_cnn_step_matches_tf(converted, name):
+    module, tflite = converted(name, (28, 28), learning_rate=0.05, momentum=0.9)
+    device = OnDeviceModel(tflite)
+    (x, y), = _batches((28, 28), 1, 32)
+    # Zero backgrounds make max-pool windows with ties: the gradient must still match TF's.
+    x[:, :4, :] = 0.0
+
+    tf_loss = float(module.train(x, y)["loss"])
+    lite_loss = device.train_step(x, y)
+
+    assert abs(tf_loss - lite_loss) <= 1e-5
+    lite = device.get_weights()
+    for n, w in _tf_weights(module).items():
+        assert np.abs(lite[n] - w).max() <= 1e-5, n
+
+
+@pytest.mark.parametrize(
+    ("opt", "keras_opt"),
+    [
+        ({"learning_rate": 0.05, "momentum": 0.9}, lambda: keras.optimizers.SGD(0.05, 0.9)),
+        (
+            {"optimizer": "adam", "learning_rate": 0.01},
+            lambda: keras.optimizers.Adam(0.01, epsilon=1e-7),
+        ),
+    ],
+)
+def test_optimizer_updates_equal_keras_optimizers(opt, keras_opt):
+    # Our hand-written optimizer against Keras' own on the same loss and weights: 5 steps.
+    module = build_model(ModelConfig(name="mlp", **opt), (8, 8), 10, seed=3)
+    twins = [tf.Variable(w.numpy()) for w in module.weights_]
+    optimizer = keras_opt()
+    for x, y in _batches((8, 8), 5, 16):
+        module.train(x, y)
+        with tf.GradientTape() as tape:
+            h = tf.nn.relu(tf.reshape(x, [-1, 64]) @ twins[0] + twins[1])
+            logits = h @ twins[2] + twins[3]
+            loss = tf.reduce_mean(
+                tf.nn.sparse_softmax_cross_entropy_with_logits(labels=y, logits=logits)
+            )
+        optimizer.apply_gradients(zip(tape.gradient(loss, twins), twins, strict=True))
+    for ours, theirs in zip(module.weights_, twins, strict=True):
+        np.testing.assert_allclose(ours.numpy(), theirs.numpy(), atol=1e-6)
+
+
+def test_restore_then_infer_matches_tf_logits(converted):
+    module, tflite = converted("2nn", (28, 28), learning_rate=0.1)
+    device = OnDeviceModel(tflite)
+    rng = np.random.default_rng(7)
+    new = {n: rng.normal(0, 0.1, w.shape).astype(np.float32) for n, w in _tf_weights(module).items()}
+    for n, w in zip(module.weight_names, module.weights_, strict=True):
+        w.assign(new[n])
+    x = rng.random((50, 28, 28), dtype=np.float32)
+
+    device.set_weights(new)
+    lite_logits = device.interpreter.get_signature_runner("infer")(x=x)["logits"]
+
+    np.testing.assert_allclose(lite_logits, module.infer(x)["logits"].numpy(), atol=1e-5)
+
+
+def test_mcmahan_cnn_has_the_papers_parameter_count():
+    module = build_model(ModelConfig(name="cnn"), (28, 28), 10)
+    # arXiv:1602.05629, Section 3: "1,663,370 total parameters".
+    assert sum(int(np.prod(w.shape)) for w in module.weights_) == 1_663_370
+
+
+def test_simple_cnn_rejects_images_too_small_for_its_valid_convolutions():
+    with pytest.raises(ConfigError, match="larger images than"):
+        build_model(ModelConfig(name="simple_cnn"), (8, 8), 10)
