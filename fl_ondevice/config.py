@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, get_args, get_type_hints
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -14,6 +15,7 @@ DATASETS = ("digits", "fashion_mnist", "mnist")
 PARTITIONERS = ("iid", "dirichlet", "shards", "label_quantity")
 MODELS = ("mlp", "2nn", "cnn", "simple_cnn", "tflite")
 OPTIMIZERS = ("sgd", "adam")
+STRATEGIES = ("fedavg",)
 
 
 def _require(ok: bool, key: str, value: Any, allowed: str) -> None:
@@ -117,6 +119,163 @@ class ModelConfig:
         )
 
 
+@dataclass
+class ClientConfig:
+    local_epochs: int = 1  # E
+    batch_size: int | None = 32  # B; None = the client's whole local set (B = inf)
+    num_threads: int = 1  # interpreter threads: TFLite's trainable-weight kernels use one
+    num_cpus: float = 1.0  # Ray resources per client: workers = cores / num_cpus
+
+    def __post_init__(self) -> None:
+        _require(self.local_epochs >= 1, "client.local_epochs", self.local_epochs, "must be >= 1")
+        _require(
+            self.batch_size is None or self.batch_size >= 1,
+            "client.batch_size",
+            self.batch_size,
+            "must be >= 1, or null for full batch",
+        )
+        _require(self.num_threads >= 1, "client.num_threads", self.num_threads, "must be >= 1")
+        _require(self.num_cpus > 0, "client.num_cpus", self.num_cpus, "must be > 0")
+
+
+@dataclass
+class StrategyConfig:
+    name: str = "fedavg"
+    fraction_train: float = 1.0  # C in arXiv:1602.05629
+    fraction_evaluate: float = 0.0  # clients evaluating on their local test split; 0 = none
+    min_train_nodes: int = 2
+    min_evaluate_nodes: int = 2
+
+    def __post_init__(self) -> None:
+        p = "strategy"
+        _require(self.name in STRATEGIES, f"{p}.name", self.name, f"choose one of {STRATEGIES}")
+        _require(
+            0.0 < self.fraction_train <= 1.0,
+            f"{p}.fraction_train",
+            self.fraction_train,
+            "must be in (0, 1]",
+        )
+        _require(
+            0.0 <= self.fraction_evaluate <= 1.0,
+            f"{p}.fraction_evaluate",
+            self.fraction_evaluate,
+            "must be in [0, 1]",
+        )
+        _require(self.min_train_nodes >= 1, f"{p}.min_train_nodes", self.min_train_nodes, ">= 1")
+        _require(
+            self.min_evaluate_nodes >= 1, f"{p}.min_evaluate_nodes", self.min_evaluate_nodes, ">= 1"
+        )
+
+
+@dataclass
+class Config:
+    """One run: every group plus the top-level keys of ``conf/config.yaml``."""
+
+    dataset: DatasetConfig = field(default_factory=DatasetConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    partition: PartitionConfig = field(default_factory=PartitionConfig)
+    strategy: StrategyConfig = field(default_factory=StrategyConfig)
+    client: ClientConfig = field(default_factory=ClientConfig)
+    seed: int = 0
+    num_clients: int = 10
+    num_rounds: int = 20
+    target_accuracy: float | None = None
+    eval_batch_size: int = 1024
+    cache_dir: str = "~/.cache/fl_ondevice"
+    output_dir: str = "."  # the run directory; simulate.py sets it to Hydra's
+
+    def __post_init__(self) -> None:
+        _require(self.num_clients >= 1, "num_clients", self.num_clients, "must be >= 1")
+        _require(self.num_rounds >= 1, "num_rounds", self.num_rounds, "must be >= 1")
+        _require(
+            self.target_accuracy is None or 0.0 < self.target_accuracy <= 1.0,
+            "target_accuracy",
+            self.target_accuracy,
+            "must be in (0, 1] or null",
+        )
+        _require(self.eval_batch_size >= 1, "eval_batch_size", self.eval_batch_size, ">= 1")
+        for key in ("min_train_nodes", "min_evaluate_nodes"):
+            value = getattr(self.strategy, key)
+            _require(
+                value <= self.num_clients or (key == "min_evaluate_nodes" and not self.evaluates),
+                f"strategy.{key}",
+                value,
+                f"must be <= num_clients ({self.num_clients})",
+            )
+
+    @property
+    def evaluates(self) -> bool:
+        """Whether clients evaluate the global model on their local test splits."""
+        return self.strategy.fraction_evaluate > 0
+
+    @property
+    def clients_per_round(self) -> int:
+        """Clients sampled per round: max(int(n * C), min_train_nodes), as Flower's FedAvg."""
+        n = self.num_clients
+        return min(n, max(int(n * self.strategy.fraction_train), self.strategy.min_train_nodes))
+
+
+def parse_config(node: DictConfig | dict) -> Config:
+    """Validate a composed Hydra config; every bad value raises ``ConfigError`` naming its key."""
+    if isinstance(node, DictConfig):
+        node = OmegaConf.to_container(node, resolve=True)  # type: ignore[assignment]
+    assert isinstance(node, dict)
+    for group, cls in _GROUPS.items():  # per group, so the message names the group
+        to_dataclass(cls, node.get(group, {}), group)
+    return to_dataclass(Config, node, "config")  # type: ignore[no-any-return]
+
+
+_GROUPS: dict[str, type] = {
+    "dataset": DatasetConfig,
+    "model": ModelConfig,
+    "partition": PartitionConfig,
+    "strategy": StrategyConfig,
+    "client": ClientConfig,
+}
+
+
+def to_run_config(cfg: Config) -> dict[str, int | float | str | bool]:
+    """The one translation to Flower's flat, kebab-case run config (``group.key`` -> ``key``).
+
+    Nulls become ``""`` (Flower's records hold no None); :func:`from_run_config` inverts this.
+    """
+    flat: dict[str, int | float | str | bool] = {}
+    for key, value in asdict(cfg).items():
+        items = value.items() if isinstance(value, dict) else [(None, value)]
+        for sub, v in items:
+            name = f"{key}.{sub}" if sub else key
+            flat[name.replace("_", "-")] = "" if v is None else v
+    return flat
+
+
+def from_run_config(flat: Mapping[str, Any]) -> Config:
+    """Rebuild and validate a :class:`Config` from :func:`to_run_config`'s output."""
+    nested: dict[str, Any] = {}
+    for name, value in flat.items():
+        key = name.replace("-", "_")
+        group, _, sub = key.partition(".")
+        if value == "" and (sub or key) in _NULLABLE:
+            value = None
+        if sub:
+            nested.setdefault(group, {})[sub] = value
+        else:
+            nested[key] = value
+    return parse_config(nested)
+
+
+def _nullable_keys(*classes: type) -> set[str]:
+    # Fields typed `X | None`: their "" in a run config means null.
+    return {
+        f.name
+        for cls in classes
+        for f in fields(cls)
+        if type(None) in get_args(get_type_hints(cls)[f.name])
+    }
+
+
+_NULLABLE = _nullable_keys(Config, *_GROUPS.values())
+
+
 def to_dataclass(cls: type, node: DictConfig | dict, key: str) -> Any:
     """Validate a config node against dataclass ``cls`` and return an instance.
 
@@ -135,8 +294,14 @@ __all__ = [
     "MODELS",
     "OPTIMIZERS",
     "PARTITIONERS",
+    "ClientConfig",
+    "Config",
     "DatasetConfig",
     "ModelConfig",
     "PartitionConfig",
+    "StrategyConfig",
+    "from_run_config",
+    "parse_config",
     "to_dataclass",
+    "to_run_config",
 ]

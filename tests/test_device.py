@@ -70,7 +70,9 @@ class GuideModel(tf.Module):
         with tf.GradientTape() as tape:
             loss = self.model.loss(y, self.model(x))
         grads = tape.gradient(loss, self.model.trainable_variables)
-        self.model.optimizer.apply_gradients(zip(grads, self.model.trainable_variables))
+        self.model.optimizer.apply_gradients(
+            zip(grads, self.model.trainable_variables, strict=True)
+        )
         return {"loss": loss}
 
     @tf.function(input_signature=[tf.TensorSpec([None, 8, 8], tf.float32)])
@@ -91,7 +93,7 @@ class GuideModel(tf.Module):
     @tf.function(input_signature=[tf.TensorSpec(shape=[], dtype=tf.string)])
     def restore(self, checkpoint_path):
         restored = {}
-        for name, var in zip(self.names, self.vars):
+        for name, var in zip(self.names, self.vars, strict=True):
             t = tf.raw_ops.Restore(file_pattern=checkpoint_path, tensor_name=name, dt=var.dtype)
             t.set_shape(var.shape)
             var.assign(t)
@@ -298,7 +300,8 @@ def test_interpreter_without_flex_delegate_says_which_tensorflow_to_install(conv
         "from ai_edge_litert.interpreter import Interpreter\n"
         f"it = Interpreter(model_path={str(path)!r})\n"
         "try:\n"
-        "    it.get_signature_runner('save')(checkpoint_path=np.array(b'/tmp/x', dtype=np.bytes_))\n"
+        "    path = np.array(b'/tmp/x', dtype=np.bytes_)\n"
+        "    it.get_signature_runner('save')(checkpoint_path=path)\n"
         "except RuntimeError as err:\n"
         "    print(err)\n"
     )

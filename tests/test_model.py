@@ -54,7 +54,7 @@ def test_100_interpreter_steps_match_tf(converted, name, opt):
 def test_one_cnn_step_matches_tf(converted, name):
     module, tflite = converted(name, (28, 28), learning_rate=0.05, momentum=0.9)
     device = OnDeviceModel(tflite)
-    (x, y), = _batches((28, 28), 1, 32)
+    ((x, y),) = _batches((28, 28), 1, 32)
     # Zero backgrounds make max-pool windows with ties: the gradient must still match TF's.
     x[:, :4, :] = 0.0
 
@@ -99,7 +99,9 @@ def test_restore_then_infer_matches_tf_logits(converted):
     module, tflite = converted("2nn", (28, 28), learning_rate=0.1)
     device = OnDeviceModel(tflite)
     rng = np.random.default_rng(7)
-    new = {n: rng.normal(0, 0.1, w.shape).astype(np.float32) for n, w in _tf_weights(module).items()}
+    new = {
+        n: rng.normal(0, 0.1, w.shape).astype(np.float32) for n, w in _tf_weights(module).items()
+    }
     for n, w in zip(module.weight_names, module.weights_, strict=True):
         w.assign(new[n])
     x = rng.random((50, 28, 28), dtype=np.float32)

@@ -1,0 +1,382 @@
+"""Tests of fl_ondevice.data: IDX reader, file lookup, offline errors, digits, Fashion-MNIST."""
+
+from __future__ import annotations
+
+import gzip
+import sys
+import types
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from fl_ondevice import data
+from fl_ondevice.config import DatasetConfig
+from fl_ondevice.data import Dataset, load_dataset, read_idx
+from fl_ondevice.errors import DataError
+
+FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
+
+
+def write_idx(path: Path, array: np.ndarray, *, gz: bool, magic: bytes | None = None) -> Path:
+    """Write ``array`` as an IDX file, built by hand from the format's definition."""
+    codes = {np.dtype(np.uint8): 0x08, np.dtype(np.int32): 0x0C, np.dtype(np.float32): 0x0D}
+    big_endian = array.astype(array.dtype.newbyteorder(">"))
+    header = magic if magic is not None else bytes([0, 0, codes[array.dtype], array.ndim])
+    header += b"".join(int(d).to_bytes(4, "big") for d in array.shape)
+    payload = header + big_endian.tobytes()
+    path.write_bytes(gzip.compress(payload) if gz else payload)
+    return path
+
+
+def write_idx_dataset(
+    directory: Path, n_train: int = 12, n_test: int = 5, size: int = 4, seed: int = 0
+) -> dict[str, np.ndarray]:
+    """Write the four gzip'd IDX files of a tiny 10-class image dataset; return the raw arrays."""
+    rng = np.random.default_rng(seed)
+    arrays = {
+        "x_train": rng.integers(0, 256, (n_train, size, size), dtype=np.uint8),
+        "y_train": (np.arange(n_train) % 10).astype(np.uint8),
+        "x_test": rng.integers(0, 256, (n_test, size, size), dtype=np.uint8),
+        "y_test": (np.arange(n_test) % 10).astype(np.uint8),
+    }
+    arrays["x_train"][0, 0, 0] = 255  # the maximum must map to exactly 1.0
+    directory.mkdir(parents=True, exist_ok=True)
+    for key, stem in data.IDX_FILES.items():
+        write_idx(directory / f"{stem}.gz", arrays[key], gz=True)
+    return arrays
+
+
+@pytest.fixture(autouse=True)
+def isolated_lookup(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Point the system dirs and the Keras cache at empty tmp dirs; forget cached datasets."""
+    monkeypatch.setattr(
+        data,
+        "SYSTEM_DIRS",
+        {"fashion_mnist": tmp_path / "system-fashion", "mnist": tmp_path / "system-mnist"},
+    )
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path / "keras-home"))
+    data.clear_cache()
+    yield
+    data.clear_cache()
+
+
+# ---------------------------------------------------------------------------------------------
+# IDX reader
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("gz", [True, False], ids=["gzip", "plain"])
+def test_read_idx_returns_declared_shape_and_values(tmp_path: Path, gz: bool) -> None:
+    # Prepare
+    images = np.arange(2 * 3 * 4, dtype=np.uint8).reshape(2, 3, 4)
+    labels = np.array([7, -3, 100000], dtype=np.int32)  # multi-byte: checks the byte order
+    write_idx(tmp_path / "images", images, gz=gz)
+    write_idx(tmp_path / "labels", labels, gz=gz)
+
+    # Execute
+    read_images = read_idx(tmp_path / "images")
+    read_labels = read_idx(tmp_path / "labels")
+
+    # Assert
+    assert read_images.shape == (2, 3, 4) and read_images.dtype == np.uint8
+    np.testing.assert_array_equal(read_images, images)
+    assert read_labels.dtype.isnative
+    np.testing.assert_array_equal(read_labels, labels)
+
+
+@pytest.mark.parametrize("gz", [True, False], ids=["gzip", "plain"])
+def test_read_idx_rejects_truncated_file_naming_it(tmp_path: Path, gz: bool) -> None:
+    # Prepare
+    full = tmp_path / "full"
+    write_idx(full, np.zeros((10, 28, 28), np.uint8), gz=False)
+    cut = full.read_bytes()[:-100]
+    path = tmp_path / "train-images-idx3-ubyte.gz"
+    path.write_bytes(gzip.compress(cut) if gz else cut)
+
+    # Execute / Assert
+    with pytest.raises(DataError) as info:
+        read_idx(path)
+    message = str(info.value)
+    assert str(path) in message
+    assert "truncated" in message and "7840 data bytes" in message and "7740" in message
+
+
+def test_read_idx_rejects_file_cut_inside_its_header(tmp_path: Path) -> None:
+    # Prepare
+    path = tmp_path / "labels"
+    write_idx(path, np.zeros((5,), np.uint8), gz=False)
+    path.write_bytes(path.read_bytes()[:6])
+
+    # Execute / Assert
+    with pytest.raises(DataError, match="truncated.*header"):
+        read_idx(path)
+
+
+@pytest.mark.parametrize("gz", [True, False], ids=["gzip", "plain"])
+def test_read_idx_rejects_wrong_magic_naming_it(tmp_path: Path, gz: bool) -> None:
+    # Prepare: a PNG-like header instead of 0x0000TTDD
+    path = write_idx(
+        tmp_path / "t10k-labels-idx1-ubyte.gz", np.zeros(3, np.uint8), gz=gz, magic=b"\x89PNG"
+    )
+
+    # Execute / Assert
+    with pytest.raises(DataError) as info:
+        read_idx(path)
+    message = str(info.value)
+    assert str(path) in message
+    assert "not an IDX file" in message and "wrong magic number 0x89504e47" in message
+
+
+def test_read_idx_rejects_unknown_type_code(tmp_path: Path) -> None:
+    # Prepare: type byte 0x07 is not defined by the format
+    path = write_idx(tmp_path / "x", np.zeros(3, np.uint8), gz=False, magic=b"\x00\x00\x07\x01")
+
+    # Execute / Assert
+    with pytest.raises(DataError, match="wrong magic number 0x00000701"):
+        read_idx(path)
+
+
+def test_read_idx_rejects_trailing_bytes(tmp_path: Path) -> None:
+    # Prepare
+    path = write_idx(tmp_path / "x", np.zeros(4, np.uint8), gz=False)
+    path.write_bytes(path.read_bytes() + b"\x00\x00")
+
+    # Execute / Assert
+    with pytest.raises(DataError, match="longer than its header says"):
+        read_idx(path)
+
+
+def test_read_idx_rejects_corrupt_gzip_naming_it(tmp_path: Path) -> None:
+    # Prepare: a gzip stream cut in the middle
+    path = tmp_path / "train-labels-idx1-ubyte.gz"
+    path.write_bytes(gzip.compress(bytes(range(256)) * 40)[:50])
+
+    # Execute / Assert
+    with pytest.raises(DataError, match=f"cannot read IDX file {path}"):
+        read_idx(path)
+
+
+# ---------------------------------------------------------------------------------------------
+# Lookup of fashion_mnist / mnist
+# ---------------------------------------------------------------------------------------------
+
+
+def test_load_dataset_reads_idx_files_from_data_dir_scaled_to_unit_float32(tmp_path: Path) -> None:
+    # Prepare
+    raw = write_idx_dataset(tmp_path / "mine")
+    cfg = DatasetConfig(name="fashion_mnist", data_dir=str(tmp_path / "mine"), download=False)
+
+    # Execute
+    dataset = load_dataset(cfg)
+
+    # Assert
+    assert isinstance(dataset, Dataset)
+    assert dataset.x_train.shape == (12, 4, 4) and dataset.x_test.shape == (5, 4, 4)
+    assert dataset.x_train.dtype == np.float32 and dataset.y_train.dtype == np.int64
+    assert dataset.input_shape == (4, 4) and dataset.num_classes == 10
+    np.testing.assert_array_equal(dataset.x_train * 255.0, raw["x_train"].astype(np.float32))
+    assert dataset.x_train[0, 0, 0] == 1.0
+    assert 0.0 <= dataset.x_train.min() and dataset.x_train.max() <= 1.0
+    np.testing.assert_array_equal(dataset.y_test, raw["y_test"])
+    assert not dataset.x_train.flags.writeable  # shared by all clients of a process
+
+
+def test_load_dataset_prefers_data_dir_then_system_dir_then_keras_cache(tmp_path: Path) -> None:
+    # Prepare: three complete copies of different sizes, so the one read is identifiable
+    write_idx_dataset(tmp_path / "mine", n_train=11)
+    write_idx_dataset(data.SYSTEM_DIRS["fashion_mnist"], n_train=12)
+    write_idx_dataset(data.keras_cache_dir() / "fashion-mnist", n_train=13)
+    with_dir = DatasetConfig(name="fashion_mnist", data_dir=str(tmp_path / "mine"), download=False)
+    without_dir = DatasetConfig(name="fashion_mnist", download=False)
+
+    # Execute
+    from_data_dir = len(load_dataset(with_dir).y_train)
+    from_system = len(load_dataset(without_dir).y_train)
+    for stem in data.IDX_FILES.values():
+        (data.SYSTEM_DIRS["fashion_mnist"] / f"{stem}.gz").unlink()
+    data.clear_cache()
+    from_keras = len(load_dataset(without_dir).y_train)
+
+    # Assert
+    assert (from_data_dir, from_system, from_keras) == (11, 12, 13)
+
+
+def test_load_dataset_accepts_uncompressed_idx_files(tmp_path: Path) -> None:
+    # Prepare: the four files gunzip'd, without the .gz suffix
+    raw = write_idx_dataset(tmp_path / "gz")
+    for stem in data.IDX_FILES.values():
+        plain = gzip.decompress((tmp_path / "gz" / f"{stem}.gz").read_bytes())
+        (tmp_path / "plain").mkdir(exist_ok=True)
+        (tmp_path / "plain" / stem).write_bytes(plain)
+
+    # Execute
+    dataset = load_dataset(DatasetConfig(name="mnist", data_dir=str(tmp_path / "plain")))
+
+    # Assert
+    np.testing.assert_array_equal(dataset.y_train, raw["y_train"])
+
+
+def test_mnist_is_read_from_keras_npz(tmp_path: Path) -> None:
+    # Prepare: keras.datasets.mnist stores mnist.npz directly in the Keras cache
+    rng = np.random.default_rng(1)
+    cache = data.keras_cache_dir()
+    cache.mkdir(parents=True)
+    np.savez(
+        cache / "mnist.npz",
+        x_train=rng.integers(0, 256, (20, 28, 28), dtype=np.uint8),
+        y_train=np.arange(20, dtype=np.uint8) % 10,
+        x_test=rng.integers(0, 256, (6, 28, 28), dtype=np.uint8),
+        y_test=np.arange(6, dtype=np.uint8) % 10,
+    )
+
+    # Execute
+    dataset = load_dataset(DatasetConfig(name="mnist", download=False))
+
+    # Assert
+    assert dataset.name == "mnist"
+    assert dataset.x_train.shape == (20, 28, 28) and dataset.y_test.shape == (6,)
+    assert dataset.x_train.dtype == np.float32 and dataset.x_train.max() <= 1.0
+
+
+def test_offline_error_lists_every_place_looked_and_how_to_get_fashion_mnist(
+    tmp_path: Path,
+) -> None:
+    # Prepare
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    cfg = DatasetConfig(name="fashion_mnist", data_dir=str(empty), download=False)
+
+    # Execute
+    with pytest.raises(DataError) as info:
+        load_dataset(cfg)
+
+    # Assert
+    message = str(info.value)
+    for place in (empty, data.SYSTEM_DIRS["fashion_mnist"], data.keras_cache_dir()):
+        assert str(place) in message
+    assert "apt-get install dataset-fashion-mnist" in message
+    assert "dataset.data_dir=PATH" in message and "dataset.download=true" in message
+    assert "train-images-idx3-ubyte.gz" in message
+
+
+def test_offline_error_for_mnist_mentions_keras_npz(tmp_path: Path) -> None:
+    # Prepare
+    cfg = DatasetConfig(name="mnist", download=False)
+
+    # Execute
+    with pytest.raises(DataError) as info:
+        load_dataset(cfg)
+
+    # Assert
+    message = str(info.value)
+    assert str(data.SYSTEM_DIRS["mnist"]) in message
+    assert str(data.keras_cache_dir() / "mnist.npz") in message
+
+
+def fake_keras_module(monkeypatch: pytest.MonkeyPatch, name: str, load_data: object) -> None:
+    """Install ``keras.datasets.<name>`` with the given ``load_data`` (no network, no TF)."""
+    module = types.ModuleType(f"keras.datasets.{name}")
+    module.load_data = load_data  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, f"keras.datasets.{name}", module)
+
+
+def test_download_failure_becomes_data_error_with_places_and_offline_fix(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Prepare
+    def failing_load_data() -> None:
+        raise Exception("URL fetch failure on https://example.invalid: Name or service not known")
+
+    fake_keras_module(monkeypatch, "fashion_mnist", failing_load_data)
+
+    # Execute
+    with pytest.raises(DataError) as info:
+        load_dataset(DatasetConfig(name="fashion_mnist", download=True))
+
+    # Assert
+    message = str(info.value)
+    assert "keras.datasets.fashion_mnist.load_data() failed" in message
+    assert "URL fetch failure" in message
+    assert str(data.SYSTEM_DIRS["fashion_mnist"]) in message
+    assert "apt-get install dataset-fashion-mnist" in message
+
+
+def test_download_through_keras_is_used_when_nothing_is_local(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Prepare
+    x = np.full((3, 28, 28), 255, np.uint8)
+    y = np.array([0, 5, 9], np.uint8)
+    fake_keras_module(monkeypatch, "fashion_mnist", lambda: ((x, y), (x[:2], y[:2])))
+
+    # Execute
+    dataset = load_dataset(DatasetConfig(name="fashion_mnist", download=True))
+
+    # Assert
+    assert dataset.x_train.shape == (3, 28, 28) and dataset.x_test.shape == (2, 28, 28)
+    assert np.all(dataset.x_train == 1.0)
+    np.testing.assert_array_equal(dataset.y_train, [0, 5, 9])
+
+
+def test_labels_out_of_range_are_rejected(tmp_path: Path) -> None:
+    # Prepare
+    write_idx_dataset(tmp_path / "bad")
+    write_idx(
+        tmp_path / "bad" / "t10k-labels-idx1-ubyte.gz",
+        np.array([0, 1, 2, 3, 10], np.uint8),
+        gz=True,
+    )
+
+    # Execute / Assert
+    with pytest.raises(DataError, match="test labels .* span 0..10, expected 0..9"):
+        load_dataset(DatasetConfig(name="fashion_mnist", data_dir=str(tmp_path / "bad")))
+
+
+# ---------------------------------------------------------------------------------------------
+# digits, caching, real Fashion-MNIST
+# ---------------------------------------------------------------------------------------------
+
+
+def test_digits_is_a_seeded_stratified_split_of_all_1797_images_scaled_by_16() -> None:
+    # Prepare
+    from sklearn.datasets import load_digits
+
+    x_all, y_all = load_digits(return_X_y=True)
+    cfg = DatasetConfig(name="digits", test_fraction=0.2)
+
+    # Execute
+    first = load_dataset(cfg, seed=0)
+    again = load_dataset(cfg, seed=0)
+    other = load_dataset(cfg, seed=1)
+
+    # Assert: all images present once, each class' share in the test set equals its overall share
+    assert len(first.y_train) + len(first.y_test) == 1797 and len(first.y_test) == 360
+    assert first.input_shape == (8, 8) and first.x_train.dtype == np.float32
+    assert first.x_train.max() == 1.0 and first.x_train.min() == 0.0
+    merged = np.concatenate([first.x_train, first.x_test]).reshape(1797, 64) * 16.0
+    np.testing.assert_array_equal(merged[np.lexsort(merged.T)], x_all[np.lexsort(x_all.T)])
+    expected_test_per_class = np.bincount(y_all) * 360 / 1797
+    assert np.all(np.abs(np.bincount(first.y_test) - expected_test_per_class) <= 1)
+    assert again is first
+    assert not np.array_equal(first.y_test, other.y_test)
+
+
+def test_fashion_mnist_real_files_load_with_official_split() -> None:
+    # Prepare
+    if not all((FASHION_DIR / f"{s}.gz").is_file() for s in data.IDX_FILES.values()):
+        pytest.skip(f"Fashion-MNIST not in {FASHION_DIR}: apt-get install dataset-fashion-mnist")
+    cfg = DatasetConfig(name="fashion_mnist", data_dir=str(FASHION_DIR), download=False)
+
+    # Execute
+    dataset = load_dataset(cfg)
+
+    # Assert
+    assert dataset.x_train.shape == (60000, 28, 28) and dataset.x_test.shape == (10000, 28, 28)
+    assert dataset.y_train.shape == (60000,) and dataset.y_test.shape == (10000,)
+    assert dataset.num_classes == 10 and dataset.input_shape == (28, 28)
+    assert dataset.x_train.dtype == np.float32 and dataset.y_train.dtype == np.int64
+    assert dataset.x_train.min() == 0.0 and dataset.x_train.max() == 1.0
+    np.testing.assert_array_equal(np.bincount(dataset.y_train), np.full(10, 6000))
+    np.testing.assert_array_equal(np.bincount(dataset.y_test), np.full(10, 1000))
