@@ -346,3 +346,18 @@ class OnDeviceModel:
         self.weight_spec.validate(weights, "weights")
         write_checkpoint(self._ckpt, weights)
         self._invoke("restore", **{self._path_name["restore"]: _path_tensor(self._ckpt)})
+
+
+_POOL: dict[tuple[str, int], OnDeviceModel] = {}
+
+
+def pooled_model(path: str | os.PathLike[str], num_threads: int = 1) -> OnDeviceModel:
+    """This process's interpreter for a model file: one per (file, threads), never one per client.
+
+    A CNN interpreter holds ~137 MiB after its first training call, so simulated clients share
+    one per worker process; callers must ``reset_optimizer`` and ``set_weights`` before use.
+    """
+    key = (os.path.realpath(path), num_threads)
+    if key not in _POOL:
+        _POOL[key] = OnDeviceModel(path, num_threads=num_threads)
+    return _POOL[key]

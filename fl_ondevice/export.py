@@ -166,3 +166,19 @@ if __name__ == "__main__":
     import hydra
 
     hydra.main(config_path="../conf", config_name="config", version_base=None)(_main_impl)()
+
+
+def bake(
+    cfg: ModelConfig, input_shape: tuple[int, int], num_classes: int, weights: dict[str, np.ndarray]
+) -> bytes:
+    """A ``.tflite`` whose initial weights are ``weights``: all signatures intact, ready for an app.
+
+    The model is rebuilt, its variables set, converted and verified (``save`` returns exactly
+    ``weights``), so an app that loads the file starts from the trained global model.
+    """
+    module = build_model(cfg, input_shape, num_classes)
+    for name, var in zip(module.weight_names, module.weights_, strict=True):
+        var.assign(weights[name])
+    tflite = convert(module)
+    verify(tflite, module)
+    return tflite

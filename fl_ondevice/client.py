@@ -1,0 +1,116 @@
+"""A simulated client's local work, without Flower: restore, train on its shard, save."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import numpy as np
+
+from fl_ondevice.checkpoint import Weights
+from fl_ondevice.config import Config
+from fl_ondevice.data import Dataset, load_dataset
+from fl_ondevice.device import pooled_model
+from fl_ondevice.errors import InputError
+from fl_ondevice.partition import Partition, make_partitions
+
+
+@dataclass(frozen=True)
+class ClientUpdate:
+    """What a client sends back after local training."""
+
+    weights: Weights
+    num_examples: int
+    train_loss: float  # mean over the local steps
+    seconds: float  # the whole update: restore, train, save, checkpoint I/O
+    train_seconds: float  # inside the train signature only
+
+
+@dataclass(frozen=True)
+class ClientEvaluation:
+    """A client's evaluation of the global model on its local test split."""
+
+    num_examples: int
+    loss: float
+    accuracy: float
+
+
+def local_seed(seed: int, server_round: int, client_id: int) -> int:
+    """Shuffling seed of one client in one round: distinct per (seed, round, client)."""
+    return int(np.random.SeedSequence([seed, server_round, client_id]).generate_state(1)[0])
+
+
+_DATA: dict[str, tuple[Dataset, list[Partition]]] = {}
+
+
+def client_data(cfg: Config) -> tuple[Dataset, list[Partition]]:
+    """The dataset and every client's partition, computed once per process and config."""
+    key = repr((cfg.dataset, cfg.partition, cfg.num_clients, cfg.seed))
+    if key not in _DATA:
+        _DATA.clear()  # a worker serves one run at a time: keep one dataset in memory
+        dataset = load_dataset(cfg.dataset, cfg.seed)
+        _DATA[key] = dataset, make_partitions(dataset, cfg.num_clients, cfg.partition, cfg.seed)
+    return _DATA[key]
+
+
+def train_client(
+    cfg: Config,
+    model_path: str,
+    client_id: int,
+    server_round: int,
+    weights: Mapping[str, np.ndarray],
+) -> ClientUpdate:
+    """Run one client's local update: E epochs of shuffled minibatches through ``train``.
+
+    The pooled interpreter's optimizer state is reset first, so momentum or Adam moments never
+    pass from one client to the next.
+    """
+    t0 = time.perf_counter()
+    dataset, partitions = client_data(cfg)
+    part = _partition(partitions, client_id)
+    model = pooled_model(model_path, cfg.client.num_threads)
+    model.reset_optimizer()
+    model.set_weights(weights)
+    fit = model.fit(
+        dataset.x_train[part.train_indices],
+        dataset.y_train[part.train_indices],
+        epochs=cfg.client.local_epochs,
+        batch_size=cfg.client.batch_size,
+        seed=local_seed(cfg.seed, server_round, client_id),
+    )
+    new = model.get_weights()
+    return ClientUpdate(
+        weights=new,
+        num_examples=len(part.train_indices),
+        train_loss=fit["loss"],
+        seconds=time.perf_counter() - t0,
+        train_seconds=fit["train_seconds"],
+    )
+
+
+def evaluate_client(
+    cfg: Config, model_path: str, client_id: int, weights: Mapping[str, np.ndarray]
+) -> ClientEvaluation:
+    """Evaluate global weights on one client's local test split (``infer`` signature)."""
+    dataset, partitions = client_data(cfg)
+    part = _partition(partitions, client_id)
+    if not len(part.test_indices):
+        raise InputError(
+            f"client {client_id} has no local test examples; raise "
+            "partition.local_test_fraction or set strategy.fraction_evaluate=0"
+        )
+    model = pooled_model(model_path, cfg.client.num_threads)
+    model.set_weights(weights)
+    result = model.evaluate(
+        dataset.x_train[part.test_indices],
+        dataset.y_train[part.test_indices],
+        batch_size=cfg.eval_batch_size,
+    )
+    return ClientEvaluation(len(part.test_indices), result["loss"], result["accuracy"])
+
+
+def _partition(partitions: list[Partition], client_id: int) -> Partition:
+    if not 0 <= client_id < len(partitions):
+        raise InputError(f"client id {client_id} is outside 0..{len(partitions) - 1}")
+    return partitions[client_id]

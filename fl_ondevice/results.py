@@ -1,0 +1,205 @@
+"""Run outputs: metrics.csv/json written every round, accuracy.png, and sweep summaries."""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig
+
+log = logging.getLogger(__name__)
+
+METRICS_CSV = "metrics.csv"
+METRICS_JSON = "metrics.json"
+ACCURACY_PNG = "accuracy.png"
+SUMMARY_CSV = "summary.csv"
+SUMMARY_PNG = "summary.png"
+
+# One row per round (round 0 = the initial global model, before any training).
+COLUMNS = (
+    "round",
+    "accuracy",  # central test accuracy of the global model (infer signature)
+    "loss",  # central test cross-entropy
+    "train_loss",  # clients' mean local training loss, weighted by num-examples
+    "client_eval_accuracy",  # clients' local-test accuracy (when strategy.fraction_evaluate > 0)
+    "clients_sampled",
+    "clients_replied",
+    "clients_failed",
+    "examples",  # training examples behind this round's aggregate
+    "bytes_down",  # global weights sent to the sampled clients
+    "bytes_up",  # updates received
+    "client_seconds",  # median seconds of one client update (restore, train, save, I/O)
+    "train_seconds",  # median seconds inside the train signature per client update
+    "seconds",  # wall time of the round, central evaluation included
+    "elapsed_seconds",
+)
+
+
+class MetricsLog:
+    """Collects one row per round and rewrites ``metrics.csv`` and ``metrics.json`` each time.
+
+    Rewriting after every round means an interrupted run keeps every completed round.
+    """
+
+    def __init__(self, out_dir: str | os.PathLike[str], run_info: Mapping[str, Any]) -> None:
+        self.out_dir = Path(out_dir)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.run_info = dict(run_info)
+        self.rows: list[dict[str, Any]] = []
+
+    def append(self, row: Mapping[str, Any]) -> None:
+        unknown = set(row) - set(COLUMNS)
+        if unknown:
+            raise KeyError(f"unknown metrics columns {sorted(unknown)}")
+        # NaN (nothing measured, e.g. round 0's train loss) is stored as None: JSON null, empty cell
+        self.rows.append({c: _none_if_nan(row.get(c)) for c in COLUMNS})
+        self.write()
+
+    def write(self) -> None:
+        tmp = self.out_dir / f"{METRICS_CSV}.tmp"
+        with tmp.open("w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=COLUMNS)
+            writer.writeheader()
+            writer.writerows({k: _cell(v) for k, v in row.items()} for row in self.rows)
+        os.replace(tmp, self.out_dir / METRICS_CSV)
+        doc = {**self.run_info, "summary": summarize(self.rows, self.run_info), "rounds": self.rows}
+        tmp = self.out_dir / f"{METRICS_JSON}.tmp"
+        tmp.write_text(json.dumps(doc, indent=1, default=_json_default, allow_nan=False))
+        os.replace(tmp, self.out_dir / METRICS_JSON)
+
+
+def _none_if_nan(value: Any) -> Any:
+    return None if isinstance(value, float) and math.isnan(value) else value
+
+
+def _cell(value: Any) -> Any:
+    if isinstance(value, float):
+        return repr(value)  # full precision: reruns are compared cell by cell
+    return "" if value is None else value
+
+
+def _json_default(value: Any) -> Any:
+    return str(value)
+
+
+def summarize(rows: Sequence[Mapping[str, Any]], run_info: Mapping[str, Any]) -> dict[str, Any]:
+    """Final accuracy, best accuracy, rounds to the target accuracy, seconds per round."""
+    trained = [r for r in rows if r["round"] > 0]
+    target = run_info.get("target_accuracy")
+    reached = next(
+        (r["round"] for r in trained if target and (r["accuracy"] or 0.0) >= target), None
+    )
+    return {
+        "rounds": len(trained),
+        "final_accuracy": rows[-1]["accuracy"] if rows else None,
+        "final_loss": rows[-1]["loss"] if rows else None,
+        "best_accuracy": max((r["accuracy"] for r in rows), default=None),
+        "target_accuracy": target,
+        "rounds_to_target": reached,
+        "seconds_per_round": (
+            sum(r["seconds"] for r in trained) / len(trained) if trained else None
+        ),
+        "bytes_per_client_round": (
+            trained[-1]["bytes_down"] / max(trained[-1]["clients_sampled"], 1) if trained else None
+        ),
+    }
+
+
+def plot_accuracy(
+    rows: Sequence[Mapping[str, Any]], path: str | os.PathLike[str], title: str
+) -> None:
+    """Central accuracy and loss against round, one PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rounds = [r["round"] for r in rows]
+    fig, ax_acc = plt.subplots(figsize=(7, 4), layout="constrained")
+    ax_acc.plot(
+        rounds, [r["accuracy"] for r in rows], "o-", color="tab:blue", ms=3, label="accuracy"
+    )
+    ax_acc.set_xlabel("round")
+    ax_acc.set_ylabel("central test accuracy", color="tab:blue")
+    ax_acc.set_ylim(0, 1)
+    ax_acc.grid(alpha=0.3)
+    ax_loss = ax_acc.twinx()
+    ax_loss.plot(rounds, [r["loss"] for r in rows], "s--", color="tab:red", ms=3, label="loss")
+    ax_loss.set_ylabel("central test loss", color="tab:red")
+    ax_acc.set_title(title, fontsize=9)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def sweep_summary(sweep_dir: str | os.PathLike[str]) -> list[dict[str, Any]]:
+    """Collect every job's ``metrics.json`` under a sweep directory into summary.csv/png.
+
+    One row per job: the overrides that define it, then its summary numbers. The plot shows
+    final accuracy and seconds per round against the first swept key.
+    """
+    sweep = Path(sweep_dir)
+    rows = []
+    for metrics in sorted(sweep.glob(f"*/{METRICS_JSON}"), key=lambda p: _job_order(p.parent)):
+        doc = json.loads(metrics.read_text())
+        rows.append({"job": metrics.parent.name, **doc.get("overrides", {}), **doc["summary"]})
+    if not rows:
+        log.warning("no %s found under %s: no sweep summary", METRICS_JSON, sweep)
+        return rows
+    columns = list(dict.fromkeys(k for row in rows for k in row))
+    with (sweep / SUMMARY_CSV).open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows({k: _cell(row.get(k)) for k in columns} for row in rows)
+    swept = [k for k in rows[0] if k not in ("job",) and k in _override_keys(rows)]
+    _plot_sweep(rows, swept, sweep / SUMMARY_PNG)
+    log.info("sweep summary: %s", sweep / SUMMARY_CSV)
+    return rows
+
+
+def _job_order(path: Path) -> tuple[int, str]:
+    return (int(path.name), "") if path.name.isdigit() else (1 << 30, path.name)
+
+
+def _override_keys(rows: Sequence[Mapping[str, Any]]) -> list[str]:
+    summary_keys = set(summarize([], {}))
+    return [k for k in rows[0] if k != "job" and k not in summary_keys]
+
+
+def _plot_sweep(rows: Sequence[Mapping[str, Any]], swept: Sequence[str], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = [", ".join(f"{k}={row.get(k)}" for k in swept) or row["job"] for row in rows]
+    x = range(len(rows))
+    panels = [
+        ("final_accuracy", "final central accuracy"),
+        ("seconds_per_round", "seconds / round"),
+    ]
+    if any(row.get("rounds_to_target") is not None for row in rows):
+        panels.append(("rounds_to_target", "rounds to target accuracy"))
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 4), layout="constrained")
+    for ax, (key, title) in zip(axes, panels, strict=True):
+        values = [row.get(key) if row.get(key) is not None else float("nan") for row in rows]
+        ax.bar(x, values, color="tab:blue")
+        ax.set_xticks(list(x), labels, rotation=30, ha="right", fontsize=8)
+        ax.set_title(title)
+        ax.grid(axis="y", alpha=0.3)
+    fig.suptitle(f"sweep over {', '.join(swept) or 'jobs'}")
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+class SweepSummaryCallback(Callback):
+    """Hydra callback (conf/hydra/default.yaml): write summary.csv/png when a sweep ends."""
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        sweep_summary(config.hydra.sweep.dir)
