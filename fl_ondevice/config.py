@@ -123,7 +123,7 @@ class ModelConfig:
 class ClientConfig:
     local_epochs: int = 1  # E
     batch_size: int | None = 32  # B; None = the client's whole local set (B = inf)
-    num_threads: int = 1  # interpreter threads: TFLite's trainable-weight kernels use one
+    num_threads: int = 1  # interpreter threads; one client per core uses the cores best
     num_cpus: float = 1.0  # Ray resources per client: workers = cores / num_cpus
 
     def __post_init__(self) -> None:

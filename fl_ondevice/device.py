@@ -83,8 +83,10 @@ class OnDeviceModel:
     model
         Path to a ``.tflite`` file, or its bytes.
     num_threads
-        Interpreter threads. TFLite's kernels for trainable weights are single-threaded, so one
-        thread per interpreter and one interpreter per core is the efficient layout.
+        Interpreter threads. The convolution kernels (and their gradients) of a model with
+        trainable weights run single-threaded whatever this says; dense layers (BATCH_MATMUL)
+        do use more threads. In a simulation, one single-threaded interpreter per core is the
+        efficient layout.
     """
 
     def __init__(self, model: str | os.PathLike[str] | bytes, num_threads: int = 1) -> None:
@@ -361,3 +363,8 @@ def pooled_model(path: str | os.PathLike[str], num_threads: int = 1) -> OnDevice
     if key not in _POOL:
         _POOL[key] = OnDeviceModel(path, num_threads=num_threads)
     return _POOL[key]
+
+
+def clear_pool() -> None:
+    """Drop this process's pooled interpreters (tests; long-lived interactive sessions)."""
+    _POOL.clear()

@@ -7,6 +7,7 @@ import json
 import logging
 import math
 import os
+import statistics
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,7 @@ METRICS_JSON = "metrics.json"
 ACCURACY_PNG = "accuracy.png"
 SUMMARY_CSV = "summary.csv"
 SUMMARY_PNG = "summary.png"
+ERROR_JSON = "error.json"  # a sweep job that stopped on bad input
 
 # One row per round (round 0 = the initial global model, before any training).
 COLUMNS = (
@@ -103,8 +105,9 @@ def summarize(rows: Sequence[Mapping[str, Any]], run_info: Mapping[str, Any]) ->
         "best_accuracy": max((r["accuracy"] for r in rows), default=None),
         "target_accuracy": target,
         "rounds_to_target": reached,
+        # Median: round 1 also pays the engine's start-up (worker processes importing TF).
         "seconds_per_round": (
-            sum(r["seconds"] for r in trained) / len(trained) if trained else None
+            float(statistics.median(r["seconds"] for r in trained)) if trained else None
         ),
         "bytes_per_client_round": (
             trained[-1]["bytes_down"] / max(trained[-1]["clients_sampled"], 1) if trained else None
@@ -146,9 +149,15 @@ def sweep_summary(sweep_dir: str | os.PathLike[str]) -> list[dict[str, Any]]:
     """
     sweep = Path(sweep_dir)
     rows = []
-    for metrics in sorted(sweep.glob(f"*/{METRICS_JSON}"), key=lambda p: _job_order(p.parent)):
-        doc = json.loads(metrics.read_text())
-        rows.append({"job": metrics.parent.name, **doc.get("overrides", {}), **doc["summary"]})
+    jobs = sorted((p for p in sweep.iterdir() if p.is_dir()), key=_job_order)
+    for job in jobs:
+        if (job / METRICS_JSON).is_file():
+            doc = json.loads((job / METRICS_JSON).read_text())
+            summary = summarize(doc["rounds"], doc)
+            rows.append({"job": job.name, **doc.get("overrides", {}), **summary})
+        elif (job / ERROR_JSON).is_file():
+            doc = json.loads((job / ERROR_JSON).read_text())
+            rows.append({"job": job.name, **doc["overrides"], "error": doc["error"]})
     if not rows:
         log.warning("no %s found under %s: no sweep summary", METRICS_JSON, sweep)
         return rows
@@ -157,10 +166,19 @@ def sweep_summary(sweep_dir: str | os.PathLike[str]) -> list[dict[str, Any]]:
         writer = csv.DictWriter(f, fieldnames=columns)
         writer.writeheader()
         writer.writerows({k: _cell(row.get(k)) for k in columns} for row in rows)
-    swept = [k for k in rows[0] if k not in ("job",) and k in _override_keys(rows)]
+    swept = _override_keys(rows)
     _plot_sweep(rows, swept, sweep / SUMMARY_PNG)
     log.info("sweep summary: %s", sweep / SUMMARY_CSV)
     return rows
+
+
+def record_error(
+    out_dir: str | os.PathLike[str], overrides: Mapping[str, Any], err: Exception
+) -> None:
+    """Leave ``error.json`` in a failed sweep job's directory, for the sweep summary."""
+    doc = {"overrides": dict(overrides), "error": str(err)}
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    (Path(out_dir) / ERROR_JSON).write_text(json.dumps(doc, indent=1))
 
 
 def _job_order(path: Path) -> tuple[int, str]:
@@ -168,8 +186,12 @@ def _job_order(path: Path) -> tuple[int, str]:
 
 
 def _override_keys(rows: Sequence[Mapping[str, Any]]) -> list[str]:
-    summary_keys = set(summarize([], {}))
-    return [k for k in rows[0] if k != "job" and k not in summary_keys]
+    # The overrides whose values differ between jobs (all overrides if none differ).
+    summary_keys = {*summarize([], {}), "error"}
+    keys = [k for k in dict.fromkeys(k for r in rows for k in r) if k not in summary_keys]
+    keys.remove("job")
+    varying = [k for k in keys if len({str(r.get(k)) for r in rows}) > 1]
+    return varying or keys
 
 
 def _plot_sweep(rows: Sequence[Mapping[str, Any]], swept: Sequence[str], path: Path) -> None:

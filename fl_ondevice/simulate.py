@@ -24,6 +24,7 @@ from omegaconf import DictConfig  # noqa: E402
 
 from fl_ondevice.config import Config, parse_config  # noqa: E402
 from fl_ondevice.errors import FlOnDeviceError  # noqa: E402
+from fl_ondevice.results import record_error  # noqa: E402
 
 log = logging.getLogger("fl_ondevice")
 
@@ -111,7 +112,9 @@ def main(dcfg: DictConfig) -> float | None:
     except FlOnDeviceError as err:
         log.error("%s", err)
         if hc.mode == RunMode.MULTIRUN:
-            return None  # the sweep goes on; this job's directory holds the log
+            # The sweep goes on; the summary lists this job with its error.
+            record_error(hc.runtime.output_dir, overrides, err)
+            return None
         sys.exit(2)
     print(summary_line(summary, cfg.output_dir))
     return float(summary["final_accuracy"])

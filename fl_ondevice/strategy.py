@@ -165,8 +165,8 @@ def _number(record: MetricRecord, key: str) -> float:
 
 
 def _payload_bytes(arrays: ArrayRecord) -> int:
-    # What a phone would download or upload: the tensors' bytes.
-    return sum(len(a.data) for a in arrays.values())
+    # What a phone would download or upload: the tensors' bytes (Array.data adds a .npy header).
+    return sum(int(np.prod(a.shape)) * np.dtype(a.dtype).itemsize for a in arrays.values())
 
 
 def _wait_for_nodes(grid: Grid, needed: int, timeout: float = 600.0) -> list[int]:

@@ -1,0 +1,78 @@
+"""Run outputs: metrics files, summaries and sweep summaries, with hand-made rows."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+
+import pytest
+
+from fl_ondevice.results import COLUMNS, MetricsLog, record_error, summarize, sweep_summary
+
+
+def _row(r: int, acc: float, seconds: float = 2.0) -> dict:
+    return {
+        "round": r,
+        "accuracy": acc,
+        "loss": 1.0 - acc,
+        "train_loss": float("nan") if r == 0 else 0.5,
+        "clients_sampled": 0 if r == 0 else 4,
+        "bytes_down": 0 if r == 0 else 4000,
+        "seconds": 0.0 if r == 0 else seconds,
+    }
+
+
+def test_metrics_log_rewrites_csv_and_json_every_round(tmp_path):
+    log = MetricsLog(tmp_path, {"target_accuracy": 0.8})
+    log.append(_row(0, 0.1))
+    log.append(_row(1, 0.85, seconds=3.0))
+
+    with (tmp_path / "metrics.csv").open() as f:
+        table = list(csv.DictReader(f))
+    doc = json.loads((tmp_path / "metrics.json").read_text())
+
+    assert list(table[0]) == list(COLUMNS)
+    assert [r["round"] for r in table] == ["0", "1"]
+    assert table[0]["train_loss"] == ""  # NaN: nothing measured
+    assert doc["rounds"][0]["train_loss"] is None
+    assert doc["summary"]["rounds_to_target"] == 1
+
+
+def test_metrics_log_rejects_unknown_columns(tmp_path):
+    with pytest.raises(KeyError, match="accurcy"):
+        MetricsLog(tmp_path, {}).append({"round": 0, "accurcy": 1.0})
+
+
+def test_summary_numbers():
+    rows = [
+        {c: None for c in COLUMNS} | _row(r, acc, seconds=s)
+        for r, acc, s in [(0, 0.1, 0), (1, 0.6, 2.0), (2, 0.9, 4.0), (3, 0.8, 6.0)]
+    ]
+
+    s = summarize(rows, {"target_accuracy": 0.85})
+
+    assert s["rounds"] == 3
+    assert s["final_accuracy"] == 0.8 and s["best_accuracy"] == 0.9
+    assert s["rounds_to_target"] == 2
+    assert math.isclose(s["seconds_per_round"], 4.0)
+    assert s["bytes_per_client_round"] == 1000
+
+
+def test_sweep_summary_lists_finished_and_failed_jobs_in_job_order(tmp_path):
+    for job, n in [("0", 10), ("1", 50), ("10", 5)]:
+        log = MetricsLog(tmp_path / job, {"overrides": {"num_clients": str(n)}})
+        log.append(_row(0, 0.1))
+        log.append(_row(1, 0.5 + n / 100))
+    record_error(tmp_path / "2", {"num_clients": "100"}, ValueError("too many clients"))
+
+    rows = sweep_summary(tmp_path)
+
+    assert [r["job"] for r in rows] == ["0", "1", "2", "10"]
+    assert [r["num_clients"] for r in rows] == ["10", "50", "100", "5"]
+    assert rows[2]["error"] == "too many clients"
+    with (tmp_path / "summary.csv").open() as f:
+        table = list(csv.DictReader(f))
+    assert table[1]["final_accuracy"] == "1.0"
+    assert table[2]["final_accuracy"] == "" and table[2]["error"] == "too many clients"
+    assert (tmp_path / "summary.png").stat().st_size > 0
