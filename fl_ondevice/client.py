@@ -12,7 +12,7 @@ from fl_ondevice.checkpoint import Weights
 from fl_ondevice.config import Config
 from fl_ondevice.data import Dataset, load_dataset
 from fl_ondevice.device import pooled_model
-from fl_ondevice.errors import InputError
+from fl_ondevice.errors import InputError, TrainingError
 from fl_ondevice.partition import Partition, make_partitions
 
 
@@ -39,6 +39,15 @@ class ClientEvaluation:
 def local_seed(seed: int, server_round: int, client_id: int) -> int:
     """Shuffling seed of one client in one round: distinct per (seed, round, client)."""
     return int(np.random.SeedSequence([seed, server_round, client_id]).generate_state(1)[0])
+
+
+def injected_failure(seed: int, server_round: int, client_id: int, rate: float) -> bool:
+    """Whether ``client.failure_rate`` makes this client crash in this round (seeded draw)."""
+    draw = np.random.default_rng([seed, server_round, client_id, _FAILURE_STREAM]).random()
+    return bool(draw < rate)
+
+
+_FAILURE_STREAM = 1  # keeps failure draws independent of the shuffling seed
 
 
 _DATA: dict[str, tuple[Dataset, list[Partition]]] = {}
@@ -72,6 +81,11 @@ def train_client(
     model = pooled_model(model_path, cfg.client.num_threads)
     model.reset_optimizer()
     model.set_weights(weights)
+    if injected_failure(cfg.seed, server_round, client_id, cfg.client.failure_rate):
+        raise TrainingError(
+            f"injected failure (client.failure_rate={cfg.client.failure_rate}): the device "
+            "crashed while training"
+        )
     fit = model.fit(
         dataset.x_train[part.train_indices],
         dataset.y_train[part.train_indices],

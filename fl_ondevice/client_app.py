@@ -52,7 +52,9 @@ _MESSAGE_KEYS = {PARTITION_ID, MODEL_FILE, SERVER_ROUND}
 
 
 def _reraise(err: Exception, what: str, client_id: int, server_round: int) -> None:
-    raise RuntimeError(f"client {client_id}, round {server_round}, {what}: {err}") from None
+    # The server logs this one line (client, round, cause) instead of the worker's stack dump.
+    cause = str(err) if isinstance(err, FlOnDeviceError) else f"{type(err).__name__}: {err}"
+    raise RuntimeError(f"client {client_id}, round {server_round}, {what}: {cause}") from err
 
 
 @app.train()
@@ -61,7 +63,7 @@ def train(msg: Message, context: Context) -> Message:
     cfg, model_file, cid, rnd, weights = _unpack(msg, context)
     try:
         update = train_client(cfg, model_file, cid, rnd, weights)
-    except FlOnDeviceError as err:
+    except Exception as err:  # noqa: BLE001 - reported with client and round, never lost
         _reraise(err, "train", cid, rnd)
     metrics = MetricRecord(
         {
@@ -80,7 +82,7 @@ def evaluate(msg: Message, context: Context) -> Message:
     cfg, model_file, cid, rnd, weights = _unpack(msg, context)
     try:
         result = evaluate_client(cfg, model_file, cid, weights)
-    except FlOnDeviceError as err:
+    except Exception as err:  # noqa: BLE001
         _reraise(err, "evaluate", cid, rnd)
     metrics = MetricRecord(
         {NUM_EXAMPLES: result.num_examples, EVAL_LOSS: result.loss, EVAL_ACCURACY: result.accuracy}

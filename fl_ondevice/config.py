@@ -125,6 +125,8 @@ class ClientConfig:
     batch_size: int | None = 32  # B; None = the client's whole local set (B = inf)
     num_threads: int = 1  # interpreter threads; one client per core uses the cores best
     num_cpus: float = 1.0  # Ray resources per client: workers = cores / num_cpus
+    dropout_rate: float = 0.0  # share of sampled clients that never reply (seeded per round)
+    failure_rate: float = 0.0  # share of sampled clients that crash while training (seeded)
 
     def __post_init__(self) -> None:
         _require(self.local_epochs >= 1, "client.local_epochs", self.local_epochs, "must be >= 1")
@@ -136,6 +138,9 @@ class ClientConfig:
         )
         _require(self.num_threads >= 1, "client.num_threads", self.num_threads, "must be >= 1")
         _require(self.num_cpus > 0, "client.num_cpus", self.num_cpus, "must be > 0")
+        for key in ("dropout_rate", "failure_rate"):
+            value = getattr(self, key)
+            _require(0.0 <= value < 1.0, f"client.{key}", value, "must be in [0, 1)")
 
 
 @dataclass
@@ -183,6 +188,7 @@ class Config:
     eval_batch_size: int = 1024
     cache_dir: str = "~/.cache/fl_ondevice"
     output_dir: str = "."  # the run directory; simulate.py sets it to Hydra's
+    resume: str | None = None  # a run directory to continue from its last completed round
 
     def __post_init__(self) -> None:
         _require(self.num_clients >= 1, "num_clients", self.num_clients, "must be >= 1")

@@ -31,3 +31,7 @@ class TrainingError(FlOnDeviceError):
 
 class RuntimeUnsupportedError(FlOnDeviceError):
     """The installed TensorFlow cannot run the model (e.g. its interpreter lacks Flex ops)."""
+
+
+class ResumeError(FlOnDeviceError):
+    """A run directory cannot be resumed (no completed round, or its files disagree)."""

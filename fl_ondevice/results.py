@@ -32,8 +32,11 @@ COLUMNS = (
     "train_loss",  # clients' mean local training loss, weighted by num-examples
     "client_eval_accuracy",  # clients' local-test accuracy (when strategy.fraction_evaluate > 0)
     "clients_sampled",
-    "clients_replied",
-    "clients_failed",
+    "clients_dropped",  # sampled, never replied (client.dropout_rate)
+    "clients_replied",  # replies received, crashes included
+    "clients_failed",  # replies reporting a crash
+    "clients_rejected",  # updates that failed validation (names, shapes, dtypes, NaN, examples)
+    "skipped",  # 1 if fewer than strategy.min_train_nodes valid updates: global model kept
     "examples",  # training examples behind this round's aggregate
     "bytes_down",  # global weights sent to the sampled clients
     "bytes_up",  # updates received
@@ -41,6 +44,7 @@ COLUMNS = (
     "train_seconds",  # median seconds inside the train signature per client update
     "seconds",  # wall time of the round, central evaluation included
     "elapsed_seconds",
+    "rss_mib",  # resident memory of the whole simulation (driver, Ray, workers)
 )
 
 
@@ -50,11 +54,16 @@ class MetricsLog:
     Rewriting after every round means an interrupted run keeps every completed round.
     """
 
-    def __init__(self, out_dir: str | os.PathLike[str], run_info: Mapping[str, Any]) -> None:
+    def __init__(
+        self,
+        out_dir: str | os.PathLike[str],
+        run_info: Mapping[str, Any],
+        rows: Sequence[Mapping[str, Any]] = (),
+    ) -> None:
         self.out_dir = Path(out_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.run_info = dict(run_info)
-        self.rows: list[dict[str, Any]] = []
+        self.rows: list[dict[str, Any]] = [dict(r) for r in rows]  # a resumed run's rounds
 
     def append(self, row: Mapping[str, Any]) -> None:
         unknown = set(row) - set(COLUMNS)

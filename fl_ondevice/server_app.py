@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
+import re
+import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -14,20 +17,23 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 from omegaconf import OmegaConf
 
-from fl_ondevice.checkpoint import write_checkpoint
+from fl_ondevice.checkpoint import Weights, WeightSpec, read_checkpoint, write_checkpoint
 from fl_ondevice.client_app import MODEL_FILE, NUM_EXAMPLES, from_arrays, to_arrays
-from fl_ondevice.config import Config, ConfigError, from_run_config, to_run_config
+from fl_ondevice.config import Config, ConfigError, from_run_config, parse_config, to_run_config
 from fl_ondevice.data import Dataset, load_dataset
 from fl_ondevice.device import OnDeviceModel
+from fl_ondevice.errors import ResumeError
 from fl_ondevice.export import bake, build_tflite
 from fl_ondevice.partition import Partition, make_partitions, write_partition_report
-from fl_ondevice.results import ACCURACY_PNG, MetricsLog, plot_accuracy, summarize
+from fl_ondevice.results import ACCURACY_PNG, METRICS_JSON, MetricsLog, plot_accuracy, summarize
 from fl_ondevice.strategy import RoundStats, SeededFedAvg
 
 log = logging.getLogger(__name__)
 
 GLOBAL_CKPT = "global_model.ckpt"
 GLOBAL_TFLITE = "global_model.tflite"
+STATE_JSON = "state.json"  # the last completed round and its checkpoint: what resume reads
+CHECKPOINT_DIR = "checkpoints"  # the global weights after the last two completed rounds
 RESOLVED_CONFIG = "config.yaml"  # every value this run used, defaults included
 
 
@@ -47,6 +53,9 @@ def prepare(cfg: Config) -> Prepared:
 
     Raises ``ConfigError``/``DataError``/``ModelError`` with the fix in the message.
     """
+    check_output_dir(Path(cfg.output_dir))
+    if cfg.resume:
+        _state_file(Path(cfg.resume))  # fail before converting models or starting engines
     dataset = load_dataset(cfg.dataset, cfg.seed)
     partitions = make_partitions(dataset, cfg.num_clients, cfg.partition, cfg.seed)
     model_file = build_tflite(
@@ -71,11 +80,35 @@ def prepare(cfg: Config) -> Prepared:
     return Prepared(cfg, dataset, partitions, model_file, model)
 
 
+def check_output_dir(out: Path, need_mib: float = 64.0) -> None:
+    """Fail at start, not hours later, if the run directory is unwritable or the disk is full."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".write-probe"
+        probe.write_bytes(b"x" * 4096)
+        probe.unlink()
+    except OSError as err:
+        raise ConfigError(
+            f"output_dir={str(out)!r} is not writable ({err.strerror}); choose another with "
+            "hydra.run.dir=DIR"
+        ) from None
+    free_mib = shutil.disk_usage(out).free / 2**20
+    if free_mib < need_mib:
+        raise ConfigError(
+            f"output_dir={str(out)!r} has {free_mib:.0f} MiB free; a run needs at least "
+            f"{need_mib:.0f} MiB for checkpoints, models and metrics"
+        )
+
+
 def run_server(grid: Grid, prep: Prepared, overrides: dict[str, Any] | None = None) -> dict:
-    """Run FedAvg for ``cfg.num_rounds`` rounds and write the run's outputs; return its summary."""
+    """Run FedAvg for ``cfg.num_rounds`` rounds and write the run's outputs; return its summary.
+
+    After every round the global checkpoint, the metrics and ``state.json`` (the last completed
+    round) are written, in that order, so ``resume=RUN_DIR`` can continue an interrupted run.
+    """
     cfg, dataset, model = prep.cfg, prep.dataset, prep.server_model
     out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    resumed = load_resume_point(out, model.weight_spec) if cfg.resume else None
     (out / RESOLVED_CONFIG).write_text(OmegaConf.to_yaml(asdict(cfg)))
     write_partition_report(
         prep.partitions,
@@ -92,10 +125,15 @@ def run_server(grid: Grid, prep: Prepared, overrides: dict[str, Any] | None = No
             "target_accuracy": cfg.target_accuracy,
             "model_file": str(prep.model_file),
         },
+        rows=resumed.rows if resumed else (),
     )
+    offset = resumed.round if resumed else 0
     strategy = SeededFedAvg(
         num_clients=cfg.num_clients,
         seed=cfg.seed,
+        weight_spec=model.weight_spec,
+        dropout_rate=cfg.client.dropout_rate,
+        round_offset=offset,
         fraction_train=cfg.strategy.fraction_train,
         fraction_evaluate=cfg.strategy.fraction_evaluate,
         min_train_nodes=cfg.strategy.min_train_nodes,
@@ -103,46 +141,55 @@ def run_server(grid: Grid, prep: Prepared, overrides: dict[str, Any] | None = No
         min_available_nodes=1,
         weighted_by_key=NUM_EXAMPLES,
     )
-    t_start = time.perf_counter()
+    t_start = time.perf_counter() - (resumed.rows[-1]["elapsed_seconds"] if resumed else 0.0)
 
     def central_evaluation(server_round: int, arrays: ArrayRecord) -> MetricRecord:
+        r = server_round + offset
+        if resumed and server_round == 0:  # round `offset` is already in the metrics
+            last = resumed.rows[-1]
+            return MetricRecord({"accuracy": last["accuracy"], "loss": last["loss"]})
         weights = from_arrays(arrays)
         model.set_weights(weights)
         result = model.evaluate(dataset.x_test, dataset.y_test, batch_size=cfg.eval_batch_size)
-        write_checkpoint(out / GLOBAL_CKPT, weights)  # every round: an interrupted run keeps it
-        stats = strategy.stats.get(server_round, RoundStats())
+        stats = strategy.stats.get(r, RoundStats())
         now = time.perf_counter()
         row = {
-            "round": server_round,
+            "round": r,
             "accuracy": result["accuracy"],
             "loss": result["loss"],
             "train_loss": stats.train_loss,
             "client_eval_accuracy": stats.client_eval_accuracy,
             "clients_sampled": stats.sampled,
+            "clients_dropped": stats.dropped,
             "clients_replied": stats.replied,
             "clients_failed": stats.failed,
+            "clients_rejected": stats.rejected,
+            "skipped": int(stats.skipped),
             "examples": stats.examples,
             "bytes_down": stats.bytes_down,
             "bytes_up": stats.bytes_up,
             "client_seconds": stats.client_seconds,
             "train_seconds": stats.train_seconds,
-            "seconds": now - stats.start if server_round else 0.0,
+            "seconds": now - stats.start if r else 0.0,
             "elapsed_seconds": now - t_start,
+            "rss_mib": process_tree_rss_mib(),
         }
-        metrics.append(row)
+        save_round(out, r, weights, metrics, row)
         _progress(row, cfg.num_rounds)
         return MetricRecord({"accuracy": result["accuracy"], "loss": result["loss"]})
 
     train_config = ConfigRecord({**to_run_config(cfg), MODEL_FILE: str(prep.model_file)})
+    initial = resumed.weights if resumed else model.get_weights()
     result = strategy.start(
         grid=grid,
-        initial_arrays=to_arrays(model.get_weights()),
-        num_rounds=cfg.num_rounds,
+        initial_arrays=to_arrays(initial),
+        num_rounds=cfg.num_rounds - offset,
         train_config=train_config,
         evaluate_config=train_config,
         evaluate_fn=central_evaluation,
     )
-    final = from_arrays(result.arrays) if result.arrays is not None else model.get_weights()
+    # Flower's Result holds an empty ArrayRecord when no round produced an aggregate.
+    final = from_arrays(result.arrays) if len(result.arrays) else initial
     write_checkpoint(out / GLOBAL_CKPT, final)
     _write_global_tflite(prep, final, out / GLOBAL_TFLITE)
     plot_accuracy(
@@ -152,6 +199,93 @@ def run_server(grid: Grid, prep: Prepared, overrides: dict[str, Any] | None = No
         f"{cfg.num_clients} clients, seed {cfg.seed}",
     )
     return summarize(metrics.rows, {"target_accuracy": cfg.target_accuracy})
+
+
+# -- persistence and resume --------------------------------------------------------------------
+@dataclass(frozen=True)
+class ResumePoint:
+    """The last completed round of an interrupted run."""
+
+    round: int
+    weights: Weights
+    rows: list[dict[str, Any]]
+
+
+def save_round(out: Path, r: int, weights: Weights, metrics: MetricsLog, row: dict) -> None:
+    """Persist round ``r``: checkpoint, then metrics, then ``state.json`` naming both.
+
+    Each write is atomic (written aside, then renamed), and ``state.json`` comes last, so it
+    always names a round whose checkpoint and metrics row are complete on disk.
+    """
+    ckpt = Path(CHECKPOINT_DIR) / f"round-{r}.ckpt"
+    (out / CHECKPOINT_DIR).mkdir(exist_ok=True)
+    write_checkpoint(out / ckpt, weights)
+    metrics.append(row)
+    tmp = out / f"{STATE_JSON}.tmp"
+    tmp.write_text(json.dumps({"round": r, "checkpoint": str(ckpt)}))
+    os.replace(tmp, out / STATE_JSON)
+    for old in (out / CHECKPOINT_DIR).glob("round-*.ckpt"):  # keep this round's and the last
+        if int(old.stem.split("-")[1]) < r - 1:
+            old.unlink()
+
+
+def load_resume_point(out: Path, spec: WeightSpec) -> ResumePoint:
+    """Read where an interrupted run stopped; ``ResumeError`` if it cannot be continued."""
+    state = json.loads(_state_file(out).read_text())
+    weights = read_checkpoint(out / state["checkpoint"])
+    spec.validate(weights, f"resume checkpoint {state['checkpoint']!r}")
+    rows = [
+        row
+        for row in json.loads((out / METRICS_JSON).read_text())["rounds"]
+        if row["round"] <= state["round"]
+    ]
+    if not rows or rows[-1]["round"] != state["round"]:
+        raise ResumeError(f"resume={str(out)!r}: {METRICS_JSON} lacks round {state['round']}")
+    log.info("resuming %s after round %d", out, state["round"])
+    return ResumePoint(int(state["round"]), weights, rows)
+
+
+def _state_file(out: Path) -> Path:
+    path = out / STATE_JSON
+    if not path.is_file():
+        raise ResumeError(
+            f"resume={str(out)!r}: no {STATE_JSON} there, so no round was completed (or it is not "
+            "an fl_ondevice run directory); start the run anew"
+        )
+    return path
+
+
+def resumed_config(run_dir: str) -> Config:
+    """The configuration an interrupted run was started with, set to continue in place."""
+    path = Path(run_dir) / RESOLVED_CONFIG
+    if not path.is_file():
+        raise ResumeError(f"resume={run_dir!r}: no {RESOLVED_CONFIG} there; is it a run directory?")
+    saved = OmegaConf.to_container(OmegaConf.load(path))
+    assert isinstance(saved, dict)
+    saved.update(output_dir=str(Path(run_dir)), resume=str(Path(run_dir)))
+    return parse_config(saved)
+
+
+def process_tree_rss_mib() -> float | None:
+    """Resident memory of this process and all its descendants (Ray's workers too), in MiB.
+
+    Linux only (reads /proc); None elsewhere.
+    """
+    pids, total = [os.getpid()], 0
+    try:
+        while pids:
+            pid = pids.pop()
+            try:
+                status = Path(f"/proc/{pid}/status").read_text()
+                for task in Path(f"/proc/{pid}/task").iterdir():
+                    pids += [int(c) for c in (task / "children").read_text().split()]
+            except (FileNotFoundError, ProcessLookupError):
+                continue  # the process ended while we looked
+            rss = re.search(r"^VmRSS:\s+(\d+) kB", status, re.M)
+            total += int(rss.group(1)) if rss else 0
+    except OSError:
+        return None
+    return total / 1024
 
 
 def _write_global_tflite(prep: Prepared, weights: dict, path: Path) -> None:

@@ -5,8 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
-from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 # Before flwr is imported: no usage telemetry from research runs.
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
@@ -26,6 +25,9 @@ from fl_ondevice.config import Config, parse_config  # noqa: E402
 from fl_ondevice.errors import FlOnDeviceError  # noqa: E402
 from fl_ondevice.results import record_error  # noqa: E402
 
+if TYPE_CHECKING:
+    from flwr.clientapp import ClientApp
+
 log = logging.getLogger("fl_ondevice")
 
 
@@ -42,29 +44,33 @@ def backend_config(cfg: Config) -> dict[str, Any]:
     }
 
 
-def simulate(cfg: Config, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+def simulate(
+    cfg: Config, overrides: dict[str, Any] | None = None, client_app: ClientApp | None = None
+) -> dict[str, Any]:
     """Run one simulation end to end and return its summary.
 
     Everything that can fail on bad input (data, partitions, model, config) is checked here,
-    before the simulation engine starts.
+    before the simulation engine starts. ``client_app`` replaces fl_ondevice's ClientApp (e.g.
+    a misbehaving device in a test).
     """
     from flwr.simulation import run_simulation
 
-    from fl_ondevice.client_app import app as client_app
+    from fl_ondevice.client_app import app as default_client_app
     from fl_ondevice.server_app import make_server_app, prepare
 
-    Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
     prep = prepare(cfg)
     server_app = make_server_app(prep, overrides)
     # Flower prints through its own handler; per-message INFO lines would bury the progress lines.
     flwr_log = logging.getLogger("flwr")
     flwr_log.setLevel(logging.WARNING)
     flwr_log.propagate = False
+    if not any(isinstance(f, _ClientCrashEcho) for f in flwr_log.filters):
+        flwr_log.addFilter(_ClientCrashEcho())
     logging.getLogger("alembic").setLevel(logging.WARNING)
     num_nodes = max(cfg.clients_per_round, _evaluate_sample(cfg))
     run_simulation(
         server_app=server_app,
-        client_app=client_app,
+        client_app=client_app or default_client_app,
         num_supernodes=num_nodes,
         backend_config=backend_config(cfg),  # type: ignore[arg-type]
     )
@@ -74,6 +80,13 @@ def simulate(cfg: Config, overrides: dict[str, Any] | None = None) -> dict[str, 
             "the simulation ended without results; the log above has the ServerApp's error"
         )
     return summary
+
+
+class _ClientCrashEcho(logging.Filter):
+    """Drop the engine's stack dump of a client crash: the strategy logs it in one line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "ClientAppException" not in f"{type(record.msg).__name__} {record.msg}"
 
 
 def _evaluate_sample(cfg: Config) -> int:
@@ -108,6 +121,13 @@ def main(dcfg: DictConfig) -> float | None:
     overrides = dict(o.split("=", 1) for o in hc.overrides.task if "=" in o)
     try:
         cfg = parse_config(dcfg)
+        if cfg.resume:
+            from fl_ondevice.server_app import resumed_config
+
+            ignored = sorted(set(overrides) - {"resume"})
+            if ignored:
+                log.warning("resume: the run's saved config is used; ignoring %s", ignored)
+            cfg = resumed_config(cfg.resume)
         summary = simulate(cfg, overrides)
     except FlOnDeviceError as err:
         log.error("%s", err)

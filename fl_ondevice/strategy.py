@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -13,6 +14,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricReco
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
+from fl_ondevice.checkpoint import WeightSpec
 from fl_ondevice.client_app import (
     CLIENT_SECONDS,
     EVAL_ACCURACY,
@@ -22,10 +24,12 @@ from fl_ondevice.client_app import (
     TRAIN_LOSS,
     TRAIN_SECONDS,
 )
+from fl_ondevice.errors import CheckpointError
 
 log = logging.getLogger(__name__)
 
-_TRAIN_STREAM, _EVAL_STREAM = 0, 1  # separate random streams for train and evaluate sampling
+# Separate random streams for train sampling, evaluate sampling and dropouts.
+_TRAIN_STREAM, _EVAL_STREAM, _DROPOUT_STREAM = 0, 1, 2
 
 
 @dataclass
@@ -34,8 +38,11 @@ class RoundStats:
 
     start: float = field(default_factory=time.perf_counter)
     sampled: int = 0
+    dropped: int = 0  # sampled but never replied (client.dropout_rate)
     replied: int = 0
-    failed: int = 0
+    failed: int = 0  # replied with an error (the client crashed)
+    rejected: int = 0  # replied with an update that failed validation
+    skipped: bool = False  # fewer than min_train_nodes valid updates: global model kept
     examples: int = 0
     bytes_down: int = 0
     bytes_up: int = 0
@@ -56,18 +63,42 @@ class SeededFedAvg(FedAvg):
 
     Parameters
     ----------
+    Every update is validated before averaging (tensor names, shapes and dtypes equal to the
+    global model's, finite values, ``num-examples`` > 0); a round with fewer than
+    ``min_train_nodes`` valid updates is skipped and the global model kept.
+
+    Parameters
+    ----------
     num_clients
         Number of clients (partitions) to sample from.
     seed
         Run seed.
+    weight_spec
+        The global model's tensors, to validate updates against.
+    dropout_rate
+        Share of sampled clients that drop out of a round (drawn from the seed); their messages
+        are not sent, as if the phone went offline after downloading the model.
+    round_offset
+        Rounds already completed (a resumed run): Flower's round 1 is round ``round_offset + 1``.
     **kwargs
         Passed to ``FedAvg`` (fractions, minimum node counts, record keys).
     """
 
-    def __init__(self, num_clients: int, seed: int, **kwargs: object) -> None:
+    def __init__(
+        self,
+        num_clients: int,
+        seed: int,
+        weight_spec: WeightSpec,
+        dropout_rate: float = 0.0,
+        round_offset: int = 0,
+        **kwargs: object,
+    ) -> None:
         super().__init__(**kwargs)  # type: ignore[arg-type]
         self.num_clients = num_clients
         self.seed = seed
+        self.weight_spec = weight_spec
+        self.dropout_rate = dropout_rate
+        self.round_offset = round_offset
         self.stats: dict[int, RoundStats] = {}
         self._client_of_node: dict[int, int] = {}
 
@@ -104,28 +135,46 @@ class SeededFedAvg(FedAvg):
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         """Send the global weights to this round's seeded sample of clients."""
-        clients = self.sample_clients(
-            server_round, self.fraction_train, self.min_train_nodes, _TRAIN_STREAM
+        r = server_round + self.round_offset
+        clients = self.sample_clients(r, self.fraction_train, self.min_train_nodes, _TRAIN_STREAM)
+        draws = np.random.default_rng([self.seed, r, _DROPOUT_STREAM]).random(len(clients))
+        active = [c for c, d in zip(clients, draws, strict=True) if d >= self.dropout_rate]
+        self.stats[r] = RoundStats(
+            sampled=len(clients),
+            dropped=len(clients) - len(active),
+            bytes_down=len(clients) * _payload_bytes(arrays),  # dropouts downloaded it too
         )
-        self.stats[server_round] = RoundStats(
-            sampled=len(clients), bytes_down=len(clients) * _payload_bytes(arrays)
-        )
-        return self._messages(grid, clients, arrays, config, server_round, MessageType.TRAIN)
+        return self._messages(grid, active, arrays, config, r, MessageType.TRAIN)
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Flower's weighted average, over the replies sorted by client id."""
+        """Flower's weighted average of the valid updates, sorted by client id."""
+        r = server_round + self.round_offset
         replies = list(replies)
-        ok = sorted(
-            (m for m in replies if not m.has_error()),
-            key=lambda m: self._client_of_node[m.metadata.src_node_id],
-        )
-        stats = self.stats.setdefault(server_round, RoundStats())
-        stats.replied, stats.failed = len(ok), len(replies) - len(ok)
-        for m in replies:
+        stats = self.stats.setdefault(r, RoundStats())
+        ok = []
+        for m in sorted(replies, key=lambda m: self._client_of_node[m.metadata.src_node_id]):
+            client = self._client_of_node[m.metadata.src_node_id]
             if m.has_error():
-                log.warning("round %d: a client failed: %s", server_round, m.error.reason)
+                stats.failed += 1
+                log.warning("round %d: %s", r, client_error(m.error.reason or "", client, r))
+            elif reason := self.rejection(m):
+                stats.rejected += 1
+                log.warning("round %d: update of client %d rejected: %s", r, client, reason)
+            else:
+                ok.append(m)
+        stats.replied = len(replies)
+        if len(ok) < self.min_train_nodes:
+            stats.skipped = True
+            log.warning(
+                "round %d skipped: %d valid updates, strategy.min_train_nodes=%d; the global "
+                "model is unchanged",
+                r,
+                len(ok),
+                self.min_train_nodes,
+            )
+            return None, None
         if ok:
             metrics = [next(iter(m.content.metric_records.values())) for m in ok]
             stats.examples = int(sum(_number(mr, NUM_EXAMPLES) for mr in metrics))
@@ -134,7 +183,7 @@ class SeededFedAvg(FedAvg):
             )
             stats.client_seconds = float(np.median([_number(mr, CLIENT_SECONDS) for mr in metrics]))
             stats.train_seconds = float(np.median([_number(mr, TRAIN_SECONDS) for mr in metrics]))
-        arrays, train_metrics = super().aggregate_train(server_round, ok)
+        arrays, train_metrics = super().aggregate_train(r, ok)
         if train_metrics is not None:
             stats.train_loss = _number(train_metrics, TRAIN_LOSS)
         return arrays, train_metrics
@@ -145,19 +194,58 @@ class SeededFedAvg(FedAvg):
         """Ask a seeded sample of clients to evaluate on their local test split."""
         if self.fraction_evaluate == 0.0:
             return []
+        r = server_round + self.round_offset
         clients = self.sample_clients(
-            server_round, self.fraction_evaluate, self.min_evaluate_nodes, _EVAL_STREAM
+            r, self.fraction_evaluate, self.min_evaluate_nodes, _EVAL_STREAM
         )
-        return self._messages(grid, clients, arrays, config, server_round, MessageType.EVALUATE)
+        return self._messages(grid, clients, arrays, config, r, MessageType.EVALUATE)
 
     def aggregate_evaluate(
         self, server_round: int, replies: Iterable[Message]
     ) -> MetricRecord | None:
         """Flower's weighted average of the clients' local-test metrics."""
-        metrics = super().aggregate_evaluate(server_round, replies)
-        if metrics is not None and server_round in self.stats:
-            self.stats[server_round].client_eval_accuracy = _number(metrics, EVAL_ACCURACY)
+        r = server_round + self.round_offset
+        metrics = super().aggregate_evaluate(r, replies)
+        if metrics is not None and r in self.stats:
+            self.stats[r].client_eval_accuracy = _number(metrics, EVAL_ACCURACY)
         return metrics
+
+    def rejection(self, reply: Message) -> str | None:
+        """Why a training reply must not be averaged, or None if it is a valid update."""
+        return update_problem(reply.content, self.weight_spec, self.weighted_by_key)
+
+
+def update_problem(content: RecordDict, spec: WeightSpec, weighted_by_key: str) -> str | None:
+    """What is wrong with a client's update, or None: the checks a server runs before averaging.
+
+    One ArrayRecord whose tensor names, shapes and dtypes equal the global model's (``spec``),
+    every value finite, and one MetricRecord whose ``weighted_by_key`` is a number > 0.
+    """
+    if len(content.array_records) != 1 or len(content.metric_records) != 1:
+        return "expected one ArrayRecord and one MetricRecord"
+    metrics = next(iter(content.metric_records.values()))
+    examples = metrics.get(weighted_by_key)
+    if not isinstance(examples, int | float) or not examples > 0:
+        return f"{weighted_by_key}={examples!r}, must be > 0"
+    arrays = next(iter(content.array_records.values()))
+    weights = {name: a.numpy() for name, a in arrays.items()}
+    try:
+        spec.validate(weights, "update")
+    except CheckpointError as err:
+        return str(err)
+    bad = [name for name, w in weights.items() if not np.isfinite(w).all()]
+    return f"non-finite values (NaN/Inf) in {bad}" if bad else None
+
+
+def client_error(reason: str, client: int, server_round: int) -> str:
+    """A client's crash in one line: client, round and cause, not the worker's stack dump."""
+    # Flower's reason reads "<class '...ClientAppException'>:<'...Message: client 3, round 2,
+    # train: cause'>"; our ClientApp put the client, round and cause in that message.
+    ours = re.findall(r"client \d+, round \d+, \w+: [^\n]*", reason)
+    if ours:
+        return ours[-1].removesuffix("'>")
+    lines = [line.strip() for line in reason.strip().splitlines() if line.strip()]
+    return f"client {client}, round {server_round} failed: {lines[-1] if lines else 'no reason'}"
 
 
 def _number(record: MetricRecord, key: str) -> float:

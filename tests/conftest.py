@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import csv
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 import pytest
+from hydra import compose, initialize_config_dir
 
-from fl_ondevice.config import ModelConfig
+from fl_ondevice.config import Config, ModelConfig, parse_config
 from fl_ondevice.export import convert
 from fl_ondevice.model import TrainableModel, build_model
 
@@ -44,3 +47,42 @@ def digits() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     x = (x / 16.0).reshape(-1, 8, 8).astype(np.float32)
     x_tr, x_te, y_tr, y_te = train_test_split(x, y, test_size=0.2, stratify=y, random_state=0)
     return x_tr, y_tr.astype(np.int64), x_te, y_te.astype(np.int64)
+
+
+CONF = Path(__file__).resolve().parents[1] / "conf"
+
+
+def compose_config(out: Path, *overrides: str) -> Config:
+    """The real Hydra composition of conf/config.yaml, validated, writing into ``out``."""
+    with initialize_config_dir(config_dir=str(CONF), version_base=None):
+        dcfg = compose("config", overrides=[*overrides, f"output_dir={out}"])
+    return parse_config(dcfg)
+
+
+@pytest.fixture(scope="session")
+def cache(tmp_path_factory) -> str:
+    """A conversion cache shared by the session's simulations."""
+    return str(tmp_path_factory.mktemp("tflite-cache"))
+
+
+@pytest.fixture(scope="session")
+def run(tmp_path_factory, cache):
+    """``run(*overrides)`` -> run directory of an in-process simulation (memoised per session)."""
+    from fl_ondevice.simulate import simulate
+
+    done: dict[tuple, Path] = {}
+
+    def _run(*overrides: str) -> Path:
+        if overrides not in done:
+            out = tmp_path_factory.mktemp("run")
+            simulate(compose_config(out, f"cache_dir={cache}", *overrides))
+            done[overrides] = out
+        return done[overrides]
+
+    return _run
+
+
+def metrics_rows(run_dir: Path) -> list[dict[str, str]]:
+    """metrics.csv of a run directory as a list of rows."""
+    with (run_dir / "metrics.csv").open() as f:
+        return list(csv.DictReader(f))

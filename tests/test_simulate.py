@@ -6,54 +6,24 @@ import csv
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import compose_config, metrics_rows
 from guide_model import guide_tflite_bytes
-from hydra import compose, initialize_config_dir
 
 from fl_ondevice.checkpoint import read_checkpoint
 from fl_ondevice.client import local_seed
-from fl_ondevice.config import Config, parse_config
+from fl_ondevice.config import parse_config
 from fl_ondevice.data import load_dataset
 from fl_ondevice.device import OnDeviceModel
 from fl_ondevice.server_app import prepare
 from fl_ondevice.simulate import simulate
 
-CONF = Path(__file__).resolve().parents[1] / "conf"
-TIME_COLUMNS = {"client_seconds", "train_seconds", "seconds", "elapsed_seconds"}
+TIME_COLUMNS = {"client_seconds", "train_seconds", "seconds", "elapsed_seconds", "rss_mib"}
 
 
-def compose_config(out: Path, *overrides: str) -> Config:
-    with initialize_config_dir(config_dir=str(CONF), version_base=None):
-        dcfg = compose("config", overrides=[*overrides, f"output_dir={out}"])
-    return parse_config(dcfg)
-
-
-@pytest.fixture(scope="session")
-def cache(tmp_path_factory) -> str:
-    return str(tmp_path_factory.mktemp("tflite-cache"))
-
-
-@pytest.fixture(scope="session")
-def run(tmp_path_factory, cache):
-    """``run(name, *overrides)`` -> run directory of an in-process simulation (memoised)."""
-    done: dict[tuple, Path] = {}
-
-    def _run(*overrides: str) -> Path:
-        if overrides not in done:
-            out = tmp_path_factory.mktemp("run")
-            simulate(compose_config(out, f"cache_dir={cache}", *overrides))
-            done[overrides] = out
-        return done[overrides]
-
-    return _run
-
-
-def rows(run_dir: Path) -> list[dict[str, str]]:
-    with (run_dir / "metrics.csv").open() as f:
-        return list(csv.DictReader(f))
+rows = metrics_rows
 
 
 def _max_diff(a: dict, b: dict) -> float:
@@ -128,6 +98,8 @@ def test_run_writes_every_output_and_the_global_model_reproduces_its_accuracy(ru
         "partition.png",
         "global_model.ckpt",
         "global_model.tflite",
+        "state.json",
+        "checkpoints/round-3.ckpt",
     ):
         assert (out / name).stat().st_size > 0, name
     last = table[-1]
