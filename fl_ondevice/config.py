@@ -216,9 +216,21 @@ class Config:
 
     @property
     def clients_per_round(self) -> int:
-        """Clients sampled per round: max(int(n * C), min_train_nodes), as Flower's FedAvg."""
-        n = self.num_clients
-        return min(n, max(int(n * self.strategy.fraction_train), self.strategy.min_train_nodes))
+        """Clients a round needs at once: its training sample or its evaluation sample."""
+        train = sample_size(
+            self.num_clients, self.strategy.fraction_train, self.strategy.min_train_nodes
+        )
+        if not self.evaluates:
+            return train
+        evaluate = sample_size(
+            self.num_clients, self.strategy.fraction_evaluate, self.strategy.min_evaluate_nodes
+        )
+        return max(train, evaluate)
+
+
+def sample_size(num_clients: int, fraction: float, minimum: int) -> int:
+    """Clients sampled in a round: max(int(n * fraction), minimum), as Flower's FedAvg, <= n."""
+    return min(num_clients, max(int(num_clients * fraction), minimum))
 
 
 def parse_config(node: DictConfig | dict) -> Config:

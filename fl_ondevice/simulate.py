@@ -67,11 +67,10 @@ def simulate(
     if not any(isinstance(f, _ClientCrashEcho) for f in flwr_log.filters):
         flwr_log.addFilter(_ClientCrashEcho())
     logging.getLogger("alembic").setLevel(logging.WARNING)
-    num_nodes = max(cfg.clients_per_round, _evaluate_sample(cfg))
     run_simulation(
         server_app=server_app,
         client_app=client_app or default_client_app,
-        num_supernodes=num_nodes,
+        num_supernodes=cfg.clients_per_round,  # nodes are executors; the server names clients
         backend_config=backend_config(cfg),  # type: ignore[arg-type]
     )
     summary = getattr(server_app, "summary", None)
@@ -87,13 +86,6 @@ class _ClientCrashEcho(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         return "ClientAppException" not in f"{type(record.msg).__name__} {record.msg}"
-
-
-def _evaluate_sample(cfg: Config) -> int:
-    if not cfg.evaluates:
-        return 0
-    n = cfg.num_clients
-    return min(n, max(int(n * cfg.strategy.fraction_evaluate), cfg.strategy.min_evaluate_nodes))
 
 
 def summary_line(summary: dict[str, Any], out_dir: str) -> str:

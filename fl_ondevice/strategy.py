@@ -24,6 +24,7 @@ from fl_ondevice.client_app import (
     TRAIN_LOSS,
     TRAIN_SECONDS,
 )
+from fl_ondevice.config import sample_size
 from fl_ondevice.errors import CheckpointError
 
 log = logging.getLogger(__name__)
@@ -106,10 +107,9 @@ class SeededFedAvg(FedAvg):
         self, server_round: int, fraction: float, min_clients: int, stream: int
     ) -> list[int]:
         """Client ids of one round: max(int(n * fraction), min_clients) of n, without repeats."""
-        n = self.num_clients
-        k = min(n, max(int(n * fraction), min_clients))
+        k = sample_size(self.num_clients, fraction, min_clients)
         rng = np.random.default_rng([self.seed, server_round, stream])
-        return sorted(int(c) for c in rng.choice(n, size=k, replace=False))
+        return sorted(int(c) for c in rng.choice(self.num_clients, size=k, replace=False))
 
     def _messages(
         self,
