@@ -1,0 +1,87 @@
+"""Conversion: verified, cached by model config, and described for app developers."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from fl_ondevice.config import ModelConfig
+from fl_ondevice.device import OnDeviceModel
+from fl_ondevice.errors import ModelError
+from fl_ondevice.export import build_tflite, cache_key, describe, verify
+from fl_ondevice.model import build_model
+
+MLP = ModelConfig(name="mlp", learning_rate=0.1)
+
+
+def test_conversion_is_cached_by_model_config(tmp_path):
+    first = build_tflite(MLP, (8, 8), 10, 0, tmp_path)
+    stamp = first.stat().st_mtime_ns
+
+    again = build_tflite(MLP, (8, 8), 10, 0, tmp_path)
+
+    assert again == first and again.stat().st_mtime_ns == stamp  # not converted again
+    assert cache_key(MLP, (8, 8), 10, 0) != cache_key(MLP, (8, 8), 10, 1)
+    other = ModelConfig(name="mlp", learning_rate=0.2)
+    assert cache_key(MLP, (8, 8), 10, 0) != cache_key(other, (8, 8), 10, 0)
+    assert cache_key(MLP, (8, 8), 10, 0) != cache_key(MLP, (28, 28), 10, 0)
+
+
+def test_converted_weights_equal_the_tf_weights_bitwise(tmp_path):
+    module = build_model(MLP, (8, 8), 10, seed=4)
+    device = OnDeviceModel(build_tflite(MLP, (8, 8), 10, 4, tmp_path))
+    saved = device.get_weights()
+    for name, var in zip(module.weight_names, module.weights_, strict=True):
+        assert saved[name].tobytes() == var.numpy().tobytes()
+
+
+def test_verify_catches_weights_that_did_not_survive(converted):
+    _, tflite = converted("mlp", (8, 8), learning_rate=0.1)
+    other_seed = build_model(MLP, (8, 8), 10, seed=99)  # same graph, other weights
+
+    with pytest.raises(ModelError, match="conversion changed weight"):
+        verify(tflite, other_seed)
+
+
+def test_describe_lists_signatures_and_tensor_sizes(converted):
+    device = OnDeviceModel(converted("mlp", (8, 8), learning_rate=0.1)[1])
+
+    text = describe(device)
+
+    assert "train(x: float32[-1, 8, 8], y: int32[-1]) -> {loss: float32[]}" in text
+    assert (
+        "infer(x: float32[-1, 8, 8]) -> {logits: float32[-1, 10], output: float32[-1, 10]}" in text
+    )
+    assert "save(checkpoint_path: bytes[])" in text and "reset()" in text
+    assert "hidden1/kernel           float32[64, 128]  32.0 KiB" in text
+    assert f"weights ({(64 * 128 + 128 + 128 * 10 + 10) * 4 / 1024:.1f} KiB per checkpoint)" in text
+
+
+def test_export_command_writes_a_model_an_app_can_train(tmp_path):
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "fl_ondevice.export",
+            "model=2nn",
+            "dataset=fashion_mnist",
+            f"hydra.run.dir={tmp_path}",
+            f"cache_dir={tmp_path / 'cache'}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "train(x: float32[-1, 28, 28], y: int32[-1])" in proc.stdout
+    device = OnDeviceModel(tmp_path / "model.tflite")
+    x = np.random.default_rng(0).random((16, 28, 28), dtype=np.float32)
+    y = np.arange(16) % 10
+    first = device.train_step(x, y)
+    for _ in range(20):
+        last = device.train_step(x, y)
+    assert last < first
