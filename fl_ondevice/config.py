@@ -200,6 +200,13 @@ class Config:
             "must be in (0, 1] or null",
         )
         _require(self.eval_batch_size >= 1, "eval_batch_size", self.eval_batch_size, ">= 1")
+        _require(
+            not self.evaluates or self.partition.local_test_fraction > 0,
+            "strategy.fraction_evaluate",
+            self.strategy.fraction_evaluate,
+            "clients evaluate on their local test split, but partition.local_test_fraction=0 "
+            "leaves none; set partition.local_test_fraction > 0 or strategy.fraction_evaluate=0",
+        )
         for key in ("min_train_nodes", "min_evaluate_nodes"):
             value = getattr(self.strategy, key)
             _require(

@@ -212,13 +212,17 @@ def test_sweep_runs_each_job_and_writes_a_summary(tmp_path, cache):
         ("client.batch_size=-5", "client.batch_size=-5 is invalid"),
         ("num_clients=1", "strategy.min_train_nodes=2 is invalid: must be <= num_clients"),
         ("+typo_key=3", "typo_key"),
+        (
+            "strategy.fraction_evaluate=0.5 partition.local_test_fraction=0",
+            "partition.local_test_fraction=0 leaves none",
+        ),
     ],
 )
 def test_invalid_config_names_the_key_and_allowed_values(tmp_path, override, message):
     from fl_ondevice.errors import ConfigError
 
     with pytest.raises(ConfigError, match=message):
-        compose_config(tmp_path, override)
+        compose_config(tmp_path, *override.split())
 
 
 def test_tflite_with_wrong_input_shape_fails_before_ray_starts(tmp_path, cache, converted):
