@@ -1,0 +1,165 @@
+"""One simulation (ours or the Keras peer) in a fresh child process, sampled from outside."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from experiments.bench.procstat import TreeSampler
+
+# Both contenders get fl_ondevice/simulate.py's thread settings: one TF thread per Ray worker.
+CHILD_ENV = {
+    "TF_NUM_INTRAOP_THREADS": "1",
+    "TF_NUM_INTEROP_THREADS": "1",
+    "OMP_NUM_THREADS": "1",
+    "TF_CPP_MIN_LOG_LEVEL": "2",
+    "FLWR_TELEMETRY_ENABLED": "0",
+    "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",
+}
+KINDS = ("ours", "peer")
+
+
+@dataclass(frozen=True)
+class Job:
+    """One cell of the grid: who runs which model on how many clients."""
+
+    kind: str  # "ours" or "peer"
+    model: str
+    clients: int
+    fraction: float
+    rounds: int
+    seed: int = 0
+    local_epochs: int = 1
+    batch_size: int = 32
+
+    def overrides(self, out: Path) -> list[str]:
+        """Hydra overrides of conf/config.yaml for this job."""
+        return [
+            "dataset=fashion_mnist",
+            f"model={self.model}",
+            "partition=iid",  # 1,000 clients get 60 images each (48 train / 12 local test)
+            f"num_clients={self.clients}",
+            f"num_rounds={self.rounds}",
+            f"strategy.fraction_train={self.fraction}",
+            f"client.local_epochs={self.local_epochs}",
+            f"client.batch_size={self.batch_size}",
+            f"seed={self.seed}",
+            f"output_dir={out}",
+        ]
+
+
+@dataclass
+class Outcome:
+    """What one job measured; ``rows`` holds its per-round numbers (round 0 = initial model)."""
+
+    job: Job
+    wall_seconds: float
+    rows: list[dict[str, Any]]
+    peak_rss_mib: float  # sampled from outside, whole tree
+    cpu_util: float  # all processes, rounds 2..R, CPU seconds / wall / cores
+    worker_cpu_util: float  # Ray actor processes only
+    error: str | None = None
+    notes: list[str] = field(default_factory=list)
+
+    def timed(self) -> list[dict[str, Any]]:
+        """Rounds 2..R (round 1 pays Ray's and TF's start-up in the workers)."""
+        return [r for r in self.rows if int(r["round"]) >= 2]
+
+    def median(self, key: str) -> float:
+        vals = [float(r[key]) for r in self.timed() if r.get(key) not in (None, "")]
+        return statistics.median(vals) if vals else float("nan")
+
+    @property
+    def updates_per_second(self) -> float:
+        rows = self.timed()
+        secs = sum(float(r["seconds"]) for r in rows)
+        return sum(float(r["clients_replied"]) for r in rows) / secs if secs else float("nan")
+
+    @property
+    def final_accuracy(self) -> float:
+        return float(self.rows[-1]["accuracy"]) if self.rows else float("nan")
+
+
+def run_job(job: Job, work: Path, conf_dir: Path, cores: int, timeout: float) -> Outcome:
+    """Run ``job`` in a child process while sampling its process tree's CPU and memory."""
+    out = work / f"{job.kind}-{job.model}-n{job.clients}-f{job.fraction}"
+    out.mkdir(parents=True, exist_ok=True)
+    result = out / "bench_result.json"
+    result.unlink(missing_ok=True)
+    cmd = [sys.executable, "-m", "experiments.bench.runs", "--job", json.dumps(asdict(job))]
+    cmd += ["--out", str(out), "--conf-dir", str(conf_dir)]
+    t0 = time.monotonic()
+    with (out / "child.log").open("w") as log:
+        proc = subprocess.Popen(cmd, env={**os.environ, **CHILD_ENV}, stdout=log, stderr=log)
+        progress = out / ("metrics.csv" if job.kind == "ours" else "progress.txt")
+        sampler = TreeSampler(proc.pid, rounds=lambda: _rounds_done(progress)).start()
+        try:
+            code = proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()  # our own child; its Ray processes end with it
+            code = -9
+        sampler.stop()
+    wall = time.monotonic() - t0
+    rows = json.loads(result.read_text()) if result.is_file() else []
+    error = None if code == 0 and rows else f"exit code {code}; see {out / 'child.log'}"
+    ends = sampler.round_end
+    util = (float("nan"), float("nan"))
+    if 1 in ends and job.rounds in ends:
+        util = sampler.utilisation(ends[1], ends[job.rounds], cores)
+    return Outcome(job, wall, rows, sampler.peak_rss_mib, util[0], util[1], error)
+
+
+def _rounds_done(progress: Path) -> int:
+    # metrics.csv: header + round 0 + completed rounds; progress.txt: the last completed round
+    if not progress.is_file():
+        return 0
+    text = progress.read_text()
+    if progress.suffix == ".csv":
+        return max(text.count("\n") - 2, 0)
+    return int(text or 0)
+
+
+def _child(job: Job, out: Path, conf_dir: Path) -> list[dict[str, Any]]:
+    from hydra import compose, initialize_config_dir
+
+    from fl_ondevice.config import parse_config
+
+    with initialize_config_dir(config_dir=str(conf_dir.resolve()), version_base=None):
+        cfg = parse_config(compose("config", overrides=job.overrides(out)))
+    if job.kind == "ours":
+        from fl_ondevice.simulate import simulate
+
+        simulate(cfg)
+        with (out / "metrics.csv").open() as f:
+            return list(csv.DictReader(f))
+    from experiments.bench import peer
+
+    progress = out / "progress.txt"
+    progress.write_text("0")
+    peer.ROUND_HOOK = lambda r: progress.write_text(str(r))
+    return peer.run_peer(cfg)
+
+
+def main() -> None:
+    """Child entry point: ``python -m experiments.bench.runs --job JSON --out DIR``."""
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--job", required=True)
+    parser.add_argument("--out", required=True, type=Path)
+    parser.add_argument("--conf-dir", required=True, type=Path)
+    args = parser.parse_args()
+    job = Job(**json.loads(args.job))
+    rows = _child(job, args.out, args.conf_dir)
+    (args.out / "bench_result.json").write_text(json.dumps(rows, default=float))
+
+
+if __name__ == "__main__":
+    main()
