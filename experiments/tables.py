@@ -1,0 +1,429 @@
+"""Rebuild each experiment's results table, CSV and accuracy plot from its run directories."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import re
+import statistics
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+# The README of each experiment holds the generated table between these markers.
+BEGIN = "<!-- tables.py:begin -->"
+END = "<!-- tables.py:end -->"
+RESULTS_MD = "results.md"
+RESULTS_CSV = "results.csv"
+ACCURACY_PNG = "accuracy.png"
+
+# Targets (central test accuracy) for "rounds to target". Fashion-MNIST is harder than MNIST, so
+# McMahan's 97% (2NN) and 99% (CNN) become targets the scaled-down runs reach (README says why).
+ONDEVICE_TARGETS = (0.80, 0.85)
+MCMAHAN_TARGETS = {"2nn": (0.80, 0.75), "cnn": (0.70, 0.60)}
+DATASET_NAMES = {"fashion_mnist": "Fashion-MNIST", "mnist": "MNIST", "digits": "digits"}
+MCMAHAN_CLIENT_EXAMPLES = 600  # 2 shards of 300: the u = E * n / B column of arXiv:1602.05629
+
+
+@dataclass(frozen=True)
+class Run:
+    """One finished (or interrupted) job: its resolved config and per-round metrics."""
+
+    path: Path
+    config: dict[str, Any]
+    rounds: list[dict[str, Any]]
+    partition: dict[str, Any]  # partition.json: sizes and label skew (empty if missing)
+
+    @property
+    def trained(self) -> list[dict[str, Any]]:
+        return [r for r in self.rounds if r["round"] > 0]
+
+    @property
+    def final_accuracy(self) -> float:
+        return float(self.rounds[-1]["accuracy"])
+
+    @property
+    def best_accuracy(self) -> float:
+        return max(float(r["accuracy"]) for r in self.rounds)
+
+    def rounds_to(self, target: float) -> int | None:
+        """First round whose central accuracy is >= target (None if never)."""
+        return next((r["round"] for r in self.trained if r["accuracy"] >= target), None)
+
+    @property
+    def label_skew(self) -> str:
+        """Mean total-variation distance of client label distributions from the global one."""
+        tv = self.partition.get("tv_mean")
+        return "—" if tv is None else f"{tv:.2f}"
+
+    @property
+    def bytes_per_client_round(self) -> float:
+        """Weights down plus update up, per sampled client per round (bytes)."""
+        last = self.trained[-1]
+        return (last["bytes_down"] + last["bytes_up"]) / max(last["clients_sampled"], 1)
+
+    @property
+    def seconds_per_round(self) -> float:
+        # Median: round 1 also pays for the engine's start-up.
+        return float(statistics.median(r["seconds"] for r in self.trained))
+
+    @property
+    def wall_seconds(self) -> float:
+        """Rounds plus central evaluation, without Ray's start-up (~10 s per job)."""
+        return float(self.rounds[-1]["elapsed_seconds"])
+
+
+def load_runs(folder: Path) -> list[Run]:
+    """Every ``metrics.json`` under ``folder/runs``, in path order."""
+    runs = []
+    for path in sorted((folder / "runs").rglob("metrics.json")):
+        doc = json.loads(path.read_text())
+        part = path.parent / "partition.json"
+        partition = json.loads(part.read_text()) if part.is_file() else {}
+        if len(doc["rounds"]) > 1:
+            runs.append(Run(path.parent, doc["config"], doc["rounds"], partition))
+    return runs
+
+
+# -- formatting -----------------------------------------------------------------------------------
+def markdown(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    """A GitHub markdown table; numeric-looking columns are right-aligned."""
+
+    def numeric(col: int) -> bool:
+        cells = [str(r[col]) for r in rows]
+        return all(re.fullmatch(r"[>≥~\d.,x×%±() -]+|—", c) for c in cells)
+
+    align = ["--:" if rows and numeric(i) else "---" for i in range(len(header))]
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(align) + "|"]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _rounds_cell(run: Run, target: float) -> str:
+    reached = run.rounds_to(target)
+    return str(reached) if reached is not None else f">{len(run.trained)}"
+
+
+def _batch(run: Run) -> str:
+    b = run.config["client"]["batch_size"]
+    return "∞" if b is None else str(b)
+
+
+def _partition(cfg: dict[str, Any]) -> str:
+    p = cfg["partition"]
+    if p["name"] == "dirichlet":
+        return f"Dir({p['alpha']:g})"
+    if p["name"] == "label_quantity":
+        return f"#C={p['labels_per_client']}"
+    if p["name"] == "shards":
+        return f"shards {p['shards_per_client']}x{p['shard_size']}"
+    return "IID"
+
+
+def _mean_spread(values: Sequence[float]) -> str:
+    if len(values) == 1:
+        return f"{values[0]:.4f}"
+    return f"{statistics.mean(values):.4f} ± {statistics.stdev(values):.4f}"
+
+
+# -- experiments ----------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Table:
+    """What one experiment contributes: the markdown, CSV rows and the curves to plot."""
+
+    markdown: str
+    csv_rows: list[dict[str, Any]]
+    panels: dict[str, list[tuple[str, Run]]]  # panel title -> (curve label, run)
+
+
+def ondevice_fmnist(runs: list[Run]) -> Table:
+    """Guide's MLP on Fashion-MNIST: centralised vs FedAvg over clients and label skew."""
+    order = {"IID": 0, "Dir(0.5)": 1, "Dir(0.1)": 2}
+    runs = sorted(runs, key=lambda r: (r.config["num_clients"], order[_partition(r.config)]))
+    header = [
+        "setting",
+        "clients (per round)",
+        "partition",
+        "label skew (TV)",
+        "examples (last round)",
+        "rounds",
+        "final acc.",
+        "best acc.",
+        *(f"rounds to {t:.0%}" for t in ONDEVICE_TARGETS),
+        "KiB per client per round (down + up)",
+        "s / round",
+    ]
+    rows, csv_rows = [], []
+    for run in runs:
+        cfg = run.config
+        n = cfg["num_clients"]
+        setting = "centralised (1 client)" if n == 1 else "FedAvg"
+        per_round = run.trained[-1]["clients_sampled"]
+        rows.append(
+            [
+                setting,
+                f"{n} ({per_round})",
+                _partition(cfg),
+                run.label_skew,
+                f"{run.trained[-1]['examples']:,}",
+                len(run.trained),
+                f"{run.final_accuracy:.4f}",
+                f"{run.best_accuracy:.4f}",
+                *(_rounds_cell(run, t) for t in ONDEVICE_TARGETS),
+                f"{run.bytes_per_client_round / 1024:,.0f}",
+                f"{run.seconds_per_round:.2f}",
+            ]
+        )
+        csv_rows.append(_csv_row(run, ONDEVICE_TARGETS))
+    panels: dict[str, list[tuple[str, Run]]] = {}
+    for run in runs:
+        n = run.config["num_clients"]
+        title = "centralised and 10 clients" if n <= 10 else f"{n} clients, 10 per round"
+        label = "centralised" if n == 1 else _partition(run.config)
+        panels.setdefault(title, []).append((label, run))
+    return Table(markdown(header, rows), csv_rows, panels)
+
+
+def mcmahan2017(runs: list[Run]) -> Table:
+    """arXiv:1602.05629 Table 2 style: rounds to target per (E, B), speed-up over FedSGD."""
+    parts, csv_rows = [], []
+    panels: dict[str, list[tuple[str, Run]]] = {}
+    for model in ("2nn", "cnn"):
+        mine = [r for r in runs if r.config["model"]["name"] == model]
+        if not mine:
+            continue
+        by_setting: dict[tuple[int, int | None], dict[str, Run]] = {}
+        for run in mine:
+            by_setting.setdefault(_eb(run), {})[_iid_or_not(run)] = run
+        fedsgd = by_setting.get((1, None), {})
+
+        def order(key: tuple[int, int | None]) -> tuple[float, int]:
+            e, b = key
+            return (-1.0 if key == (1, None) else _updates(e, b), e)
+
+        name = "2NN (784-200-200-10)" if model == "2nn" else "CNN (McMahan et al.)"
+        data = DATASET_NAMES.get(mine[0].config.get("dataset", {}).get("name"), "?")
+        for target in MCMAHAN_TARGETS[model]:
+            rows = []
+            for e, b in sorted(by_setting, key=order):
+                row: list[Any] = ["FedSGD" if (e, b) == (1, None) else "FedAvg", e, b or "∞"]
+                row.append(f"{_updates(e, b):g}")
+                for kind in ("IID", "non-IID"):
+                    run = by_setting[(e, b)].get(kind)
+                    if run is None:
+                        row += ["not run", "—"]
+                        continue
+                    row.append(_rounds_with_speedup(run, fedsgd.get(kind), target))
+                    row.append(f"{run.final_accuracy:.4f} ({len(run.trained)})")
+                rows.append(row)
+            header = [
+                "",
+                "E",
+                "B",
+                "u",
+                f"IID: rounds to {target:.0%} (speed-up)",
+                "IID: final acc. (rounds)",
+                f"non-IID: rounds to {target:.0%} (speed-up)",
+                "non-IID: final acc. (rounds)",
+            ]
+            title = f"**{name}**, {data}, target {target:.0%}"
+            parts.append(f"{title}\n\n{markdown(header, rows)}")
+        csv_rows += [_csv_row(run, MCMAHAN_TARGETS[model]) for run in mine]
+        for run in sorted(mine, key=lambda r: order(_eb(r))):
+            e, b = _eb(run)
+            label = "FedSGD" if (e, b) == (1, None) else f"E={e}, B={b or '∞'}"
+            panels.setdefault(f"{model.upper()}, {_iid_or_not(run)}", []).append((label, run))
+    return Table("\n\n".join(parts), csv_rows, panels)
+
+
+def _eb(run: Run) -> tuple[int, int | None]:
+    return run.config["client"]["local_epochs"], run.config["client"]["batch_size"]
+
+
+def _iid_or_not(run: Run) -> str:
+    return "IID" if run.config["partition"]["name"] == "iid" else "non-IID"
+
+
+def _updates(epochs: int, batch: int | None) -> float:
+    # u = expected local updates per round per client (arXiv:1602.05629, Table 2's u column).
+    return epochs if batch is None else epochs * MCMAHAN_CLIENT_EXAMPLES / batch
+
+
+def _rounds_with_speedup(run: Run, fedsgd: Run | None, target: float) -> str:
+    reached = run.rounds_to(target)
+    if reached is None:
+        return f">{len(run.trained)}"
+    if fedsgd is None or fedsgd is run:
+        return str(reached)
+    base = fedsgd.rounds_to(target)
+    if base is None:  # FedSGD never got there: the speed-up is a lower bound
+        return f"{reached} (>{len(fedsgd.trained) / reached:.1f}x)"
+    return f"{reached} ({base / reached:.1f}x)"
+
+
+def niid_bench(runs: list[Run]) -> Table:
+    """NIID-Bench label skew: final accuracy per partition (mean ± std over seeds if several)."""
+    order = {"IID": 0, "Dir(0.5)": 1, "#C=3": 2, "#C=2": 3, "#C=1": 4}
+    groups: dict[str, list[Run]] = {}
+    for run in runs:
+        groups.setdefault(_partition(run.config), []).append(run)
+    header = [
+        "partition",
+        "label skew (TV)",
+        "seeds",
+        "rounds",
+        "E",
+        "final acc.",
+        "best acc.",
+        "s / round",
+    ]
+    rows, csv_rows = [], []
+    panels: dict[str, list[tuple[str, Run]]] = {"FedAvg, simple CNN, 10 parties": []}
+    for name in sorted(groups, key=lambda g: order.get(g, 9)):
+        group = groups[name]
+        first = group[0]
+        rows.append(
+            [
+                name,
+                first.label_skew,
+                len(group),
+                len(first.trained),
+                first.config["client"]["local_epochs"],
+                _mean_spread([r.final_accuracy for r in group]),
+                _mean_spread([r.best_accuracy for r in group]),
+                f"{statistics.median(r.seconds_per_round for r in group):.2f}",
+            ]
+        )
+        csv_rows += [_csv_row(r, ()) for r in group]
+        for run in group:
+            label = name if len(group) == 1 else f"{name}, seed {run.config['seed']}"
+            panels["FedAvg, simple CNN, 10 parties"].append((label, run))
+    return Table(markdown(header, rows), csv_rows, panels)
+
+
+def _csv_row(run: Run, targets: Sequence[float]) -> dict[str, Any]:
+    cfg = run.config
+    return {
+        "run": str(run.path),
+        "model": cfg["model"]["name"],
+        "num_clients": cfg["num_clients"],
+        "clients_per_round": run.trained[-1]["clients_sampled"],
+        "partition": _partition(cfg),
+        "local_epochs": cfg["client"]["local_epochs"],
+        "batch_size": _batch(run),
+        "learning_rate": cfg["model"]["learning_rate"],
+        "seed": cfg["seed"],
+        "label_skew_tv": run.partition.get("tv_mean"),
+        "rounds": len(run.trained),
+        "final_accuracy": run.final_accuracy,
+        "best_accuracy": run.best_accuracy,
+        **{f"rounds_to_{t:g}": run.rounds_to(t) for t in targets},
+        "bytes_per_client_round": run.bytes_per_client_round,
+        "seconds_per_round": round(run.seconds_per_round, 3),
+        "wall_seconds": round(run.wall_seconds, 1),
+    }
+
+
+EXPERIMENTS: dict[str, Callable[[list[Run]], Table]] = {
+    "ondevice_fmnist": ondevice_fmnist,
+    "mcmahan2017": mcmahan2017,
+    "niid_bench": niid_bench,
+}
+
+
+# -- outputs --------------------------------------------------------------------------------------
+def plot(panels: dict[str, list[tuple[str, Run]]], path: Path, title: str) -> None:
+    """Central test accuracy against round, one panel per group of runs."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    # One colour per curve label across panels, so "IID" is the same colour everywhere.
+    labels = list(dict.fromkeys(label for curves in panels.values() for label, _ in curves))
+    cycle = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    colour = {label: cycle[i % len(cycle)] for i, label in enumerate(labels)}
+    cols = min(len(panels), 2)
+    nrows = math.ceil(len(panels) / cols)
+    fig, axes = plt.subplots(
+        nrows, cols, figsize=(6 * cols, 4 * nrows), squeeze=False, layout="constrained"
+    )
+    for ax, (name, curves) in zip(axes.flat, panels.items(), strict=False):
+        for label, run in curves:
+            ax.plot(
+                [r["round"] for r in run.rounds],
+                [r["accuracy"] for r in run.rounds],
+                marker="o" if len(run.rounds) <= 30 else None,
+                ms=2.5,
+                color=colour[label],
+                label=label,
+            )
+        ax.set_title(name, fontsize=10)
+        ax.set_xlabel("round")
+        ax.set_ylabel("central test accuracy")
+        ax.set_ylim(0, 1)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    for ax in list(axes.flat)[len(panels) :]:
+        ax.set_visible(False)
+    fig.suptitle(title)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_csv(rows: list[dict[str, Any]], path: Path) -> None:
+    columns = list(dict.fromkeys(k for row in rows for k in row))
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def embed(readme: Path, text: str) -> bool:
+    """Replace the README's text between BEGIN and END with ``text``; False if no markers."""
+    if not readme.is_file():
+        return False
+    doc = readme.read_text()
+    if BEGIN not in doc or END not in doc:
+        return False
+    head, rest = doc.split(BEGIN, 1)
+    _, tail = rest.split(END, 1)
+    readme.write_text(f"{head}{BEGIN}\n{text}\n{END}{tail}")
+    return True
+
+
+def build(name: str, root: Path) -> str:
+    """Write results.md/csv and accuracy.png for one experiment; return the markdown."""
+    folder = root / name
+    runs = load_runs(folder)
+    if not runs:
+        raise SystemExit(f"no metrics.json under {folder / 'runs'}: run the experiment first")
+    table = EXPERIMENTS[name](runs)
+    # Paths relative to the repository root, so the CSV does not depend on where it was made.
+    for row in table.csv_rows:
+        row["run"] = str(Path(row["run"]).relative_to(root.parent))
+    (folder / RESULTS_MD).write_text(table.markdown + "\n")
+    write_csv(table.csv_rows, folder / RESULTS_CSV)
+    plot(table.panels, folder / ACCURACY_PNG, name)
+    embed(folder / "README.md", table.markdown)
+    return table.markdown
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """``python -m experiments.tables NAME...``: print and write each experiment's table."""
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("names", nargs="*", help=f"any of {sorted(EXPERIMENTS)} (default: all)")
+    parser.add_argument("--root", type=Path, default=Path("experiments"), help="experiments dir")
+    args = parser.parse_args(argv)
+    unknown = set(args.names) - set(EXPERIMENTS)
+    if unknown:
+        parser.error(f"unknown experiment(s) {sorted(unknown)}: choose from {sorted(EXPERIMENTS)}")
+    for name in args.names or EXPERIMENTS:
+        print(f"## {name}\n\n{build(name, args.root.resolve())}\n")
+
+
+if __name__ == "__main__":
+    main()
