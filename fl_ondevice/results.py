@@ -118,10 +118,17 @@ def summarize(rows: Sequence[Mapping[str, Any]], run_info: Mapping[str, Any]) ->
         "seconds_per_round": (
             float(statistics.median(r["seconds"] for r in trained)) if trained else None
         ),
-        "bytes_per_client_round": (
+        # What one client downloads (the global model) and uploads (its update) per round.
+        "download_bytes_per_client": (
             trained[-1]["bytes_down"] / max(trained[-1]["clients_sampled"], 1) if trained else None
         ),
+        "upload_bytes_per_client": _upload_per_client(trained[-1]) if trained else None,
     }
+
+
+def _upload_per_client(row: Mapping[str, Any]) -> float | None:
+    senders = row["clients_replied"] - row.get("clients_failed", 0)
+    return row["bytes_up"] / senders if senders else None
 
 
 def plot_accuracy(

@@ -19,6 +19,9 @@ def _row(r: int, acc: float, seconds: float = 2.0) -> dict:
         "train_loss": float("nan") if r == 0 else 0.5,
         "clients_sampled": 0 if r == 0 else 4,
         "bytes_down": 0 if r == 0 else 4000,
+        "bytes_up": 0 if r == 0 else 3000,
+        "clients_replied": 0 if r == 0 else 3,
+        "clients_failed": 0 if r == 0 else 1,
         "seconds": 0.0 if r == 0 else seconds,
     }
 
@@ -56,7 +59,8 @@ def test_summary_numbers():
     assert s["final_accuracy"] == 0.8 and s["best_accuracy"] == 0.9
     assert s["rounds_to_target"] == 2
     assert math.isclose(s["seconds_per_round"], 4.0)
-    assert s["bytes_per_client_round"] == 1000
+    assert s["download_bytes_per_client"] == 1000
+    assert s["upload_bytes_per_client"] == 1500
 
 
 def test_sweep_summary_lists_finished_and_failed_jobs_in_job_order(tmp_path):
