@@ -74,16 +74,21 @@ class MetricsLog:
         self.write()
 
     def write(self) -> None:
-        tmp = self.out_dir / f"{METRICS_CSV}.tmp"
-        with tmp.open("w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=COLUMNS)
-            writer.writeheader()
-            writer.writerows({k: _cell(v) for k, v in row.items()} for row in self.rows)
-        os.replace(tmp, self.out_dir / METRICS_CSV)
+        _write_csv(self.out_dir / METRICS_CSV, COLUMNS, self.rows)
         doc = {**self.run_info, "summary": summarize(self.rows, self.run_info), "rounds": self.rows}
         tmp = self.out_dir / f"{METRICS_JSON}.tmp"
         tmp.write_text(json.dumps(doc, indent=1, default=_json_default, allow_nan=False))
         os.replace(tmp, self.out_dir / METRICS_JSON)
+
+
+def _write_csv(path: Path, columns: Sequence[str], rows: Sequence[Mapping[str, Any]]) -> None:
+    # Written aside and renamed: a reader (or an interrupted run) never sees half a file.
+    tmp = path.with_name(f"{path.name}.tmp")
+    with tmp.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows({k: _cell(row.get(k)) for k in columns} for row in rows)
+    os.replace(tmp, path)
 
 
 def _none_if_nan(value: Any) -> Any:
@@ -178,10 +183,7 @@ def sweep_summary(sweep_dir: str | os.PathLike[str]) -> list[dict[str, Any]]:
         log.warning("no %s found under %s: no sweep summary", METRICS_JSON, sweep)
         return rows
     columns = list(dict.fromkeys(k for row in rows for k in row))
-    with (sweep / SUMMARY_CSV).open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=columns)
-        writer.writeheader()
-        writer.writerows({k: _cell(row.get(k)) for k in columns} for row in rows)
+    _write_csv(sweep / SUMMARY_CSV, columns, rows)
     swept = _override_keys(rows)
     _plot_sweep(rows, swept, sweep / SUMMARY_PNG)
     log.info("sweep summary: %s", sweep / SUMMARY_CSV)

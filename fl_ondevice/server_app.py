@@ -198,7 +198,7 @@ def run_server(grid: Grid, prep: Prepared, overrides: dict[str, Any] | None = No
         f"{cfg.model.name} on {cfg.dataset.name}, {cfg.partition.name}, "
         f"{cfg.num_clients} clients, seed {cfg.seed}",
     )
-    return summarize(metrics.rows, {"target_accuracy": cfg.target_accuracy})
+    return summarize(metrics.rows, metrics.run_info)
 
 
 # -- persistence and resume --------------------------------------------------------------------

@@ -175,14 +175,14 @@ class SeededFedAvg(FedAvg):
                 self.min_train_nodes,
             )
             return None, None
-        if ok:
-            metrics = [next(iter(m.content.metric_records.values())) for m in ok]
-            stats.examples = int(sum(_number(mr, NUM_EXAMPLES) for mr in metrics))
-            stats.bytes_up = sum(
-                _payload_bytes(m.content.array_records[self.arrayrecord_key]) for m in ok
-            )
-            stats.client_seconds = float(np.median([_number(mr, CLIENT_SECONDS) for mr in metrics]))
-            stats.train_seconds = float(np.median([_number(mr, TRAIN_SECONDS) for mr in metrics]))
+        # Here ok is not empty: min_train_nodes >= 1 (config.StrategyConfig).
+        metrics = [next(iter(m.content.metric_records.values())) for m in ok]
+        stats.examples = int(sum(_number(mr, NUM_EXAMPLES) for mr in metrics))
+        stats.bytes_up = sum(
+            _payload_bytes(m.content.array_records[self.arrayrecord_key]) for m in ok
+        )
+        stats.client_seconds = float(np.median([_number(mr, CLIENT_SECONDS) for mr in metrics]))
+        stats.train_seconds = float(np.median([_number(mr, TRAIN_SECONDS) for mr in metrics]))
         arrays, train_metrics = super().aggregate_train(r, ok)
         if train_metrics is not None:
             stats.train_loss = _number(train_metrics, TRAIN_LOSS)
