@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -11,7 +11,7 @@ import numpy as np
 from fl_ondevice.checkpoint import Weights
 from fl_ondevice.config import Config
 from fl_ondevice.data import Dataset, load_dataset
-from fl_ondevice.device import pooled_model
+from fl_ondevice.device import OnDeviceModel, pooled_model
 from fl_ondevice.errors import InputError, TrainingError
 from fl_ondevice.partition import Partition, make_partitions
 
@@ -63,6 +63,32 @@ def client_data(cfg: Config) -> tuple[Dataset, list[Partition]]:
     return _DATA[key]
 
 
+def train_clients(
+    cfg: Config,
+    model_path: str,
+    client_ids: Sequence[int],
+    server_round: int,
+    weights: Mapping[str, np.ndarray],
+) -> Iterator[tuple[int, ClientUpdate | Exception]]:
+    """Local updates of several clients, one after another, from the same global weights.
+
+    The global weights are checked and written as a checkpoint once; every client restores that
+    file through the ``restore`` signature, as each phone would restore the one it downloaded.
+    Yields ``(client_id, update)``, or ``(client_id, error)`` for a client that failed: one
+    client's crash never costs the others their update.
+    """
+    t0 = time.perf_counter()
+    model = pooled_model(model_path, cfg.client.num_threads)
+    staged = model.stage(weights)
+    # The shared staging cost is spread over the clients of the message.
+    share = (time.perf_counter() - t0) / max(1, len(client_ids))
+    for client_id in client_ids:
+        try:
+            yield client_id, _train(cfg, model, staged, client_id, server_round, share)
+        except Exception as err:  # noqa: BLE001 - handed to the caller with the client id
+            yield client_id, err
+
+
 def train_client(
     cfg: Config,
     model_path: str,
@@ -70,7 +96,22 @@ def train_client(
     server_round: int,
     weights: Mapping[str, np.ndarray],
 ) -> ClientUpdate:
-    """Run one client's local update: E epochs of shuffled minibatches through ``train``.
+    """One client's local update (``train_clients`` for one client); raises its error."""
+    [(_, update)] = train_clients(cfg, model_path, [client_id], server_round, weights)
+    if isinstance(update, Exception):
+        raise update
+    return update
+
+
+def _train(
+    cfg: Config,
+    model: OnDeviceModel,
+    staged: str,
+    client_id: int,
+    server_round: int,
+    overhead: float,
+) -> ClientUpdate:
+    """E epochs of shuffled minibatches through ``train``, from the staged global weights.
 
     The pooled interpreter's optimizer state is reset first, so momentum or Adam moments never
     pass from one client to the next.
@@ -78,9 +119,8 @@ def train_client(
     t0 = time.perf_counter()
     dataset, partitions = client_data(cfg)
     part = _partition(partitions, client_id)
-    model = pooled_model(model_path, cfg.client.num_threads)
     model.reset_optimizer()
-    model.set_weights(weights)
+    model.restore(staged, check=False)
     if injected_failure(cfg.seed, server_round, client_id, cfg.client.failure_rate):
         raise TrainingError(
             f"injected failure (client.failure_rate={cfg.client.failure_rate}): the device "
@@ -98,30 +138,40 @@ def train_client(
         weights=new,
         num_examples=len(part.train_indices),
         train_loss=fit["loss"],
-        seconds=time.perf_counter() - t0,
+        seconds=time.perf_counter() - t0 + overhead,
         train_seconds=fit["train_seconds"],
     )
 
 
-def evaluate_client(
-    cfg: Config, model_path: str, client_id: int, weights: Mapping[str, np.ndarray]
-) -> ClientEvaluation:
-    """Evaluate global weights on one client's local test split (``infer`` signature)."""
+def evaluate_clients(
+    cfg: Config, model_path: str, client_ids: Sequence[int], weights: Mapping[str, np.ndarray]
+) -> Iterator[tuple[int, ClientEvaluation | Exception]]:
+    """Evaluate global weights on each client's local test split (``infer`` signature).
+
+    ``infer`` leaves the weights as they are, so they are restored once for all the clients.
+    Yields ``(client_id, evaluation)`` or ``(client_id, error)``.
+    """
     dataset, partitions = client_data(cfg)
-    part = _partition(partitions, client_id)
-    if not len(part.test_indices):
-        raise InputError(
-            f"client {client_id} has no local test examples; raise "
-            "partition.local_test_fraction or set strategy.fraction_evaluate=0"
-        )
     model = pooled_model(model_path, cfg.client.num_threads)
     model.set_weights(weights)
-    result = model.evaluate(
-        dataset.x_train[part.test_indices],
-        dataset.y_train[part.test_indices],
-        batch_size=cfg.eval_batch_size,
-    )
-    return ClientEvaluation(len(part.test_indices), result["loss"], result["accuracy"])
+    for client_id in client_ids:
+        try:
+            part = _partition(partitions, client_id)
+            if not len(part.test_indices):
+                raise InputError(
+                    f"client {client_id} has no local test examples; raise "
+                    "partition.local_test_fraction or set strategy.fraction_evaluate=0"
+                )
+            result = model.evaluate(
+                dataset.x_train[part.test_indices],
+                dataset.y_train[part.test_indices],
+                batch_size=cfg.eval_batch_size,
+            )
+        except Exception as err:  # noqa: BLE001 - handed to the caller with the client id
+            yield client_id, err
+        else:
+            n = len(part.test_indices)
+            yield client_id, ClientEvaluation(n, result["loss"], result["accuracy"])
 
 
 def _partition(partitions: list[Partition], client_id: int) -> Partition:

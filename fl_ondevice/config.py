@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, get_args, get_type_hints
@@ -127,8 +128,17 @@ class ClientConfig:
     num_cpus: float = 1.0  # Ray resources per client: workers = cores / num_cpus
     dropout_rate: float = 0.0  # share of sampled clients that never reply (seeded per round)
     failure_rate: float = 0.0  # share of sampled clients that crash while training (seeded)
+    # Simulated clients one engine message carries (trained one after another by one worker);
+    # None = spread a round over 4 messages per worker. Results do not depend on it.
+    clients_per_message: int | None = None
 
     def __post_init__(self) -> None:
+        _require(
+            self.clients_per_message is None or self.clients_per_message >= 1,
+            "client.clients_per_message",
+            self.clients_per_message,
+            "must be >= 1, or null to pick it from the number of workers",
+        )
         _require(self.local_epochs >= 1, "client.local_epochs", self.local_epochs, "must be >= 1")
         _require(
             self.batch_size is None or self.batch_size >= 1,
@@ -222,6 +232,18 @@ class Config:
         return self.strategy.fraction_evaluate > 0
 
     @property
+    def workers(self) -> int:
+        """Clients this machine trains at once: its cores / ``client.num_cpus``."""
+        return max(1, int((os.cpu_count() or 1) // self.client.num_cpus))
+
+    @property
+    def nodes(self) -> int:
+        """Simulated nodes (message executors) the engine needs: one per message of a round."""
+        return messages_per_round(
+            self.clients_per_round, self.workers, self.client.clients_per_message
+        )
+
+    @property
     def clients_per_round(self) -> int:
         """Clients a round needs at once: its training sample or its evaluation sample."""
         train = sample_size(
@@ -233,6 +255,21 @@ class Config:
             self.num_clients, self.strategy.fraction_evaluate, self.strategy.min_evaluate_nodes
         )
         return max(train, evaluate)
+
+
+MESSAGES_PER_WORKER = 4  # enough for the workers to even out unequal clients, few per round
+
+
+def messages_per_round(clients: int, workers: int, clients_per_message: int | None) -> int:
+    """How many engine messages carry a round's ``clients``: each holds several clients.
+
+    One message per client makes the engine's per-message cost (Flower's link state scans every
+    stored message for every node, Ray ships the ClientApp with each message) dominate small
+    models; a few messages per worker keep both cores busy and that cost per round constant.
+    """
+    if clients_per_message is None:
+        return max(1, min(clients, MESSAGES_PER_WORKER * max(1, workers)))
+    return max(1, -(-clients // clients_per_message))
 
 
 def sample_size(num_clients: int, fraction: float, minimum: int) -> int:

@@ -9,7 +9,8 @@ import shutil
 import tempfile
 import time
 import warnings
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -100,6 +101,7 @@ class OnDeviceModel:
                 raise ModelError(f"cannot read model file {self.source!r}: {err}") from None
         self.num_threads = num_threads
         self._ckpt = os.path.join(scratch_dir(), f"weights-{id(self)}.ckpt")
+        self._staged = os.path.join(scratch_dir(), f"staged-{id(self)}.ckpt")
         self._load()
         self._discover()
         try:
@@ -329,14 +331,26 @@ class OnDeviceModel:
         if not Path(path).is_file():
             raise CheckpointError(f"the save signature did not write {os.fspath(path)!r}")
 
-    def restore(self, path: str | os.PathLike[str]) -> None:
+    def restore(self, path: str | os.PathLike[str], check: bool = True) -> None:
         """Load weights from a checkpoint file through the ``restore`` signature.
 
         The file is read and checked against the model's weight names, shapes and dtypes first,
         so a bad file raises ``CheckpointError`` and leaves the weights unchanged.
+        ``check=False`` skips that for a file ``stage`` wrote.
         """
-        self.weight_spec.validate(read_checkpoint(path), f"checkpoint {os.fspath(path)!r}")
+        if check:
+            self.weight_spec.validate(read_checkpoint(path), f"checkpoint {os.fspath(path)!r}")
         self._invoke("restore", **{self._path_name["restore"]: _path_tensor(path)})
+
+    def stage(self, weights: Mapping[str, np.ndarray]) -> str:
+        """Check ``weights`` and write them as a checkpoint file several clients can ``restore``.
+
+        Returns the file's path (in this process's scratch directory; the next ``stage``
+        overwrites it).
+        """
+        self.weight_spec.validate(weights, "weights")
+        write_checkpoint(self._staged, weights)
+        return self._staged
 
     def get_weights(self) -> Weights:
         """The current weights, ``{name: array}`` in sorted name order (via ``save``)."""
@@ -345,9 +359,33 @@ class OnDeviceModel:
 
     def set_weights(self, weights: Mapping[str, np.ndarray]) -> None:
         """Set the weights (checked first, then written as a checkpoint and ``restore``d)."""
-        self.weight_spec.validate(weights, "weights")
-        write_checkpoint(self._ckpt, weights)
-        self._invoke("restore", **{self._path_name["restore"]: _path_tensor(self._ckpt)})
+        self.restore(self.stage(weights), check=False)
+
+
+def evaluate_split(
+    models: Sequence[OnDeviceModel],
+    weights: Mapping[str, np.ndarray],
+    x: np.ndarray,
+    y: np.ndarray,
+    batch_size: int = 1024,
+) -> dict[str, float]:
+    """``evaluate`` of ``weights`` on ``(x, y)``, the examples split over interpreters of one
+    model, each in its own thread (``Invoke`` releases the GIL).
+
+    Why not ``num_threads``: with trainable weights the conv kernels run single-threaded (see
+    ``experiments/bench_device.md``), so one interpreter per core is what uses the cores.
+    Loss and accuracy are recombined from per-part sums: equal to one ``evaluate`` up to float
+    rounding of the means.
+    """
+    models = models[: max(1, min(len(models), len(x)))]  # no empty parts
+    staged = models[0].stage(weights)
+    for m in models:
+        m.restore(staged, check=False)
+    parts = np.array_split(np.arange(len(x)), len(models))
+    with ThreadPoolExecutor(len(models)) as pool:
+        results = list(pool.map(lambda m, i: m.evaluate(x[i], y[i], batch_size), models, parts))
+    n = np.array([len(i) for i in parts], dtype=np.float64)
+    return {k: float(np.dot(n, [r[k] for r in results]) / n.sum()) for k in ("loss", "accuracy")}
 
 
 _POOL: dict[tuple[str, int], OnDeviceModel] = {}

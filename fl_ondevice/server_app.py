@@ -21,7 +21,7 @@ from fl_ondevice.checkpoint import Weights, WeightSpec, read_checkpoint, write_c
 from fl_ondevice.client_app import MODEL_FILE, NUM_EXAMPLES, from_arrays, to_arrays
 from fl_ondevice.config import Config, ConfigError, from_run_config, parse_config, to_run_config
 from fl_ondevice.data import Dataset, load_dataset
-from fl_ondevice.device import OnDeviceModel
+from fl_ondevice.device import OnDeviceModel, evaluate_split
 from fl_ondevice.errors import ResumeError
 from fl_ondevice.export import bake, build_tflite
 from fl_ondevice.partition import Partition, make_partitions, write_partition_report
@@ -134,6 +134,8 @@ def run_server(grid: Grid, prep: Prepared, overrides: dict[str, Any] | None = No
         weight_spec=model.weight_spec,
         dropout_rate=cfg.client.dropout_rate,
         round_offset=offset,
+        workers=cfg.workers,
+        clients_per_message=cfg.client.clients_per_message,
         fraction_train=cfg.strategy.fraction_train,
         fraction_evaluate=cfg.strategy.fraction_evaluate,
         min_train_nodes=cfg.strategy.min_train_nodes,
@@ -141,6 +143,8 @@ def run_server(grid: Grid, prep: Prepared, overrides: dict[str, Any] | None = No
         min_available_nodes=1,
         weighted_by_key=NUM_EXAMPLES,
     )
+    # Central evaluation runs while the workers wait: one interpreter per worker's core.
+    evaluators = [model] + [OnDeviceModel(prep.model_file) for _ in range(cfg.workers - 1)]
     t_start = time.perf_counter() - (resumed.rows[-1]["elapsed_seconds"] if resumed else 0.0)
 
     def central_evaluation(server_round: int, arrays: ArrayRecord) -> MetricRecord:
@@ -149,8 +153,9 @@ def run_server(grid: Grid, prep: Prepared, overrides: dict[str, Any] | None = No
             last = resumed.rows[-1]
             return MetricRecord({"accuracy": last["accuracy"], "loss": last["loss"]})
         weights = from_arrays(arrays)
-        model.set_weights(weights)
-        result = model.evaluate(dataset.x_test, dataset.y_test, batch_size=cfg.eval_batch_size)
+        result = evaluate_split(
+            evaluators, weights, dataset.x_test, dataset.y_test, cfg.eval_batch_size
+        )
         stats = strategy.stats.get(r, RoundStats())
         now = time.perf_counter()
         row = {

@@ -70,7 +70,7 @@ def simulate(
     run_simulation(
         server_app=server_app,
         client_app=client_app or default_client_app,
-        num_supernodes=cfg.clients_per_round,  # nodes are executors; the server names clients
+        num_supernodes=cfg.nodes,  # nodes are executors; the server names their clients
         backend_config=backend_config(cfg),  # type: ignore[arg-type]
     )
     summary = getattr(server_app, "summary", None)

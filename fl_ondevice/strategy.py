@@ -13,18 +13,20 @@ import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
+from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
 from fl_ondevice.checkpoint import WeightSpec
 from fl_ondevice.client_app import (
     CLIENT_SECONDS,
     EVAL_ACCURACY,
     NUM_EXAMPLES,
-    PARTITION_ID,
+    PARTITION_IDS,
     SERVER_ROUND,
     TRAIN_LOSS,
     TRAIN_SECONDS,
+    client_reply,
 )
-from fl_ondevice.config import sample_size
+from fl_ondevice.config import messages_per_round, sample_size
 from fl_ondevice.errors import CheckpointError
 
 log = logging.getLogger(__name__)
@@ -58,12 +60,10 @@ class SeededFedAvg(FedAvg):
 
     Flower's FedAvg samples nodes with Python's global ``random`` and aggregates replies in
     arrival order, so two runs with one seed differ. Here the *clients* (partitions) of a round
-    are drawn from ``(seed, round)``, each message names its client (``partition-id``), and
-    replies are averaged in client order. Nodes are interchangeable executors: in simulation a
+    are drawn from ``(seed, round)``, each message names its clients (``partition-ids``), and
+    updates are averaged in client order. Nodes are interchangeable executors: in simulation a
     node holds no client state. The averaging itself is Flower's.
 
-    Parameters
-    ----------
     Every update is validated before averaging (tensor names, shapes and dtypes equal to the
     global model's, finite values, ``num-examples`` > 0); a round with fewer than
     ``min_train_nodes`` valid updates is skipped and the global model kept.
@@ -81,6 +81,10 @@ class SeededFedAvg(FedAvg):
         are not sent, as if the phone went offline after downloading the model.
     round_offset
         Rounds already completed (a resumed run): Flower's round 1 is round ``round_offset + 1``.
+    workers, clients_per_message
+        How many clients train at once, and how many clients one message carries (None: a few
+        messages per worker, see ``config.messages_per_round``). Clients are dealt to messages
+        round-robin; no node gets two messages in a round.
     **kwargs
         Passed to ``FedAvg`` (fractions, minimum node counts, record keys).
     """
@@ -92,6 +96,8 @@ class SeededFedAvg(FedAvg):
         weight_spec: WeightSpec,
         dropout_rate: float = 0.0,
         round_offset: int = 0,
+        workers: int = 1,
+        clients_per_message: int | None = None,
         **kwargs: object,
     ) -> None:
         super().__init__(**kwargs)  # type: ignore[arg-type]
@@ -100,8 +106,10 @@ class SeededFedAvg(FedAvg):
         self.weight_spec = weight_spec
         self.dropout_rate = dropout_rate
         self.round_offset = round_offset
+        self.workers = workers
+        self.clients_per_message = clients_per_message
         self.stats: dict[int, RoundStats] = {}
-        self._client_of_node: dict[int, int] = {}
+        self._clients_of_node: dict[int, list[int]] = {}
 
     def sample_clients(
         self, server_round: int, fraction: float, min_clients: int, stream: int
@@ -120,16 +128,41 @@ class SeededFedAvg(FedAvg):
         server_round: int,
         message_type: str,
     ) -> list[Message]:
-        nodes = _wait_for_nodes(grid, len(client_ids))
+        if not client_ids:
+            return []
+        nodes = _wait_for_nodes(grid)
+        wanted = messages_per_round(len(client_ids), self.workers, self.clients_per_message)
+        n = min(len(nodes), wanted)
+        groups = [client_ids[i::n] for i in range(n)]
         messages = []
-        for node_id, client_id in zip(nodes, client_ids, strict=False):
-            self._client_of_node[node_id] = client_id
+        for node_id, group in zip(nodes, groups, strict=False):
+            self._clients_of_node[node_id] = group
             content = ConfigRecord(
-                {**dict(config), SERVER_ROUND: server_round, PARTITION_ID: client_id}
+                {**dict(config), SERVER_ROUND: server_round, PARTITION_IDS: group}
             )
             record = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: content})
             messages.append(Message(content=record, message_type=message_type, dst_node_id=node_id))
         return messages
+
+    def client_replies(
+        self, replies: Iterable[Message], r: int, training: bool
+    ) -> list[tuple[int, RecordDict]]:
+        """Each client's part of the replies, in client order; failed clients are logged (and
+        counted in the round's stats when ``training``)."""
+        out: list[tuple[int, RecordDict]] = []
+        for m in replies:
+            for client in self._clients_of_node[m.metadata.src_node_id]:
+                part = (
+                    client_error(m.error.reason or "", client, r)
+                    if m.has_error()  # the whole message failed (e.g. the worker died)
+                    else client_reply(m.content, client)
+                )
+                if isinstance(part, str):
+                    self.stats.setdefault(r, RoundStats()).failed += training
+                    log.warning("round %d: %s", r, part)
+                else:
+                    out.append((client, part))
+        return sorted(out, key=lambda item: item[0])
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -151,20 +184,16 @@ class SeededFedAvg(FedAvg):
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Flower's weighted average of the valid updates, sorted by client id."""
         r = server_round + self.round_offset
-        replies = list(replies)
         stats = self.stats.setdefault(r, RoundStats())
         ok = []
-        for m in sorted(replies, key=lambda m: self._client_of_node[m.metadata.src_node_id]):
-            client = self._client_of_node[m.metadata.src_node_id]
-            if m.has_error():
-                stats.failed += 1
-                log.warning("round %d: %s", r, client_error(m.error.reason or "", client, r))
-            elif reason := self.rejection(m):
+        parts = self.client_replies(replies, r, training=True)
+        for client, part in parts:
+            if reason := update_problem(part, self.weight_spec, self.weighted_by_key):
                 stats.rejected += 1
                 log.warning("round %d: update of client %d rejected: %s", r, client, reason)
             else:
-                ok.append(m)
-        stats.replied = len(replies)
+                ok.append(part)
+        stats.replied = len(parts) + stats.failed
         if len(ok) < self.min_train_nodes:
             stats.skipped = True
             log.warning(
@@ -176,15 +205,15 @@ class SeededFedAvg(FedAvg):
             )
             return None, None
         # Here ok is not empty: min_train_nodes >= 1 (config.StrategyConfig).
-        metrics = [next(iter(m.content.metric_records.values())) for m in ok]
+        metrics = [next(iter(part.metric_records.values())) for part in ok]
         stats.examples = int(sum(_number(mr, NUM_EXAMPLES) for mr in metrics))
-        stats.bytes_up = sum(
-            _payload_bytes(m.content.array_records[self.arrayrecord_key]) for m in ok
-        )
+        stats.bytes_up = sum(_payload_bytes(p.array_records[self.arrayrecord_key]) for p in ok)
         stats.client_seconds = float(np.median([_number(mr, CLIENT_SECONDS) for mr in metrics]))
         stats.train_seconds = float(np.median([_number(mr, TRAIN_SECONDS) for mr in metrics]))
-        arrays, train_metrics = super().aggregate_train(r, ok)
-        if train_metrics is not None:
+        # Flower's FedAvg averaging, applied to the clients' updates rather than the messages.
+        arrays = aggregate_arrayrecords(ok, self.weighted_by_key)
+        train_metrics = self.train_metrics_aggr_fn(ok, self.weighted_by_key)
+        if TRAIN_LOSS in train_metrics:
             stats.train_loss = _number(train_metrics, TRAIN_LOSS)
         return arrays, train_metrics
 
@@ -205,14 +234,13 @@ class SeededFedAvg(FedAvg):
     ) -> MetricRecord | None:
         """Flower's weighted average of the clients' local-test metrics."""
         r = server_round + self.round_offset
-        metrics = super().aggregate_evaluate(r, replies)
-        if metrics is not None and r in self.stats:
+        parts = [part for _, part in self.client_replies(replies, r, training=False)]
+        if not parts:
+            return None
+        metrics = self.evaluate_metrics_aggr_fn(parts, self.weighted_by_key)
+        if r in self.stats:
             self.stats[r].client_eval_accuracy = _number(metrics, EVAL_ACCURACY)
         return metrics
-
-    def rejection(self, reply: Message) -> str | None:
-        """Why a training reply must not be averaged, or None if it is a valid update."""
-        return update_problem(reply.content, self.weight_spec, self.weighted_by_key)
 
 
 def update_problem(content: RecordDict, spec: WeightSpec, weighted_by_key: str) -> str | None:
@@ -257,12 +285,10 @@ def _payload_bytes(arrays: ArrayRecord) -> int:
     return sum(int(np.prod(a.shape)) * np.dtype(a.dtype).itemsize for a in arrays.values())
 
 
-def _wait_for_nodes(grid: Grid, needed: int, timeout: float = 600.0) -> list[int]:
+def _wait_for_nodes(grid: Grid, timeout: float = 600.0) -> list[int]:
     deadline = time.monotonic() + timeout
-    while len(nodes := sorted(grid.get_node_ids())) < needed:
+    while not (nodes := sorted(grid.get_node_ids())):
         if time.monotonic() > deadline:
-            raise RuntimeError(
-                f"only {len(nodes)} nodes connected after {timeout:.0f} s; {needed} needed"
-            )
+            raise RuntimeError(f"no node connected after {timeout:.0f} s")
         time.sleep(0.5)
     return nodes

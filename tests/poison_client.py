@@ -3,23 +3,27 @@
 from __future__ import annotations
 
 import numpy as np
-from flwr.app import Context, Message, MetricRecord
+from flwr.app import Array, Context, Message, MetricRecord
 from flwr.clientapp import ClientApp
 
-from fl_ondevice.client_app import ARRAYS, CONFIG, METRICS, NUM_EXAMPLES, PARTITION_ID
+from fl_ondevice.client_app import ARRAYS, CONFIG, METRICS, NUM_EXAMPLES, PARTITION_IDS, client_key
 from fl_ondevice.client_app import train as honest_train
 
 
 def make_poison_app(kind: str) -> ClientApp:
-    """A ClientApp whose client 0 replies with a ``kind`` of invalid update (``nan`` ...)."""
+    """A ClientApp whose client 0 replies with a ``kind`` of invalid update (``nan`` ...), or
+    whose message holding client 0 raises (``raise``)."""
     app = ClientApp()
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:
+        if kind == "raise" and 0 in msg.content.config_records[CONFIG][PARTITION_IDS]:
+            raise RuntimeError("device lost")
         reply = honest_train(msg, context)
-        if int(msg.content.config_records[CONFIG][PARTITION_ID]) != 0:
-            return reply
-        arrays = reply.content.array_records[ARRAYS]
+        content = reply.content
+        if client_key(ARRAYS, 0) not in content.array_records:
+            return reply  # client 0 is not in this message
+        arrays = content.array_records[client_key(ARRAYS, 0)]
         name = sorted(arrays)[0]
         value = arrays[name].numpy()
         if kind == "nan":
@@ -29,11 +33,8 @@ def make_poison_app(kind: str) -> ClientApp:
         elif kind == "dtype":
             value = value.astype(np.float64)
         elif kind == "examples":
-            reply.content.metric_records[METRICS] = MetricRecord(
-                {**dict(reply.content.metric_records[METRICS]), NUM_EXAMPLES: 0}
-            )
-        from flwr.app import Array
-
+            metrics = content.metric_records[client_key(METRICS, 0)]
+            content[client_key(METRICS, 0)] = MetricRecord({**dict(metrics), NUM_EXAMPLES: 0})
         arrays[name] = Array(value)
         return reply
 

@@ -5,10 +5,17 @@ from __future__ import annotations
 import tomllib
 from pathlib import Path
 
+import pytest
 from flwr.common.config import flatten_dict
 from hydra import compose, initialize_config_dir
 
-from fl_ondevice.config import Config, from_run_config, parse_config, to_run_config
+from fl_ondevice.config import (
+    Config,
+    from_run_config,
+    messages_per_round,
+    parse_config,
+    to_run_config,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -48,3 +55,18 @@ def test_every_group_option_composes_and_validates():
             extra = ["model.path=x.tflite"] if option.stem == "tflite" else []
             cfg = _default(f"{group}={option.stem}", *extra)
             assert getattr(cfg, group).__class__.__name__.endswith("Config")
+
+
+@pytest.mark.parametrize(
+    ("clients", "workers", "per_message", "expected"),
+    [
+        (100, 2, None, 8),  # default: 4 messages per worker
+        (10, 2, None, 8),
+        (3, 2, None, 3),  # never more messages than clients
+        (1, 4, None, 1),
+        (100, 2, 1, 100),  # one client per message
+        (100, 2, 30, 4),  # ceil(100 / 30)
+    ],
+)
+def test_messages_per_round(clients, workers, per_message, expected):
+    assert messages_per_round(clients, workers, per_message) == expected

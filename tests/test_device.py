@@ -10,7 +10,7 @@ import pytest
 import tensorflow as tf
 from guide_model import GuideModel, guide_tflite_bytes, to_tflite
 
-from fl_ondevice.device import FLEX_MISSING, OnDeviceModel, explain_load_error
+from fl_ondevice.device import FLEX_MISSING, OnDeviceModel, evaluate_split, explain_load_error
 from fl_ondevice.errors import (
     CheckpointError,
     InputError,
@@ -55,6 +55,23 @@ def test_weights_round_trip_bitwise(mlp):
 
     assert all(back[n].tobytes() == w[n].tobytes() for n in w)
     assert all(mlp.get_weights()[n].tobytes() == w[n].tobytes() for n in w)
+
+
+@pytest.mark.parametrize("n_models", [1, 2, 3])
+def test_split_evaluation_equals_one_interpreter(converted, digits, n_models):
+    x_tr, y_tr, x_te, y_te = digits
+    path = converted("mlp", (8, 8), learning_rate=0.1)[1]
+    trained = OnDeviceModel(path)
+    trained.fit(x_tr, y_tr, epochs=2, seed=0)
+    weights = trained.get_weights()
+    models = [OnDeviceModel(path) for _ in range(n_models)]  # fresh: initial weights
+
+    for x, y in [(x_te, y_te), (x_te[:2], y_te[:2])]:  # 2 examples: fewer than 3 models
+        got = evaluate_split(models, weights, x, y, batch_size=64)
+        want = trained.evaluate(x, y, batch_size=64)
+        assert got["accuracy"] == pytest.approx(want["accuracy"], abs=1e-12)
+        assert got["loss"] == pytest.approx(want["loss"], rel=1e-12)
+    assert trained.evaluate(x_te, y_te)["accuracy"] > 0.8  # the weights were not the initial
 
 
 def test_fit_is_deterministic_for_a_seed_and_differs_across_seeds(mlp, digits):

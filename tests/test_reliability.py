@@ -72,6 +72,23 @@ def test_crash_is_reported_with_client_round_and_cause(tmp_path, cache, caplog):
     assert not any("Traceback" in w or "ClientAppException" in w for w in warnings)
 
 
+def test_a_crashed_message_fails_each_of_its_clients_and_the_rest_average(tmp_path, cache, caplog):
+    # Two clients per message: the message holding client 0 raises before any client trains
+    # (as if the worker died), so clients 0 and 2 fail; 1 and 3 still make the round.
+    overrides = ("num_clients=4", "num_rounds=1", "client.clients_per_message=2")
+    simulate(
+        compose_config(tmp_path, *overrides, f"cache_dir={cache}"),
+        client_app=make_poison_app("raise"),
+    )
+
+    row = metrics_rows(tmp_path)[1]
+    assert (row["clients_replied"], row["clients_failed"], row["skipped"]) == ("4", "2", "0")
+    assert int(row["examples"]) > 0
+    warnings = [r.getMessage() for r in caplog.records if r.name == "fl_ondevice.strategy"]
+    for c in (0, 2):
+        assert any(f"client {c}, round 1" in w and "device lost" in w for w in warnings), warnings
+
+
 def test_too_few_replies_skip_the_round_and_the_run_goes_on(run):
     out = run(
         "num_clients=4", "num_rounds=4", "client.dropout_rate=0.6", "strategy.min_train_nodes=3"

@@ -131,6 +131,23 @@ def test_same_seed_same_metrics_other_seed_other_partitions_and_metrics(run):
     assert strip(rows(a))[1:] != strip(rows(c))[1:]
 
 
+def test_results_do_not_depend_on_how_many_clients_a_message_carries(run):
+    # 4 clients: one per message, two per message, and the default (4 messages per worker).
+    runs = [
+        run(*SMALL, "client.clients_per_message=1"),
+        run(*SMALL, "client.clients_per_message=2"),
+    ]
+    runs.append(run(*SMALL))
+
+    def strip(table):
+        return [{k: v for k, v in r.items() if k not in TIME_COLUMNS} for r in table]
+
+    ckpts = [read_checkpoint(out / "global_model.ckpt") for out in runs]
+    for out, ckpt in zip(runs[1:], ckpts[1:], strict=True):
+        assert strip(rows(out)) == strip(rows(runs[0]))
+        assert all(ckpt[n].tobytes() == ckpts[0][n].tobytes() for n in ckpts[0])
+
+
 def test_fraction_train_samples_the_configured_share(run):
     out = run("num_clients=10", "num_rounds=2", "strategy.fraction_train=0.3")
     assert [r["clients_sampled"] for r in rows(out)[1:]] == ["3", "3"]
