@@ -82,21 +82,29 @@ class TrainableModel(tf.Module):
 
     # -- signatures ---------------------------------------------------------------------------
     def _train(self, x: tf.Tensor, y: tf.Tensor) -> dict[str, tf.Tensor]:
-        loss, grads = self.loss_and_gradients(x, y)
-        self._apply(grads)
+        # Read each weight once, for the step and its update: assign_sub would read it again,
+        # a second copy of the 6.4 MB cnn dense kernel in the interpreter.
+        values = [w.read_value() for w in self.weights_]
+        loss, grads = self.loss_and_gradients(x, y, values)
+        self._apply(values, grads)
         return {"loss": loss}
 
-    def loss_and_gradients(self, x: tf.Tensor, y: tf.Tensor) -> tuple[tf.Tensor, list[tf.Tensor]]:
+    def loss_and_gradients(
+        self, x: tf.Tensor, y: tf.Tensor, values: Sequence[tf.Tensor] | None = None
+    ) -> tuple[tf.Tensor, list[tf.Tensor]]:
         """Mean cross-entropy of a batch and its gradients, one per weight in ``weights_`` order.
 
-        The conv models compute the gradients by hand (same values as ``tf.GradientTape`` of
-        ``_forward``, see ``_cnn``) because the converted tape graph is slow in the interpreter.
+        ``values`` are the weights' values (default: read them). The conv models compute the
+        gradients by hand (same values as ``tf.GradientTape`` of ``_forward``, see ``_cnn``)
+        because the converted tape graph is slow in the interpreter.
         """
+        ws = [w.read_value() for w in self.weights_] if values is None else list(values)
         if self._gradients is not None:
-            return self._gradients(self.weights_, x, y, self.num_classes)
+            return self._gradients(ws, x, y, self.num_classes)
         with tf.GradientTape() as tape:
-            loss = _cross_entropy(self._forward(self.weights_, x), y, self.num_classes)
-        return loss, tape.gradient(loss, self.weights_)
+            tape.watch(ws)
+            loss = _cross_entropy(self._forward(ws, x), y, self.num_classes)
+        return loss, tape.gradient(loss, ws)
 
     def _infer(self, x: tf.Tensor) -> dict[str, tf.Tensor]:
         logits = self._forward(self.weights_, x)
@@ -128,7 +136,9 @@ class TrainableModel(tf.Module):
         return {"step": self.step.read_value()}
 
     # -- optimizer ----------------------------------------------------------------------------
-    def _apply(self, grads: Sequence[tf.Tensor]) -> None:
+    def _apply(self, values: Sequence[tf.Tensor], grads: Sequence[tf.Tensor]) -> None:
+        # `values` are the weights as read for this step (nothing assigned them since), so
+        # w.assign(value - u) is w.assign_sub(u) without a second read.
         o = self.opt
         lr = float(o.learning_rate)
         self.step.assign_add(1.0)
@@ -136,18 +146,21 @@ class TrainableModel(tf.Module):
             # Keras 3 Adam, same update order and epsilon placement.
             b1, b2 = float(o.beta_1), float(o.beta_2)
             alpha = lr * tf.sqrt(1.0 - tf.pow(b2, self.step)) / (1.0 - tf.pow(b1, self.step))
-            for w, g, m, v in zip(self.weights_, grads, *self.slots, strict=True):
-                m.assign_add((g - m) * (1.0 - b1))
-                v.assign_add((tf.square(g) - v) * (1.0 - b2))
-                w.assign_sub(m * alpha / (tf.sqrt(v) + float(o.epsilon)))
+            for w, w0, g, m, v in zip(self.weights_, values, grads, *self.slots, strict=True):
+                m_new = m + (g - m) * (1.0 - b1)
+                v_new = v + (tf.square(g) - v) * (1.0 - b2)
+                m.assign(m_new)
+                v.assign(v_new)
+                w.assign(w0 - m_new * alpha / (tf.sqrt(v_new) + float(o.epsilon)))
         elif o.momentum > 0:
             # Keras SGD with momentum: v <- momentum * v - lr * g; w <- w + v.
-            for w, g, v in zip(self.weights_, grads, self.slots[0], strict=True):
-                v.assign(float(o.momentum) * v - lr * g)
-                w.assign_add(v)
+            for w, w0, g, v in zip(self.weights_, values, grads, self.slots[0], strict=True):
+                v_new = float(o.momentum) * v - lr * g
+                v.assign(v_new)
+                w.assign(w0 + v_new)
         else:
-            for w, g in zip(self.weights_, grads, strict=True):
-                w.assign_sub(lr * g)
+            for w, w0, g in zip(self.weights_, values, grads, strict=True):
+                w.assign(w0 - lr * g)
 
 
 def _cross_entropy(logits: tf.Tensor, y: tf.Tensor, num_classes: int) -> tf.Tensor:
@@ -168,9 +181,9 @@ def _init(name: str, shape: tuple[int, ...], rng: np.random.Generator) -> np.nda
 
 # -- architectures: (input_shape, num_classes) -> (weights, forward, gradients) -----------------
 # forward(weights, x) -> logits; gradients(weights, x, y, num_classes) -> (loss, grads) or None.
-Forward = Callable[[Sequence[tf.Variable], tf.Tensor], tf.Tensor]
+Forward = Callable[[Sequence[tf.Tensor], tf.Tensor], tf.Tensor]
 Gradients = Callable[
-    [Sequence[tf.Variable], tf.Tensor, tf.Tensor, int], tuple[tf.Tensor, list[tf.Tensor]]
+    [Sequence[tf.Tensor], tf.Tensor, tf.Tensor, int], tuple[tf.Tensor, list[tf.Tensor]]
 ]
 Architecture = tuple[list[Layer], Forward, Gradients | None]
 
@@ -182,7 +195,7 @@ def _dense_stack(names: Sequence[str], sizes: Sequence[int]) -> list[Layer]:
     return layers
 
 
-def _mlp_forward(ws: Sequence[tf.Variable], x: tf.Tensor) -> tf.Tensor:
+def _mlp_forward(ws: Sequence[tf.Tensor], x: tf.Tensor) -> tf.Tensor:
     h = tf.reshape(x, [-1, ws[0].shape[0]])  # (batch, H*W)
     for i in range(0, len(ws) - 2, 2):
         h = tf.nn.relu(tf.matmul(h, ws[i]) + ws[i + 1])
@@ -222,7 +235,7 @@ def _cnn(
         layers += _dense_stack(names, [h * w * channels, *dense, num_classes])
         n_conv = 2 * len(convs)
 
-        def forward(ws: Sequence[tf.Variable], x: tf.Tensor) -> tf.Tensor:
+        def forward(ws: Sequence[tf.Tensor], x: tf.Tensor) -> tf.Tensor:
             a = tf.expand_dims(x, -1)  # (batch, H, W, 1)
             for i in range(0, n_conv, 2):
                 a = tf.nn.relu(tf.nn.conv2d(a, ws[i], 1, padding) + ws[i + 1])
@@ -230,7 +243,7 @@ def _cnn(
             return _mlp_forward(ws[n_conv:], a)
 
         def gradients(
-            ws: Sequence[tf.Variable], x: tf.Tensor, y: tf.Tensor, num_classes: int
+            ws: Sequence[tf.Tensor], x: tf.Tensor, y: tf.Tensor, num_classes: int
         ) -> tuple[tf.Tensor, list[tf.Tensor]]:
             # Forward with max-pool before ReLU: max_pool(relu(z)) == relu(max_pool(z)), and the
             # ReLU gradient then masks the 4x smaller pooled tensor.
@@ -244,7 +257,7 @@ def _cnn(
             # The dense part is cheap in the interpreter as the tape converts it: keep the tape,
             # and take the gradient at the conv output too.
             with tf.GradientTape() as tape:
-                tape.watch(a)
+                tape.watch([a, *ws[n_conv:]])
                 loss = _cross_entropy(_mlp_forward(ws[n_conv:], a), y, num_classes)
             g, *dense_grads = tape.gradient(loss, [a, *ws[n_conv:]])
             conv_grads: list[tf.Tensor] = []
