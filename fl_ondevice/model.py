@@ -55,9 +55,7 @@ class TrainableModel(tf.Module):
         self.input_shape_ = (int(input_shape[0]), int(input_shape[1]))
         self.num_classes = int(num_classes)
         self.opt = optimizer
-        layers, self._forward, gradients = _ARCHITECTURES[name](
-            self.input_shape_, self.num_classes
-        )
+        layers, self._forward, gradients = _ARCHITECTURES[name](self.input_shape_, self.num_classes)
         # Hand-written backward pass (conv models) or None: differentiate `_forward` by tape.
         self._gradients = gradients
         rng = np.random.default_rng(seed)
