@@ -21,7 +21,7 @@ from fl_ondevice.model import RESET_SIGNATURE, SIGNATURES, TrainableModel, build
 log = logging.getLogger(__name__)
 
 # Bump when model.py changes the graph or the initial weights, so stale cache entries are ignored.
-MODEL_CODE_VERSION = 1
+MODEL_CODE_VERSION = 2
 
 # Image shape and class count per dataset, so a model can be exported without loading the data.
 DATASET_SHAPES: dict[str, tuple[tuple[int, int], int]] = {

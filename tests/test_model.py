@@ -10,7 +10,7 @@ import tensorflow as tf
 from fl_ondevice.config import ModelConfig
 from fl_ondevice.device import OnDeviceModel
 from fl_ondevice.errors import ConfigError
-from fl_ondevice.model import build_model
+from fl_ondevice.model import _cross_entropy, build_model
 
 
 def _batches(shape: tuple[int, int], steps: int, batch: int, seed: int = 1):
@@ -65,6 +65,40 @@ def test_one_cnn_step_matches_tf(converted, name):
     lite = device.get_weights()
     for n, w in _tf_weights(module).items():
         assert np.abs(lite[n] - w).max() <= 1e-5, n
+
+
+@pytest.mark.parametrize(
+    ("name", "shape"),
+    [("cnn", (28, 28)), ("simple_cnn", (28, 28)), ("cnn", (9, 11)), ("simple_cnn", (15, 14))],
+)
+def test_hand_written_cnn_gradients_equal_the_tapes_with_ties(name, shape):
+    # Prepare: ties whose position matters. Conv kernels keep only their centre tap, so equal
+    # pixels give equal conv outputs although their neighbourhoods (which the kernel gradient
+    # sees) differ; pixels on a 0.25 grid, a zero top half and a constant left strip make such
+    # ties common, and non-zero biases (as after training) make tied maxima positive, so ReLU
+    # does not mask them. Odd shapes exercise SAME pooling's padded windows.
+    module = build_model(ModelConfig(name=name, learning_rate=0.05), shape, 10, seed=1)
+    rng = np.random.default_rng(0)
+    for n, w in zip(module.weight_names, module.weights_, strict=True):
+        if n.startswith("conv") and n.endswith("/kernel"):
+            centre = np.zeros(w.shape, np.float32)
+            centre[2, 2] = 3.0 * w.numpy()[2, 2]
+            w.assign(centre)
+        elif n.endswith("/bias"):
+            w.assign(rng.normal(0.0, 0.1, w.shape).astype(np.float32))
+    x = np.round(rng.random((16, *shape)) * 4).astype(np.float32) / 4
+    x[:, : shape[0] // 2] = 0.0
+    x[:, :, : shape[1] // 3] = 1.0
+    y = rng.integers(0, 10, 16).astype(np.int32)
+    # Execute: the tape through the plain forward (conv -> ReLU -> pool) vs the hand-written pass.
+    with tf.GradientTape() as tape:
+        want_loss = _cross_entropy(module._forward(module.weights_, x), y, 10)
+    want = tape.gradient(want_loss, module.weights_)
+    loss, grads = tf.function(module.loss_and_gradients)(x, y)
+    # Assert: same loss; gradients equal up to summation order (a misrouted tie is ~1e-2 off).
+    assert abs(float(loss) - float(want_loss)) <= 1e-6
+    for n, g, w in zip(module.weight_names, grads, want, strict=True):
+        np.testing.assert_allclose(g.numpy(), w.numpy(), atol=1e-6, rtol=0, err_msg=n)
 
 
 @pytest.mark.parametrize(
