@@ -43,8 +43,13 @@ COLUMNS = (
     "client_seconds",  # median seconds of one client update (restore, train, save, I/O)
     "train_seconds",  # median seconds inside the train signature per client update
     "seconds",  # wall time of the round, central evaluation included
+    "eval_seconds",  # of which the server's central evaluation
     "elapsed_seconds",
     "rss_mib",  # resident memory of the whole simulation (driver, Ray, workers)
+)
+# Columns that differ between two runs of one seed (timings, memory); all others must not.
+TIME_COLUMNS = frozenset(
+    {"client_seconds", "train_seconds", "seconds", "eval_seconds", "elapsed_seconds", "rss_mib"}
 )
 
 

@@ -154,6 +154,7 @@ def run_server(grid: Grid, prep: Prepared, overrides: dict[str, Any] | None = No
             last = resumed.rows[-1]
             return MetricRecord({"accuracy": last["accuracy"], "loss": last["loss"]})
         weights = from_arrays(arrays)
+        t_eval = time.perf_counter()
         result = evaluate_split(
             evaluators, weights, dataset.x_test, dataset.y_test, cfg.eval_batch_size
         )
@@ -177,6 +178,7 @@ def run_server(grid: Grid, prep: Prepared, overrides: dict[str, Any] | None = No
             "client_seconds": stats.client_seconds,
             "train_seconds": stats.train_seconds,
             "seconds": now - stats.start if r else 0.0,
+            "eval_seconds": now - t_eval,
             "elapsed_seconds": now - t_start,
             "rss_mib": process_tree_rss_mib(),
         }

@@ -13,6 +13,7 @@ from hydra import compose, initialize_config_dir
 from fl_ondevice.config import Config, ModelConfig, parse_config
 from fl_ondevice.export import convert
 from fl_ondevice.model import TrainableModel, build_model
+from fl_ondevice.results import TIME_COLUMNS
 
 Converted = tuple[TrainableModel, bytes]
 _CONVERTED: dict[tuple, bytes] = {}
@@ -86,3 +87,8 @@ def metrics_rows(run_dir: Path) -> list[dict[str, str]]:
     """metrics.csv of a run directory as a list of rows."""
     with (run_dir / "metrics.csv").open() as f:
         return list(csv.DictReader(f))
+
+
+def stable_rows(run_dir: Path) -> list[dict[str, str]]:
+    """metrics.csv without the timing and memory columns: equal for runs of one seed."""
+    return [{k: v for k, v in r.items() if k not in TIME_COLUMNS} for r in metrics_rows(run_dir)]

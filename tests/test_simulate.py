@@ -9,7 +9,7 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import compose_config, metrics_rows
+from conftest import compose_config, metrics_rows, stable_rows
 from guide_model import guide_tflite_bytes
 
 from fl_ondevice.checkpoint import read_checkpoint
@@ -19,9 +19,6 @@ from fl_ondevice.data import load_dataset
 from fl_ondevice.device import OnDeviceModel
 from fl_ondevice.server_app import prepare
 from fl_ondevice.simulate import simulate
-
-TIME_COLUMNS = {"client_seconds", "train_seconds", "seconds", "elapsed_seconds", "rss_mib"}
-
 
 rows = metrics_rows
 
@@ -122,13 +119,10 @@ def test_same_seed_same_metrics_other_seed_other_partitions_and_metrics(run):
     a, b = run(*SMALL), run(*SMALL, "hydra.job.name=again")
     c = run(*SMALL, "seed=1")
 
-    def strip(table):
-        return [{k: v for k, v in r.items() if k not in TIME_COLUMNS} for r in table]
-
-    assert strip(rows(a)) == strip(rows(b))
+    assert stable_rows(a) == stable_rows(b)
     assert (a / "partition.csv").read_text() == (b / "partition.csv").read_text()
     assert (a / "partition.csv").read_text() != (c / "partition.csv").read_text()
-    assert strip(rows(a))[1:] != strip(rows(c))[1:]
+    assert stable_rows(a)[1:] != stable_rows(c)[1:]
 
 
 def test_results_do_not_depend_on_how_many_clients_a_message_carries(run):
@@ -138,13 +132,9 @@ def test_results_do_not_depend_on_how_many_clients_a_message_carries(run):
         run(*SMALL, "client.clients_per_message=2"),
     ]
     runs.append(run(*SMALL))
-
-    def strip(table):
-        return [{k: v for k, v in r.items() if k not in TIME_COLUMNS} for r in table]
-
     ckpts = [read_checkpoint(out / "global_model.ckpt") for out in runs]
     for out, ckpt in zip(runs[1:], ckpts[1:], strict=True):
-        assert strip(rows(out)) == strip(rows(runs[0]))
+        assert stable_rows(out) == stable_rows(runs[0])
         assert all(ckpt[n].tobytes() == ckpts[0][n].tobytes() for n in ckpts[0])
 
 

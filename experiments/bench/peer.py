@@ -138,6 +138,7 @@ def run_peer(cfg: Config) -> list[dict[str, float]]:
         t_prev = [time.perf_counter()]
 
         def evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord:
+            t_eval = time.perf_counter()
             central.set_weights(arrays.to_numpy_ndarrays())
             loss, acc = central.evaluate(
                 dataset.x_test, dataset.y_test, batch_size=cfg.eval_batch_size, verbose=0
@@ -149,6 +150,7 @@ def run_peer(cfg: Config) -> list[dict[str, float]]:
                     "accuracy": float(acc),
                     "loss": float(loss),
                     "seconds": now - t_prev[0] if server_round else 0.0,
+                    "eval_seconds": now - t_eval,
                     "rss_mib": process_tree_rss_mib() or float("nan"),
                     **(replies if server_round else {}),
                 }

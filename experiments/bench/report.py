@@ -41,11 +41,15 @@ def sim_row(o: Outcome, cores: int) -> dict[str, Any]:
     updates = o.median("clients_replied")
     s = o.median("seconds")
     client, train = o.median("client_seconds"), o.median("train_seconds")
+    # Central evaluation is the server's per-round work, not part of any update.
+    central = o.median("eval_seconds")
+    central = 0.0 if math.isnan(central) else central  # runs saved before it was recorded
     # Wall time one update occupies a worker: round seconds x busy workers / updates.
-    share = s * min(cores, updates) / updates
+    share = (s - central) * min(cores, updates) / updates
     row |= {
         "updates_per_round": int(updates),
         "s_per_round": s,
+        "central_eval_s": central,
         "updates_per_s": o.updates_per_second,
         "final_accuracy": o.final_accuracy,
         "peak_rss_mib": max(float(r["rss_mib"]) for r in o.rows if r.get("rss_mib") != ""),
@@ -128,6 +132,7 @@ def write_report(out: Path, cores: int) -> str:
                 "worker_cpu_util",
                 "client_ms",
                 "train_ms",
+                "central_eval_s",
                 "in_client_overhead_ms",
                 "messaging_ms",
                 "non_train_ms",
