@@ -137,6 +137,7 @@ def run_server(grid: Grid, prep: Prepared, overrides: dict[str, Any] | None = No
         round_offset=offset,
         workers=cfg.workers,
         clients_per_message=cfg.client.clients_per_message,
+        client_sizes=[len(p.train_indices) for p in prep.partitions],
         fraction_train=cfg.strategy.fraction_train,
         fraction_evaluate=cfg.strategy.fraction_evaluate,
         min_train_nodes=cfg.strategy.min_train_nodes,

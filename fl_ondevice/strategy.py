@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import re
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import cast
 
@@ -81,10 +81,11 @@ class SeededFedAvg(FedAvg):
         are not sent, as if the phone went offline after downloading the model.
     round_offset
         Rounds already completed (a resumed run): Flower's round 1 is round ``round_offset + 1``.
-    workers, clients_per_message
-        How many clients train at once, and how many clients one message carries (None: a few
-        messages per worker, see ``config.messages_per_round``). Clients are dealt to messages
-        round-robin; no node gets two messages in a round.
+    workers, clients_per_message, client_sizes
+        How many clients train at once, how many clients one message carries (None: see
+        ``config.messages_per_round``), and each client's training examples, by which the
+        clients are spread over a round's messages (``group_clients``). No node gets two
+        messages in a round.
     **kwargs
         Passed to ``FedAvg`` (fractions, minimum node counts, record keys).
     """
@@ -98,6 +99,7 @@ class SeededFedAvg(FedAvg):
         round_offset: int = 0,
         workers: int = 1,
         clients_per_message: int | None = None,
+        client_sizes: Sequence[int] | None = None,
         **kwargs: object,
     ) -> None:
         super().__init__(**kwargs)  # type: ignore[arg-type]
@@ -108,6 +110,7 @@ class SeededFedAvg(FedAvg):
         self.round_offset = round_offset
         self.workers = workers
         self.clients_per_message = clients_per_message
+        self.client_sizes = client_sizes
         self.stats: dict[int, RoundStats] = {}
         self._clients_of_node: dict[int, list[int]] = {}
 
@@ -132,8 +135,7 @@ class SeededFedAvg(FedAvg):
             return []
         nodes = _wait_for_nodes(grid)
         wanted = messages_per_round(len(client_ids), self.workers, self.clients_per_message)
-        n = min(len(nodes), wanted)
-        groups = [client_ids[i::n] for i in range(n)]
+        groups = group_clients(client_ids, min(len(nodes), wanted), self.client_sizes)
         messages = []
         for node_id, group in zip(nodes, groups, strict=False):
             self._clients_of_node[node_id] = group
@@ -241,6 +243,30 @@ class SeededFedAvg(FedAvg):
         if r in self.stats:
             self.stats[r].client_eval_accuracy = _number(metrics, EVAL_ACCURACY)
         return metrics
+
+
+def group_clients(
+    client_ids: Sequence[int], messages: int, sizes: Sequence[int] | None = None
+) -> list[list[int]]:
+    """Spread clients over ``messages`` groups of near-equal work, at most ceil(k / messages)
+    clients each: largest client first, each into the lightest group with room (LPT).
+
+    ``sizes[c]`` is client c's work (training examples); None counts every client as 1.
+    Deterministic: ties go to the lower client id and the lower group.
+    """
+
+    def size(c: int) -> int:
+        return 1 if sizes is None else int(sizes[c])
+
+    messages = max(1, min(messages, len(client_ids)))
+    room = -(-len(client_ids) // messages)
+    groups: list[list[int]] = [[] for _ in range(messages)]
+    loads = [0] * messages
+    for c in sorted(client_ids, key=lambda c: (-size(c), c)):
+        i = min((j for j in range(messages) if len(groups[j]) < room), key=lambda j: loads[j])
+        groups[i].append(c)
+        loads[i] += size(c)
+    return [sorted(g) for g in groups]
 
 
 def update_problem(content: RecordDict, spec: WeightSpec, weighted_by_key: str) -> str | None:

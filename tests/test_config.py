@@ -60,9 +60,10 @@ def test_every_group_option_composes_and_validates():
 @pytest.mark.parametrize(
     ("clients", "workers", "per_message", "expected"),
     [
-        (100, 2, None, 8),  # default: 4 messages per worker
-        (10, 2, None, 8),
-        (3, 2, None, 3),  # never more messages than clients
+        (100, 2, None, 8),  # many clients: 4 messages per worker
+        (33, 2, None, 8),
+        (32, 2, None, 32),  # up to 16 clients per worker: one message each
+        (10, 2, None, 10),
         (1, 4, None, 1),
         (100, 2, 1, 100),  # one client per message
         (100, 2, 30, 4),  # ceil(100 / 30)
