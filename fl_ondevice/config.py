@@ -196,7 +196,7 @@ class Config:
     num_clients: int = 10
     num_rounds: int = 20
     target_accuracy: float | None = None
-    eval_batch_size: int = 1024
+    eval_batch_size: int = 256
     cache_dir: str = "~/.cache/fl_ondevice"
     output_dir: str = "."  # the run directory; simulate.py sets it to Hydra's
     resume: str | None = None  # a run directory to continue from its last completed round

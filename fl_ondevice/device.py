@@ -308,12 +308,12 @@ class OnDeviceModel:
             log_probs.append(lp)
         return np.concatenate(probs), np.concatenate(log_probs)
 
-    def predict(self, x: np.ndarray, batch_size: int = 1024) -> np.ndarray:
+    def predict(self, x: np.ndarray, batch_size: int = 256) -> np.ndarray:
         """Class probabilities ``(N, classes)`` from the ``infer`` signature."""
         x = self._check_x(x)
         return self._infer(x, batch_size)[0]
 
-    def evaluate(self, x: np.ndarray, y: np.ndarray, batch_size: int = 1024) -> dict[str, float]:
+    def evaluate(self, x: np.ndarray, y: np.ndarray, batch_size: int = 256) -> dict[str, float]:
         """Mean cross-entropy ``loss`` and ``accuracy`` of the model on ``(x, y)``."""
         x, y = self._check_xy(x, y)
         if not len(x):
@@ -367,7 +367,7 @@ def evaluate_split(
     weights: Mapping[str, np.ndarray],
     x: np.ndarray,
     y: np.ndarray,
-    batch_size: int = 1024,
+    batch_size: int = 256,
 ) -> dict[str, float]:
     """``evaluate`` of ``weights`` on ``(x, y)``, the examples split over interpreters of one
     model, each in its own thread (``Invoke`` releases the GIL).
