@@ -97,10 +97,11 @@ def run_job(job: Job, work: Path, conf_dir: Path, cores: int, timeout: float) ->
     result.unlink(missing_ok=True)
     cmd = [sys.executable, "-m", "experiments.bench.runs", "--job", json.dumps(asdict(job))]
     cmd += ["--out", str(out), "--conf-dir", str(conf_dir)]
+    progress = out / ("metrics.csv" if job.kind == "ours" else "progress.txt")
+    progress.unlink(missing_ok=True)  # a re-run's stale file would fake its round ends
     t0 = time.monotonic()
     with (out / "child.log").open("w") as log:
         proc = subprocess.Popen(cmd, env={**os.environ, **CHILD_ENV}, stdout=log, stderr=log)
-        progress = out / ("metrics.csv" if job.kind == "ours" else "progress.txt")
         sampler = TreeSampler(proc.pid, rounds=lambda: _rounds_done(progress)).start()
         try:
             code = proc.wait(timeout=timeout)
