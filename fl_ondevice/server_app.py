@@ -9,12 +9,14 @@ import os
 import re
 import shutil
 import time
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid, ServerApp
+from flwr.supercore.run import Run
 from flwr.superlink.grid import InMemoryGrid
 from omegaconf import OmegaConf
 
@@ -345,7 +347,70 @@ def _duration(seconds: float) -> str:
     return f"{m}m{s:02d}s" if m else f"{s}s"
 
 
+# How often the server asks for replies: the simulation's in-memory link state answers in
+# microseconds; a deployed SuperLink (Flower's own grid waits 3 s) is asked twice a second.
 REPLY_PULL_SECONDS = 0.005
+DEPLOYED_REPLY_PULL_SECONDS = 0.5
+
+
+class ReplyStream(Grid):
+    """A Grid whose ``send_and_receive`` hands out each reply as soon as it is pulled.
+
+    Flower's grids return a round's replies all at once, so the server holds every update of
+    the round before it starts averaging: memory that grows with the clients per round, and
+    averaging that waits for the last reply. The strategy consumes this stream message by
+    message instead (``SeededFedAvg.aggregate_train``). Everything else goes to ``grid``.
+    """
+
+    def __init__(self, grid: Grid, pull_seconds: float) -> None:
+        self.grid = grid
+        self.pull_seconds = pull_seconds
+
+    def send_and_receive(
+        self, messages: Iterable[Message], *, timeout: float | None = None
+    ) -> Iterator[Message]:
+        """Push ``messages`` now; yield their replies as they come, until all came or
+        ``timeout`` seconds passed."""
+        pending = set(self.grid.push_messages(messages))
+        return self._replies(pending, timeout)
+
+    def _replies(self, pending: set[str], timeout: float | None) -> Iterator[Message]:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while pending:
+            replies = list(self.grid.pull_messages(pending))
+            pending.difference_update(m.metadata.reply_to_message_id for m in replies)
+            while replies:
+                yield replies.pop(0)
+            if pending and deadline is not None and time.monotonic() >= deadline:
+                return
+            if pending:
+                time.sleep(self.pull_seconds)
+
+    @property
+    def run(self) -> Run:
+        return self.grid.run
+
+    def set_run(self, run: Run) -> None:
+        self.grid.set_run(run)
+
+    def create_message(  # noqa: PLR0913 (Grid's signature)
+        self,
+        content: RecordDict,
+        message_type: str,
+        dst_node_id: int,
+        group_id: str,
+        ttl: float | None = None,
+    ) -> Message:
+        return self.grid.create_message(content, message_type, dst_node_id, group_id, ttl)
+
+    def get_node_ids(self) -> Iterable[int]:
+        return self.grid.get_node_ids()
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        return self.grid.push_messages(messages)
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        return self.grid.pull_messages(message_ids)
 
 
 def make_server_app(
@@ -361,11 +426,8 @@ def make_server_app(
     @server_app.main()
     def main(grid: Grid, context: Context) -> None:
         prepared = prep or prepare(from_run_config(dict(context.run_config)))
-        if isinstance(grid, InMemoryGrid):
-            # The simulation's grid sleeps 0.1 s between pulls for replies: up to 0.1 s idle
-            # per round on both cores. Pulling a few messages' replies costs microseconds.
-            grid.pull_interval = min(grid.pull_interval, REPLY_PULL_SECONDS)
-        summary = run_server(grid, prepared, overrides)
+        pull = REPLY_PULL_SECONDS if isinstance(grid, InMemoryGrid) else DEPLOYED_REPLY_PULL_SECONDS
+        summary = run_server(ReplyStream(grid, pull), prepared, overrides)
         server_app.summary = summary  # type: ignore[attr-defined]
 
     return server_app

@@ -13,9 +13,8 @@ import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
-from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
-from fl_ondevice.checkpoint import WeightSpec
+from fl_ondevice.checkpoint import Weights, WeightSpec
 from fl_ondevice.client_app import (
     CLIENT_SECONDS,
     EVAL_ACCURACY,
@@ -25,6 +24,8 @@ from fl_ondevice.client_app import (
     TRAIN_LOSS,
     TRAIN_SECONDS,
     client_reply,
+    from_arrays,
+    to_arrays,
 )
 from fl_ondevice.config import messages_per_round, sample_size
 from fl_ondevice.errors import CheckpointError
@@ -61,8 +62,8 @@ class SeededFedAvg(FedAvg):
     Flower's FedAvg samples nodes with Python's global ``random`` and aggregates replies in
     arrival order, so two runs with one seed differ. Here the *clients* (partitions) of a round
     are drawn from ``(seed, round)``, each message names its clients (``partition-ids``), and
-    updates are averaged in client order. Nodes are interchangeable executors: in simulation a
-    node holds no client state. The averaging itself is Flower's.
+    updates are averaged in an order fixed by the clients, not by arrival (``MessageOrderedSum``).
+    Nodes are interchangeable executors: in simulation a node holds no client state.
 
     Every update is validated before averaging (tensor names, shapes and dtypes equal to the
     global model's, finite values, ``num-examples`` > 0); a round with fewer than
@@ -184,40 +185,55 @@ class SeededFedAvg(FedAvg):
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Flower's weighted average of the valid updates, sorted by client id."""
+        """FedAvg of the valid updates: sum(n_k * w_k) / sum(n_k) over clients k.
+
+        ``replies`` is consumed as it arrives (``ReplyStream``): each message's updates are
+        validated, folded into that message's sum and dropped, so the server holds one sum per
+        message instead of every update of the round. The result does not depend on the order
+        in which messages arrive (``MessageOrderedSum``).
+        """
         r = server_round + self.round_offset
         stats = self.stats.setdefault(r, RoundStats())
-        ok = []
-        parts = self.client_replies(replies, r, training=True)
-        for client, part in parts:
-            if reason := update_problem(part, self.weight_spec, self.weighted_by_key):
-                stats.rejected += 1
-                log.warning("round %d: update of client %d rejected: %s", r, client, reason)
-            else:
-                ok.append(part)
-        stats.replied = len(parts) + stats.failed
-        if len(ok) < self.min_train_nodes:
+        total = MessageOrderedSum()
+        kept: list[tuple[int, MetricRecord]] = []
+        replied = 0
+        for message in replies:
+            parts = self.client_replies([message], r, training=True)
+            replied += len(parts)
+            updates = []
+            for client, part in parts:
+                checked = checked_update(part, self.weight_spec, self.weighted_by_key)
+                if isinstance(checked, str):
+                    stats.rejected += 1
+                    log.warning("round %d: update of client %d rejected: %s", r, client, checked)
+                    continue
+                updates.append(checked)
+                kept.append((client, next(iter(part.metric_records.values()))))
+            if updates:
+                total.add(min(c for c, _ in parts), updates)
+        stats.replied = replied + stats.failed
+        if len(kept) < self.min_train_nodes:
             stats.skipped = True
             log.warning(
                 "round %d skipped: %d valid updates, strategy.min_train_nodes=%d; the global "
                 "model is unchanged",
                 r,
-                len(ok),
+                len(kept),
                 self.min_train_nodes,
             )
             return None, None
-        # Here ok is not empty: min_train_nodes >= 1 (config.StrategyConfig).
-        metrics = [next(iter(part.metric_records.values())) for part in ok]
+        # Here kept is not empty: min_train_nodes >= 1 (config.StrategyConfig).
+        metrics = [mr for _, mr in sorted(kept, key=lambda item: item[0])]
         stats.examples = int(sum(_number(mr, NUM_EXAMPLES) for mr in metrics))
-        stats.bytes_up = sum(_payload_bytes(p.array_records[self.arrayrecord_key]) for p in ok)
+        stats.bytes_up = len(metrics) * self.weight_spec.num_bytes
         stats.client_seconds = float(np.median([_number(mr, CLIENT_SECONDS) for mr in metrics]))
         stats.train_seconds = float(np.median([_number(mr, TRAIN_SECONDS) for mr in metrics]))
-        # Flower's FedAvg averaging, applied to the clients' updates rather than the messages.
-        arrays = aggregate_arrayrecords(ok, self.weighted_by_key)
-        train_metrics = self.train_metrics_aggr_fn(ok, self.weighted_by_key)
+        train_metrics = self.train_metrics_aggr_fn(
+            [RecordDict({"metrics": mr}) for mr in metrics], self.weighted_by_key
+        )
         if TRAIN_LOSS in train_metrics:
             stats.train_loss = _number(train_metrics, TRAIN_LOSS)
-        return arrays, train_metrics
+        return to_arrays(total.average()), train_metrics
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -269,8 +285,51 @@ def group_clients(
     return [sorted(g) for g in groups]
 
 
-def update_problem(content: RecordDict, spec: WeightSpec, weighted_by_key: str) -> str | None:
-    """What is wrong with a client's update, or None: the checks a server runs before averaging.
+class MessageOrderedSum:
+    """The weighted average of client updates, summed message by message as replies arrive.
+
+    A message's updates are summed (float64, in client order) when it arrives; the message sums
+    are added in the order of their first client when the round is complete. So the result is
+    the same whatever order the engine delivers messages in, and the server holds one sum per
+    message (a message with a single client keeps that update as it is).
+    """
+
+    def __init__(self) -> None:
+        self._sums: dict[int, tuple[float, Weights]] = {}
+        self._dtypes: dict[str, np.dtype] = {}
+        self.weight = 0.0
+
+    def add(self, first_client: int, updates: Sequence[tuple[float, Weights]]) -> None:
+        """Fold in one message's ``(num_examples, weights)`` updates, given in client order."""
+        self._dtypes = self._dtypes or {name: w.dtype for name, w in updates[0][1].items()}
+        if len(updates) == 1:
+            self._sums[first_client] = updates[0]
+        else:
+            self._sums[first_client] = (1.0, _weighted_sum(updates))
+        self.weight += sum(n for n, _ in updates)
+
+    def average(self) -> Weights:
+        """sum(n_k * w_k) / sum(n_k), in the dtypes of the updates; empties the sum."""
+        parts = [self._sums.pop(k) for k in sorted(self._sums)]
+        total = _weighted_sum(parts)
+        return {name: (s / self.weight).astype(self._dtypes[name]) for name, s in total.items()}
+
+
+def _weighted_sum(updates: Sequence[tuple[float, Weights]]) -> Weights:
+    """sum(n * w) over ``updates`` in float64, in the given order."""
+    (n0, w0), *rest = updates
+    total = {name: np.multiply(w, n0, dtype=np.float64) for name, w in w0.items()}
+    for n, weights in rest:
+        for name, w in weights.items():
+            total[name] += np.multiply(w, n, dtype=np.float64)
+    return total
+
+
+def checked_update(
+    content: RecordDict, spec: WeightSpec, weighted_by_key: str
+) -> tuple[float, Weights] | str:
+    """A client's ``(num_examples, weights)``, or what is wrong with its update: the checks a
+    server runs before averaging.
 
     One ArrayRecord whose tensor names, shapes and dtypes equal the global model's (``spec``),
     every value finite, and one MetricRecord whose ``weighted_by_key`` is a number > 0.
@@ -281,14 +340,13 @@ def update_problem(content: RecordDict, spec: WeightSpec, weighted_by_key: str) 
     examples = metrics.get(weighted_by_key)
     if not isinstance(examples, int | float) or not examples > 0:
         return f"{weighted_by_key}={examples!r}, must be > 0"
-    arrays = next(iter(content.array_records.values()))
-    weights = {name: a.numpy() for name, a in arrays.items()}
+    weights = from_arrays(next(iter(content.array_records.values())))
     try:
         spec.validate(weights, "update")
     except CheckpointError as err:
         return str(err)
     bad = [name for name, w in weights.items() if not np.isfinite(w).all()]
-    return f"non-finite values (NaN/Inf) in {bad}" if bad else None
+    return f"non-finite values (NaN/Inf) in {bad}" if bad else (float(examples), weights)
 
 
 def client_error(reason: str, client: int, server_round: int) -> str:

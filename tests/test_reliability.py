@@ -19,7 +19,7 @@ from fl_ondevice.checkpoint import WeightSpec, read_checkpoint
 from fl_ondevice.client import injected_failure
 from fl_ondevice.errors import ConfigError, ResumeError
 from fl_ondevice.simulate import simulate
-from fl_ondevice.strategy import update_problem
+from fl_ondevice.strategy import checked_update
 
 FAULTY = ("num_clients=10", "num_rounds=4", "client.dropout_rate=0.3", "client.failure_rate=0.2")
 
@@ -130,12 +130,14 @@ def _good() -> dict:
 def test_each_kind_of_invalid_update_is_named(change, examples, message):
     weights = _good()
     change(weights)
-    problem = update_problem(_content(weights, examples), SPEC, "num-examples")
-    assert problem is not None and re.search(message, problem), problem
+    problem = checked_update(_content(weights, examples), SPEC, "num-examples")
+    assert isinstance(problem, str) and re.search(message, problem), problem
 
 
 def test_valid_update_passes():
-    assert update_problem(_content(_good()), SPEC, "num-examples") is None
+    examples, weights = checked_update(_content(_good(), 7), SPEC, "num-examples")
+    assert examples == 7.0
+    assert all(np.array_equal(weights[n], _good()[n]) for n in _good())
 
 
 @pytest.mark.parametrize("kind", ["nan", "examples"])  # each kind is unit-tested above

@@ -19,7 +19,7 @@ from fl_ondevice.data import load_dataset
 from fl_ondevice.device import OnDeviceModel
 from fl_ondevice.server_app import prepare
 from fl_ondevice.simulate import simulate
-from fl_ondevice.strategy import group_clients
+from fl_ondevice.strategy import MessageOrderedSum, group_clients
 
 rows = metrics_rows
 
@@ -79,6 +79,33 @@ def test_two_clients_average_weighted_by_examples(run, cache, tmp_path):
     assert _max_diff(got, expected) <= 1e-6
     assert _max_diff(got, updates[0]) > 1e-3  # not just one client's weights
     assert int(rows(out)[1]["examples"]) == n0 + n1
+
+
+def test_average_is_fedavg_whatever_order_messages_arrive_in():
+    # Six clients in three messages (1, 2 and 3 clients), averaged by hand in float64.
+    rng = np.random.default_rng(0)
+    updates = [
+        (float(n), {"w": rng.normal(size=(3, 4)).astype(np.float32), "b": rng.normal(size=4)})
+        for n in (5, 1, 7, 3, 2, 11)
+    ]
+    for _, w in updates:
+        w["b"] = w["b"].astype(np.float32)
+    messages = {0: updates[:1], 1: updates[1:3], 3: updates[3:]}  # keyed by first client
+    total = sum(n for n, _ in updates)
+    expected = {k: sum(n * w[k].astype(np.float64) for n, w in updates) / total for k in ("w", "b")}
+
+    results = []
+    for order in ([0, 1, 3], [3, 1, 0], [1, 3, 0]):
+        fold = MessageOrderedSum()
+        for first in order:
+            fold.add(first, messages[first])
+        results.append(fold.average())
+
+    for got in results:
+        assert {k: v.dtype for k, v in got.items()} == {"w": np.float32, "b": np.float32}
+        for k in expected:
+            np.testing.assert_allclose(got[k], expected[k], rtol=1e-6)
+            assert got[k].tobytes() == results[0][k].tobytes()  # arrival order does not matter
 
 
 # -- outputs and reproducibility ------------------------------------------------------------------
