@@ -43,6 +43,8 @@ def local_seed(seed: int, server_round: int, client_id: int) -> int:
 
 def injected_failure(seed: int, server_round: int, client_id: int, rate: float) -> bool:
     """Whether ``client.failure_rate`` makes this client crash in this round (seeded draw)."""
+    if rate <= 0.0:  # the default; a generator per client costs ~0.1 ms of a 4 ms mlp update
+        return False
     draw = np.random.default_rng([seed, server_round, client_id, _FAILURE_STREAM]).random()
     return bool(draw < rate)
 
