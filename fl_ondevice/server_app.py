@@ -380,10 +380,10 @@ class ReplyStream(Grid):
             replies = list(self.grid.pull_messages(pending))
             pending.difference_update(m.metadata.reply_to_message_id for m in replies)
             while replies:
-                yield replies.pop(0)
-            if pending and deadline is not None and time.monotonic() >= deadline:
-                return
+                yield replies.pop(0)  # the stream keeps no reference to what it handed out
             if pending:
+                if deadline is not None and time.monotonic() >= deadline:
+                    return
                 time.sleep(self.pull_seconds)
 
     @property
@@ -393,7 +393,7 @@ class ReplyStream(Grid):
     def set_run(self, run: Run) -> None:
         self.grid.set_run(run)
 
-    def create_message(  # noqa: PLR0913 (Grid's signature)
+    def create_message(
         self,
         content: RecordDict,
         message_type: str,
