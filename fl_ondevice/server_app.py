@@ -288,10 +288,14 @@ def process_tree_rss_mib() -> float | None:
             pid = pids.pop()
             try:
                 status = Path(f"/proc/{pid}/status").read_text()
-                for task in Path(f"/proc/{pid}/task").iterdir():
-                    pids += [int(c) for c in (task / "children").read_text().split()]
+                tasks = list(Path(f"/proc/{pid}/task").iterdir())
             except (FileNotFoundError, ProcessLookupError):
                 continue  # the process ended while we looked
+            for task in tasks:
+                try:
+                    pids += [int(c) for c in (task / "children").read_text().split()]
+                except (FileNotFoundError, ProcessLookupError):
+                    pass  # a thread that ended while we looked (not its process)
             rss = re.search(r"^VmRSS:\s+(\d+) kB", status, re.M)
             total += int(rss.group(1)) if rss else 0
     except OSError:
