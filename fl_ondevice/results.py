@@ -7,6 +7,7 @@ import json
 import logging
 import math
 import os
+import re
 import statistics
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -248,3 +249,41 @@ class SweepSummaryCallback(Callback):
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         sweep_summary(config.hydra.sweep.dir)
+
+
+# -- memory of the whole simulation -------------------------------------------------------------
+def process_tree(root: int) -> list[int]:
+    """``root`` and the pids of all its descendants that exist now (Linux: reads /proc)."""
+    found, pids = [], [root]
+    while pids:
+        pid = pids.pop()
+        try:
+            tasks = list(Path(f"/proc/{pid}/task").iterdir())
+        except (FileNotFoundError, ProcessLookupError):
+            continue  # the process ended while we looked
+        found.append(pid)
+        for task in tasks:
+            try:
+                pids += [int(c) for c in (task / "children").read_text().split()]
+            except (FileNotFoundError, ProcessLookupError):
+                pass  # a thread that ended while we looked (not its process)
+    return found
+
+
+def process_tree_rss_mib() -> float | None:
+    """Resident memory of this process and all its descendants (Ray's workers too), in MiB.
+
+    Linux only (reads /proc); None elsewhere.
+    """
+    total = 0
+    try:
+        for pid in process_tree(os.getpid()):
+            try:
+                status = Path(f"/proc/{pid}/status").read_text()
+            except (FileNotFoundError, ProcessLookupError):
+                continue  # the process ended while we looked
+            rss = re.search(r"^VmRSS:\s+(\d+) kB", status, re.M)
+            total += int(rss.group(1)) if rss else 0
+    except OSError:
+        return None
+    return total / 1024

@@ -6,7 +6,6 @@ import json
 import logging
 import math
 import os
-import re
 import shutil
 import time
 from collections.abc import Iterable, Iterator
@@ -28,7 +27,14 @@ from fl_ondevice.device import OnDeviceModel, evaluate_split
 from fl_ondevice.errors import ResumeError
 from fl_ondevice.export import bake, build_tflite
 from fl_ondevice.partition import Partition, make_partitions, write_partition_report
-from fl_ondevice.results import ACCURACY_PNG, METRICS_JSON, MetricsLog, plot_accuracy, summarize
+from fl_ondevice.results import (
+    ACCURACY_PNG,
+    METRICS_JSON,
+    MetricsLog,
+    plot_accuracy,
+    process_tree_rss_mib,
+    summarize,
+)
 from fl_ondevice.strategy import RoundStats, SeededFedAvg
 
 log = logging.getLogger(__name__)
@@ -275,32 +281,6 @@ def resumed_config(run_dir: str) -> Config:
     assert isinstance(saved, dict)
     saved.update(output_dir=str(Path(run_dir)), resume=str(Path(run_dir)))
     return parse_config(saved)
-
-
-def process_tree_rss_mib() -> float | None:
-    """Resident memory of this process and all its descendants (Ray's workers too), in MiB.
-
-    Linux only (reads /proc); None elsewhere.
-    """
-    pids, total = [os.getpid()], 0
-    try:
-        while pids:
-            pid = pids.pop()
-            try:
-                status = Path(f"/proc/{pid}/status").read_text()
-                tasks = list(Path(f"/proc/{pid}/task").iterdir())
-            except (FileNotFoundError, ProcessLookupError):
-                continue  # the process ended while we looked
-            for task in tasks:
-                try:
-                    pids += [int(c) for c in (task / "children").read_text().split()]
-                except (FileNotFoundError, ProcessLookupError):
-                    pass  # a thread that ended while we looked (not its process)
-            rss = re.search(r"^VmRSS:\s+(\d+) kB", status, re.M)
-            total += int(rss.group(1)) if rss else 0
-    except OSError:
-        return None
-    return total / 1024
 
 
 def _write_global_tflite(prep: Prepared, weights: dict, path: Path) -> None:

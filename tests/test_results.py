@@ -92,7 +92,7 @@ def test_process_tree_rss_counts_every_process_while_threads_come_and_go():
     import time
     from pathlib import Path
 
-    from fl_ondevice.server_app import process_tree_rss_mib
+    from fl_ondevice.results import process_tree_rss_mib
 
     child = subprocess.Popen(
         [sys.executable, "-c", "import time; x = bytearray(200 * 2**20); time.sleep(60)"]

@@ -21,7 +21,7 @@ from fl_ondevice.client import client_data
 from fl_ondevice.config import Config, from_run_config, to_run_config
 from fl_ondevice.data import load_dataset
 from fl_ondevice.model import build_model
-from fl_ondevice.server_app import process_tree_rss_mib
+from fl_ondevice.results import process_tree_rss_mib
 
 NUM_EXAMPLES = "num-examples"
 TRAIN_LOSS = "train-loss"

@@ -9,26 +9,18 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from fl_ondevice.results import process_tree
+
 _TICK = os.sysconf("SC_CLK_TCK")  # clock ticks per second of utime/stime in /proc/<pid>/stat
 _PAGE_MIB = os.sysconf("SC_PAGE_SIZE") / 2**20
-
-
-def _children(pid: int) -> list[int]:
-    kids: list[int] = []
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        kids += [int(c) for c in (task / "children").read_text().split()]
-    return kids
 
 
 def tree_stat(root: int) -> dict[int, tuple[str, float, float]]:
     """``{pid: (comm, cpu seconds, rss MiB)}`` of ``root`` and all its descendants."""
     out: dict[int, tuple[str, float, float]] = {}
-    pids = [root]
-    while pids:
-        pid = pids.pop()
+    for pid in process_tree(root):
         try:
             raw = Path(f"/proc/{pid}/stat").read_text()
-            pids += _children(pid)
         except (FileNotFoundError, ProcessLookupError):
             continue  # ended while we looked
         comm = raw[raw.index("(") + 1 : raw.rindex(")")]
