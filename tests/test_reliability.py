@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -18,6 +19,7 @@ from poison_client import make_poison_app
 from fl_ondevice.checkpoint import WeightSpec, read_checkpoint
 from fl_ondevice.client import injected_failure
 from fl_ondevice.errors import ConfigError, ResumeError
+from fl_ondevice.server_app import ReplyStream
 from fl_ondevice.simulate import simulate
 from fl_ondevice.strategy import checked_update
 
@@ -80,6 +82,39 @@ def test_a_crashed_message_fails_each_of_its_clients_and_the_rest_average(tmp_pa
     warnings = [r.getMessage() for r in caplog.records if r.name == "fl_ondevice.strategy"]
     for c in (0, 2):
         assert any(f"client {c}, round 1" in w and "device lost" in w for w in warnings), warnings
+
+
+class _ScheduledReplies:
+    """The two calls ReplyStream makes of a Grid; the reply to message i is pulled from
+    ``after[i]`` seconds on (None: never)."""
+
+    def __init__(self, after: dict[str, float | None]) -> None:
+        self.after, self.pushed, self.t0 = after, [], time.monotonic()
+
+    def push_messages(self, messages):
+        self.pushed += list(messages)
+        return list(messages)
+
+    def pull_messages(self, ids):
+        now = time.monotonic() - self.t0
+        assert now < 2.0, "still pulling long after the timeout"
+        due = [i for i in ids if self.after[i] is not None and self.after[i] <= now]
+        return [SimpleNamespace(metadata=SimpleNamespace(reply_to_message_id=i)) for i in due]
+
+
+def test_replies_are_handed_out_as_they_come_and_a_missing_one_ends_at_the_timeout():
+    grid = _ScheduledReplies({"a": 0.0, "b": 0.3, "c": None})  # c's device never answers
+    stream = ReplyStream(grid, pull_seconds=0.01).send_and_receive(["a", "b", "c"], timeout=0.6)
+    assert grid.pushed == ["a", "b", "c"]  # pushed before anyone reads the stream
+
+    first = next(iter(stream))
+    t_first = time.monotonic() - grid.t0
+    rest = [m.metadata.reply_to_message_id for m in stream]
+    t_end = time.monotonic() - grid.t0
+
+    assert first.metadata.reply_to_message_id == "a" and t_first < 0.2  # not after b's 0.3 s
+    assert rest == ["b"]
+    assert 0.6 <= t_end < 1.0
 
 
 def test_too_few_replies_skip_the_round_and_the_run_goes_on(run):
