@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -10,7 +11,13 @@ import pytest
 import tensorflow as tf
 from guide_model import GuideModel, guide_tflite_bytes, to_tflite
 
-from fl_ondevice.device import FLEX_MISSING, OnDeviceModel, evaluate_split, explain_load_error
+from fl_ondevice.device import (
+    FLEX_MISSING,
+    OnDeviceModel,
+    evaluate_split,
+    explain_load_error,
+    remove_stale_scratch,
+)
 from fl_ondevice.errors import (
     CheckpointError,
     InputError,
@@ -248,3 +255,20 @@ def test_interpreter_without_flex_delegate_says_which_tensorflow_to_install(conv
 
     assert isinstance(err, RuntimeUnsupportedError)
     assert "tensorflow-cpu==2.18.1" in str(err) and "Flex" in str(err)
+
+
+def test_scratch_of_ended_processes_is_removed_and_live_ones_kept(tmp_path):
+    # Ray ends its workers without atexit; their /dev/shm checkpoint directories stayed behind.
+    ended = subprocess.Popen([sys.executable, "-c", "pass"])
+    ended.wait()
+    stale = tmp_path / f"fl_ondevice-{ended.pid}-abc"
+    live = tmp_path / f"fl_ondevice-{os.getpid()}-def"
+    other = tmp_path / "not-ours-1"
+    for d in (stale, live, other):
+        d.mkdir()
+        (d / "weights.ckpt").write_bytes(b"x" * 100)
+
+    remove_stale_scratch(str(tmp_path))
+
+    assert not stale.exists()
+    assert live.exists() and other.exists()
