@@ -178,7 +178,8 @@ class SeededFedAvg(FedAvg):
         self.stats[r] = RoundStats(
             sampled=len(clients),
             dropped=len(clients) - len(active),
-            bytes_down=len(clients) * _payload_bytes(arrays),  # dropouts downloaded it too
+            # What a phone downloads: the global model's tensor bytes (dropouts downloaded too).
+            bytes_down=len(clients) * self.weight_spec.num_bytes,
         )
         return self._messages(grid, active, arrays, config, r, MessageType.TRAIN)
 
@@ -362,11 +363,6 @@ def client_error(reason: str, client: int, server_round: int) -> str:
 
 def _number(record: MetricRecord, key: str) -> float:
     return float(cast(float, record[key]))
-
-
-def _payload_bytes(arrays: ArrayRecord) -> int:
-    # What a phone would download or upload: the tensors' bytes (Array.data adds a .npy header).
-    return sum(int(np.prod(a.shape)) * np.dtype(a.dtype).itemsize for a in arrays.values())
 
 
 def _wait_for_nodes(grid: Grid, timeout: float = 600.0) -> list[int]:
