@@ -130,7 +130,7 @@ class ClientConfig:
     failure_rate: float = 0.0  # share of sampled clients that crash while training (seeded)
     # Simulated clients one engine message carries (trained one after another by one worker);
     # None = one each up to 16 clients per worker, else 4 messages per worker. Results do not
-    # depend on it.
+    # depend on it beyond float rounding (the server adds the same updates in another grouping).
     clients_per_message: int | None = None
 
     def __post_init__(self) -> None:
