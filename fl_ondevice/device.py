@@ -25,7 +25,7 @@ from fl_ondevice.errors import (
     RuntimeUnsupportedError,
     TrainingError,
 )
-from fl_ondevice.model import RESET_SIGNATURE, SIGNATURES
+from fl_ondevice.model import PROXIMAL_SIGNATURE, RESET_SIGNATURE, SIGNATURES
 
 log = logging.getLogger(__name__)
 
@@ -196,6 +196,14 @@ class OnDeviceModel:
                     f"it takes {list(ins)}"
                 )
         self._path_name = {s: next(iter(self._inputs(s))) for s in ("save", "restore")}
+        self.proximal = PROXIMAL_SIGNATURE in self.signatures
+        if self.proximal:
+            ins = self._inputs(PROXIMAL_SIGNATURE)
+            if set(ins) != {self.x_name, self.y_name, "mu"}:
+                raise ModelError(
+                    f"{self.source}: {PROXIMAL_SIGNATURE} must take train's inputs "
+                    f"({self.x_name}, {self.y_name}) and a scalar 'mu'; it takes {sorted(ins)}"
+                )
 
     def _inputs(self, signature: str) -> dict[str, Any]:
         return dict(self._runners[signature].get_input_details())
@@ -245,8 +253,12 @@ class OnDeviceModel:
         return y.astype(self.y_dtype)
 
     # -- training -----------------------------------------------------------------------------
-    def _train_batch(self, x: np.ndarray, y: np.ndarray) -> float:
-        out = self._invoke("train", **{self.x_name: x, self.y_name: self._encode_y(y)})
+    def _train_batch(self, x: np.ndarray, y: np.ndarray, mu: float = 0.0) -> float:
+        inputs = {self.x_name: x, self.y_name: self._encode_y(y)}
+        if mu:
+            out = self._invoke(PROXIMAL_SIGNATURE, **inputs, mu=np.array(mu, np.float32))
+        else:
+            out = self._invoke("train", **inputs)
         loss = float(out["loss"])
         if not np.isfinite(loss):
             raise TrainingError(
@@ -255,12 +267,26 @@ class OnDeviceModel:
             )
         return loss
 
-    def train_step(self, x: np.ndarray, y: np.ndarray) -> float:
-        """Run one optimizer step (the ``train`` signature) on a batch; return its loss."""
+    def train_step(self, x: np.ndarray, y: np.ndarray, proximal_mu: float = 0.0) -> float:
+        """Run one optimizer step on a batch and return its loss: ``train``, or with
+        ``proximal_mu`` > 0 the FedProx step ``train_proximal`` (anchored at the weights the last
+        ``restore`` loaded)."""
         x, y = self._check_xy(x, y)
+        self.check_proximal(proximal_mu)
         if not len(x):
             raise InputError("train_step needs at least one example")
-        return self._train_batch(x, y)
+        return self._train_batch(x, y, proximal_mu)
+
+    def check_proximal(self, mu: float) -> None:
+        """Raise ``ModelError`` unless this model can take FedProx steps with ``mu``."""
+        if mu < 0 or not np.isfinite(mu):
+            raise InputError(f"proximal_mu={mu} must be a finite number >= 0")
+        if mu > 0 and not self.proximal:
+            raise ModelError(
+                f"{self.source} has no {PROXIMAL_SIGNATURE}(x, y, mu) signature, so it cannot "
+                f"train with FedProx's proximal term (proximal_mu={mu}); use one of fl_ondevice's "
+                f"models, add that signature to the file, or set strategy.proximal_mu=0"
+            )
 
     def fit(
         self,
@@ -269,14 +295,17 @@ class OnDeviceModel:
         epochs: int = 1,
         batch_size: int | None = 32,
         seed: int = 0,
+        proximal_mu: float = 0.0,
     ) -> dict[str, float]:
         """Train for ``epochs`` passes of shuffled minibatches (the last one may be smaller).
 
-        ``batch_size=None`` means full batch (one step per epoch: FedSGD's B = inf). Returns the
+        ``batch_size=None`` means full batch (one step per epoch: FedSGD's B = inf).
+        ``proximal_mu`` > 0 takes FedProx steps (``train_proximal``). Returns the
         mean loss over all steps, ``examples`` (per epoch), ``steps``, wall ``seconds`` and the
         ``train_seconds`` spent inside the ``train`` signature.
         """
         x, y = self._check_xy(x, y)
+        self.check_proximal(proximal_mu)
         n = len(x)
         if n == 0:
             raise InputError("fit needs at least one example")
@@ -293,7 +322,7 @@ class OnDeviceModel:
                 idx = order[start : start + b]
                 xb, yb = x[idx], y[idx]
                 t1 = time.perf_counter()
-                losses.append(self._train_batch(xb, yb))
+                losses.append(self._train_batch(xb, yb, proximal_mu))
                 in_train += time.perf_counter() - t1
         return {
             "loss": float(np.mean(losses)),
@@ -412,6 +441,7 @@ def evaluate_split(
 
 
 _POOL: dict[tuple[str, int], OnDeviceModel] = {}
+POOL_SIZE = 2  # interpreters a process keeps: the current run's, and the previous run's
 
 
 def pooled_model(path: str | os.PathLike[str], num_threads: int = 1) -> OnDeviceModel:
@@ -422,6 +452,8 @@ def pooled_model(path: str | os.PathLike[str], num_threads: int = 1) -> OnDevice
     """
     key = (os.path.realpath(path), num_threads)
     if key not in _POOL:
+        while len(_POOL) >= POOL_SIZE:  # a worker serves one run at a time; runs change models
+            _POOL.pop(next(iter(_POOL)))
         _POOL[key] = OnDeviceModel(path, num_threads=num_threads)
     return _POOL[key]
 

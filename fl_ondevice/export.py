@@ -16,12 +16,18 @@ import tensorflow as tf
 from fl_ondevice.config import ModelConfig
 from fl_ondevice.device import OnDeviceModel
 from fl_ondevice.errors import ModelError
-from fl_ondevice.model import RESET_SIGNATURE, SIGNATURES, TrainableModel, build_model
+from fl_ondevice.model import (
+    PROXIMAL_SIGNATURE,
+    RESET_SIGNATURE,
+    SIGNATURES,
+    TrainableModel,
+    build_model,
+)
 
 log = logging.getLogger(__name__)
 
 # Bump when model.py changes the graph or the initial weights, so stale cache entries are ignored.
-MODEL_CODE_VERSION = 2
+MODEL_CODE_VERSION = 3
 
 # Image shape and class count per dataset, so a model can be exported without loading the data.
 DATASET_SHAPES: dict[str, tuple[tuple[int, int], int]] = {
@@ -39,7 +45,7 @@ def convert(module: TrainableModel) -> bytes:
     """
     signatures = {
         name: getattr(module, name).get_concrete_function()
-        for name in (*SIGNATURES, RESET_SIGNATURE)
+        for name in (*SIGNATURES, PROXIMAL_SIGNATURE, RESET_SIGNATURE)
     }
     # The SavedModel/converter INFO lines (renamed resources, assets) say nothing to a user.
     logging.getLogger("absl").setLevel(logging.WARNING)
@@ -177,8 +183,7 @@ def bake(
     ``weights``), so an app that loads the file starts from the trained global model.
     """
     module = build_model(cfg, input_shape, num_classes)
-    for name, var in zip(module.weight_names, module.weights_, strict=True):
-        var.assign(weights[name])
+    module.assign(weights)
     tflite = convert(module)
     verify(tflite, module)
     return tflite

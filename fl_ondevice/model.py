@@ -18,6 +18,12 @@ from fl_ondevice.errors import ConfigError
 # phone would. A pooled interpreter calls `reset` between clients so no momentum leaks.
 SIGNATURES = ("train", "infer", "save", "restore")
 RESET_SIGNATURE = "reset"
+# FedProx (arXiv:1812.06127) on the device: `train_proximal(x, y, mu)` is `train` whose gradient
+# also has mu * (w - w_global), the gradient of mu/2 * ||w - w_global||^2. w_global is what
+# `restore` last loaded (the round's global model), kept in variables of its own. A separate
+# signature, not a third input of `train`, so FedAvg's step costs nothing extra and `train(x, y)`
+# keeps the layout of TensorFlow's on-device training guide.
+PROXIMAL_SIGNATURE = "train_proximal"
 
 Layer = tuple[str, tuple[int, ...]]  # (weight name, shape)
 
@@ -60,7 +66,13 @@ class TrainableModel(tf.Module):
         self._gradients = gradients
         rng = np.random.default_rng(seed)
         self.weight_names = [n for n, _ in layers]
-        self.weights_ = [tf.Variable(_init(n, s, rng), name=n) for n, s in layers]
+        initial = [_init(n, s, rng) for n, s in layers]
+        self.weights_ = [tf.Variable(v, name=n) for (n, _), v in zip(layers, initial, strict=True)]
+        # The anchor of the proximal term. Same initial values as the weights: the converter
+        # stores identical constants once, so the file grows by the extra signature only.
+        self.global_weights = [
+            tf.Variable(v, name=f"global/{n}") for (n, _), v in zip(layers, initial, strict=True)
+        ]
         # Optimizer state: slots per weight and a step counter (Adam's bias correction).
         n_slots = 2 if optimizer.optimizer == "adam" else int(optimizer.momentum > 0)
         self.slots = [
@@ -72,7 +84,11 @@ class TrainableModel(tf.Module):
         x_spec = tf.TensorSpec([None, *self.input_shape_], tf.float32, name="x")
         y_spec = tf.TensorSpec([None], tf.int32, name="y")
         path_spec = tf.TensorSpec([], tf.string, name="checkpoint_path")
+        mu_spec = tf.TensorSpec([], tf.float32, name="mu")
         self.train = tf.function(self._train, input_signature=[x_spec, y_spec])
+        self.train_proximal = tf.function(
+            self._train_proximal, input_signature=[x_spec, y_spec, mu_spec]
+        )
         self.infer = tf.function(self._infer, input_signature=[x_spec])
         self.save = tf.function(self._save, input_signature=[path_spec])
         self.restore = tf.function(self._restore, input_signature=[path_spec])
@@ -84,6 +100,18 @@ class TrainableModel(tf.Module):
         # a second copy of the 6.4 MB cnn dense kernel in the interpreter.
         values = [w.read_value() for w in self.weights_]
         loss, grads = self.loss_and_gradients(x, y, values)
+        self._apply(values, grads)
+        return {"loss": loss}
+
+    def _train_proximal(self, x: tf.Tensor, y: tf.Tensor, mu: tf.Tensor) -> dict[str, tf.Tensor]:
+        # loss is the data loss alone (comparable with train's); the step also descends on
+        # mu/2 * ||w - w_global||^2, whose gradient is mu * (w - w_global).
+        values = [w.read_value() for w in self.weights_]
+        loss, grads = self.loss_and_gradients(x, y, values)
+        grads = [
+            g + mu * (v - anchor.read_value())
+            for g, v, anchor in zip(grads, values, self.global_weights, strict=True)
+        ]
         self._apply(values, grads)
         return {"loss": loss}
 
@@ -119,12 +147,23 @@ class TrainableModel(tf.Module):
 
     def _restore(self, checkpoint_path: tf.Tensor) -> dict[str, tf.Tensor]:
         restored = {}
-        for name, w in zip(self.weight_names, self.weights_, strict=True):
+        for name, w, anchor in zip(
+            self.weight_names, self.weights_, self.global_weights, strict=True
+        ):
             t = tf.raw_ops.Restore(file_pattern=checkpoint_path, tensor_name=name, dt=w.dtype)
             t.set_shape(w.shape)  # Restore's output shape is unknown; assign needs it
             w.assign(t)
+            anchor.assign(t)  # the proximal term's w_global: the weights a session starts from
             restored[name] = t
         return restored
+
+    def assign(self, weights: dict[str, np.ndarray]) -> None:
+        """Set the weights (and the proximal anchor, as ``restore`` does) from ``{name: array}``."""
+        for name, w, anchor in zip(
+            self.weight_names, self.weights_, self.global_weights, strict=True
+        ):
+            w.assign(weights[name])
+            anchor.assign(weights[name])
 
     def _reset(self) -> dict[str, tf.Tensor]:
         for slot in self.slots:

@@ -155,3 +155,74 @@ def test_mcmahan_cnn_has_the_papers_parameter_count():
 def test_simple_cnn_rejects_images_too_small_for_its_valid_convolutions():
     with pytest.raises(ConfigError, match="larger images than"):
         build_model(ModelConfig(name="simple_cnn"), (8, 8), 10)
+
+
+def _mlp_logits(ws: list[tf.Variable], x: np.ndarray) -> tf.Tensor:
+    # The guide's MLP written out here, so the reference shares no code with model.py.
+    h = tf.nn.relu(tf.reshape(x, [len(x), -1]) @ ws[0] + ws[1])
+    return h @ ws[2] + ws[3]
+
+
+@pytest.mark.parametrize(
+    ("opt", "keras_opt"),
+    [
+        ({"learning_rate": 0.1}, lambda: keras.optimizers.SGD(0.1)),
+        (
+            {"optimizer": "adam", "learning_rate": 0.01},
+            lambda: keras.optimizers.Adam(0.01, epsilon=1e-7),
+        ),
+    ],
+)
+def test_one_fedprox_step_in_the_interpreter_equals_a_tf_reference_step(converted, opt, keras_opt):
+    # Prepare: the round's global weights are restored (the proximal anchor), then one plain
+    # step moves the weights away from them, so the proximal term has a gradient to add.
+    module, tflite = converted("mlp", (8, 8), **opt)
+    device = OnDeviceModel(tflite)
+    rng = np.random.default_rng(5)
+    anchor = {
+        n: rng.normal(0, 0.1, w.shape).astype(np.float32) for n, w in _tf_weights(module).items()
+    }
+    device.set_weights(anchor)
+    (x1, y1), (x2, y2) = _batches((8, 8), 2, 16, seed=9)
+    device.train_step(x1, y1)
+    device.reset_optimizer()  # the FedProx step starts from zero optimizer state, as Keras' does
+    start = device.get_weights()
+    mu = 0.7
+    # Execute: one FedProx step in the interpreter; the reference minimises
+    # CE + mu/2 * sum ||w - w_global||^2 by tape with Keras' optimizer.
+    lite_loss = device.train_step(x2, y2, proximal_mu=mu)
+    names = module.weight_names
+    twins = [tf.Variable(start[n]) for n in names]
+    with tf.GradientTape() as tape:
+        data_loss = tf.reduce_mean(
+            tf.nn.sparse_softmax_cross_entropy_with_logits(labels=y2, logits=_mlp_logits(twins, x2))
+        )
+        prox = sum(
+            tf.reduce_sum(tf.square(w - anchor[n])) for w, n in zip(twins, names, strict=True)
+        )
+        objective = data_loss + mu / 2 * prox
+    keras_opt().apply_gradients(zip(tape.gradient(objective, twins), twins, strict=True))
+    # Assert: same data loss and weights within 1e-5, and the proximal term mattered.
+    lite = device.get_weights()
+    assert abs(lite_loss - float(data_loss)) <= 1e-5
+    for n, w in zip(names, twins, strict=True):
+        np.testing.assert_allclose(lite[n], w.numpy(), atol=1e-5, rtol=0, err_msg=n)
+    plain = OnDeviceModel(tflite)
+    plain.set_weights(start)
+    plain.train_step(x2, y2)
+    assert max(float(np.abs(plain.get_weights()[n] - lite[n]).max()) for n in names) > 1e-4
+
+
+def test_fedprox_step_with_mu_zero_is_fedavgs_step_bitwise(converted):
+    _, tflite = converted("mlp", (8, 8), learning_rate=0.05, momentum=0.9)
+    (x1, y1), (x2, y2) = _batches((8, 8), 2, 16, seed=4)
+    devices = [OnDeviceModel(tflite), OnDeviceModel(tflite)]
+    for d in devices:
+        d.train_step(x1, y1)  # weights differ from the anchor: the term is 0 * (w - w_global)
+
+    devices[0].train_step(x2, y2)
+    runner = devices[1].interpreter.get_signature_runner("train_proximal")
+    runner(x=x2, y=y2.astype(np.int32), mu=np.float32(0.0))
+
+    a, b = (d.get_weights() for d in devices)
+    assert all(a[n].tobytes() == b[n].tobytes() for n in a)
