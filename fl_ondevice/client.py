@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -11,7 +11,7 @@ import numpy as np
 from fl_ondevice.checkpoint import Weights
 from fl_ondevice.config import Config
 from fl_ondevice.data import Dataset, load_dataset
-from fl_ondevice.device import OnDeviceModel, pooled_model
+from fl_ondevice.device import OnDeviceModel
 from fl_ondevice.errors import InputError, TrainingError
 from fl_ondevice.partition import Partition, make_partitions
 
@@ -50,6 +50,7 @@ def injected_failure(seed: int, server_round: int, client_id: int, rate: float) 
 
 
 _FAILURE_STREAM = 1  # keeps failure draws independent of the shuffling seed
+_ATTACK_STREAM = 3  # which clients attack: drawn once per run from the seed
 
 
 _DATA: dict[str, tuple[Dataset, list[Partition]]] = {}
@@ -65,64 +66,51 @@ def client_data(cfg: Config) -> tuple[Dataset, list[Partition]]:
     return _DATA[key]
 
 
-def train_clients(
-    cfg: Config,
-    model_path: str,
-    client_ids: Sequence[int],
-    server_round: int,
-    weights: Mapping[str, np.ndarray],
-) -> Iterator[tuple[int, ClientUpdate | Exception]]:
-    """Local updates of several clients, one after another, from the same global weights.
+class StagedWeights:
+    """The global weights a worker received, checked and written as a checkpoint file once for
+    all the clients of a message, each of which restores that file through ``restore``, as
+    each phone would restore the one it downloaded.
 
-    The global weights are checked and written as a checkpoint once; every client restores that
-    file through the ``restore`` signature, as each phone would restore the one it downloaded.
-    Yields ``(client_id, update)``, or ``(client_id, error)`` for a client that failed: one
-    client's crash never costs the others their update.
+    Keyed by the identity of the received object (``source``): a message's clients share it,
+    and a mod that changes what a client receives gives it a new one.
     """
-    t0 = time.perf_counter()
-    model = pooled_model(model_path, cfg.client.num_threads)
-    staged = model.stage(weights)
-    # The shared staging cost is spread over the clients of the message.
-    share = (time.perf_counter() - t0) / max(1, len(client_ids))
-    for client_id in client_ids:
-        try:
-            yield client_id, _train(cfg, model, staged, client_id, server_round, share)
-        except Exception as err:  # noqa: BLE001 - handed to the caller with the client id
-            yield client_id, err
+
+    def __init__(self) -> None:
+        self._key: tuple[object, OnDeviceModel] | None = None
+        self._value: tuple[Weights, str] = ({}, "")
+
+    def get(
+        self, model: OnDeviceModel, source: object, decode: Callable[[], Weights]
+    ) -> tuple[Weights, str]:
+        """``(weights, checkpoint path)`` of ``source`` for ``model``; ``decode`` reads it."""
+        if self._key is None or self._key[0] is not source or self._key[1] is not model:
+            weights = decode()
+            self._value = (weights, model.stage(weights))
+            self._key = (source, model)  # holds `source`, so its id cannot be reused meanwhile
+        return self._value
 
 
 def train_client(
     cfg: Config,
-    model_path: str,
-    client_id: int,
-    server_round: int,
-    weights: Mapping[str, np.ndarray],
-) -> ClientUpdate:
-    """One client's local update (``train_clients`` for one client); raises its error."""
-    [(_, update)] = train_clients(cfg, model_path, [client_id], server_round, weights)
-    if isinstance(update, Exception):
-        raise update
-    return update
-
-
-def _train(
-    cfg: Config,
     model: OnDeviceModel,
-    staged: str,
+    staged: tuple[Weights, str],
     client_id: int,
     server_round: int,
-    overhead: float,
+    proximal_mu: float = 0.0,
 ) -> ClientUpdate:
-    """E epochs of shuffled minibatches through ``train``, from the staged global weights.
+    """E epochs of shuffled minibatches through ``train`` (``train_proximal`` when
+    ``proximal_mu`` > 0), from the staged global weights; raises the client's error.
 
     The pooled interpreter's optimizer state is reset first, so momentum or Adam moments never
-    pass from one client to the next.
+    pass from one client to the next. An attacking client (``client.attack``) trains honestly,
+    then manipulates what it sends.
     """
     t0 = time.perf_counter()
+    global_weights, path = staged
     dataset, partitions = client_data(cfg)
     part = _partition(partitions, client_id)
     model.reset_optimizer()
-    model.restore(staged, check=False)
+    model.restore(path, check=False)
     if injected_failure(cfg.seed, server_round, client_id, cfg.client.failure_rate):
         raise TrainingError(
             f"injected failure (client.failure_rate={cfg.client.failure_rate}): the device "
@@ -134,46 +122,56 @@ def _train(
         epochs=cfg.client.local_epochs,
         batch_size=cfg.client.batch_size,
         seed=local_seed(cfg.seed, server_round, client_id),
+        proximal_mu=proximal_mu,
     )
     new = model.get_weights()
+    attack = cfg.client.attack
+    if attack.kind != "none" and client_id in attackers(cfg.seed, cfg.num_clients, attack.fraction):
+        new = attacked(new, global_weights, attack.kind, attack.scale)
     return ClientUpdate(
         weights=new,
         num_examples=len(part.train_indices),
         train_loss=fit["loss"],
-        seconds=time.perf_counter() - t0 + overhead,
+        seconds=time.perf_counter() - t0,
         train_seconds=fit["train_seconds"],
     )
 
 
-def evaluate_clients(
-    cfg: Config, model_path: str, client_ids: Sequence[int], weights: Mapping[str, np.ndarray]
-) -> Iterator[tuple[int, ClientEvaluation | Exception]]:
-    """Evaluate global weights on each client's local test split (``infer`` signature).
-
-    ``infer`` leaves the weights as they are, so they are restored once for all the clients.
-    Yields ``(client_id, evaluation)`` or ``(client_id, error)``.
-    """
+def evaluate_client(
+    cfg: Config, model: OnDeviceModel, staged: tuple[Weights, str], client_id: int
+) -> ClientEvaluation:
+    """Evaluate the staged global weights on a client's local test split (``infer``)."""
     dataset, partitions = client_data(cfg)
-    model = pooled_model(model_path, cfg.client.num_threads)
-    model.set_weights(weights)
-    for client_id in client_ids:
-        try:
-            part = _partition(partitions, client_id)
-            if not len(part.test_indices):
-                raise InputError(
-                    f"client {client_id} has no local test examples; raise "
-                    "partition.local_test_fraction or set strategy.fraction_evaluate=0"
-                )
-            result = model.evaluate(
-                dataset.x_train[part.test_indices],
-                dataset.y_train[part.test_indices],
-                batch_size=cfg.eval_batch_size,
-            )
-        except Exception as err:  # noqa: BLE001 - handed to the caller with the client id
-            yield client_id, err
-        else:
-            n = len(part.test_indices)
-            yield client_id, ClientEvaluation(n, result["loss"], result["accuracy"])
+    part = _partition(partitions, client_id)
+    if not len(part.test_indices):
+        raise InputError(
+            f"client {client_id} has no local test examples; raise "
+            "partition.local_test_fraction or set strategy.fraction_evaluate=0"
+        )
+    model.restore(staged[1], check=False)
+    result = model.evaluate(
+        dataset.x_train[part.test_indices],
+        dataset.y_train[part.test_indices],
+        batch_size=cfg.eval_batch_size,
+    )
+    return ClientEvaluation(len(part.test_indices), result["loss"], result["accuracy"])
+
+
+def attackers(seed: int, num_clients: int, fraction: float) -> frozenset[int]:
+    """The clients that attack: round(fraction * num_clients) of them, drawn from the seed."""
+    k = int(round(fraction * num_clients))
+    order = np.random.default_rng([seed, _ATTACK_STREAM]).permutation(num_clients)
+    return frozenset(int(c) for c in order[:k])
+
+
+def attacked(weights: Weights, global_weights: Weights, kind: str, scale: float) -> Weights:
+    """What an attacker sends instead of its trained ``weights`` w, with g the global weights:
+    ``scale``: g + scale * (w - g); ``sign_flip``: g - scale * (w - g)."""
+    sign = -1.0 if kind == "sign_flip" else 1.0
+    return {
+        name: (g + sign * scale * (weights[name] - g)).astype(g.dtype)
+        for name, g in global_weights.items()
+    }
 
 
 def _partition(partitions: list[Partition], client_id: int) -> Partition:

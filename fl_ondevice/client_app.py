@@ -1,143 +1,182 @@
-"""Flower ClientApp: translates train/evaluate messages into calls of fl_ondevice.client."""
+"""Flower ClientApp: each engine message's clients through one handler chain, mods included.
+
+The engine delivers a message for several clients (``fl_ondevice.message``). For each of them
+the ClientApp builds the message a Flower client would get (the strategy's records alone) and
+the context its own SuperNode would give it (``node_config`` with Flower's ``partition-id`` and
+``num-partitions``; the run config), and runs it through :func:`client_app`: the configured
+``client.mods`` around the train/evaluate handlers below, which translate to
+``fl_ondevice.client``. The replies go back together in one reply.
+"""
 
 from __future__ import annotations
 
 import functools
-from collections.abc import Mapping
-from typing import cast
+import random
+from typing import Any, cast
 
 import numpy as np
-from flwr.app import (
-    Array,
-    ArrayRecord,
-    ConfigRecord,
-    Context,
-    Message,
-    MetricRecord,
-    RecordDict,
-)
+from flwr.app import Context, Message, MetricRecord, RecordDict
+from flwr.app.metadata import Metadata
 from flwr.clientapp import ClientApp
+from hydra.utils import instantiate
 
-from fl_ondevice.client import evaluate_clients, train_clients
+from fl_ondevice.client import (
+    StagedWeights,
+    evaluate_client,
+    local_seed,
+    train_client,
+)
 from fl_ondevice.config import Config, from_run_config
-from fl_ondevice.errors import FlOnDeviceError
+from fl_ondevice.device import pooled_model
+from fl_ondevice.errors import ConfigError, FlOnDeviceError
+from fl_ondevice.message import (
+    ARRAYS,
+    CLIENT_SECONDS,
+    CONFIG,
+    EVAL_ACCURACY,
+    EVAL_LOSS,
+    METRICS,
+    MODEL_FILE,
+    NUM_EXAMPLES,
+    NUM_PARTITIONS,
+    PARTITION_ID,
+    PROXIMAL_MU,
+    SERVER_ROUND,
+    TRAIN_LOSS,
+    TRAIN_SECONDS,
+    from_arrays,
+    pack_replies,
+    to_arrays,
+    unpack,
+)
 
-# Record keys: Flower's FedAvg defaults plus ours, in one place.
-ARRAYS = "arrays"
-CONFIG = "config"
-METRICS = "metrics"
-NUM_EXAMPLES = "num-examples"
-TRAIN_LOSS = "train-loss"
-CLIENT_SECONDS = "client-seconds"
-TRAIN_SECONDS = "train-seconds"
-EVAL_LOSS = "eval-loss"
-EVAL_ACCURACY = "eval-accuracy"
-SERVER_ROUND = "server-round"
-# The server names the clients (partitions) a message is for, so which clients train in a round
-# is decided by the run seed, not by the random node ids the engine assigns. One message carries
-# several clients (client.clients_per_message); the reply holds one record set per client, keyed
-# "<kind>.<client id>", and "error.<client id>" for a client that failed.
-PARTITION_IDS = "partition-ids"
-PARTITION_ID = "partition-id"  # node_config key of a node that owns one partition (flwr run)
-MODEL_FILE = "model-file"  # the .tflite every client loads (resolved by the server)
-ERROR = "error"
-REASON = "reason"
+_MOD_STREAM = 4  # the global generators a client's mods draw from (e.g. LocalDpMod's noise)
 
 app = ClientApp()
 
 
-@functools.lru_cache(maxsize=4)
-def _parse(items: tuple[tuple[str, object], ...]) -> Config:
-    return from_run_config(dict(items))
-
-
-def _unpack(msg: Message, context: Context) -> tuple[Config, str, list[int], int, dict]:
-    config = msg.content.config_records[CONFIG]
-    run_config = {k: v for k, v in config.items() if k not in _MESSAGE_KEYS}
-    cfg = _parse(tuple(sorted(run_config.items())))
-    default = [int(cast(int, context.node_config.get(PARTITION_ID, -1)))]
-    client_ids = [int(c) for c in cast(list, config.get(PARTITION_IDS, default))]
-    weights = from_arrays(msg.content.array_records[ARRAYS])
-    server_round = int(cast(int, config[SERVER_ROUND]))
-    return cfg, str(config[MODEL_FILE]), client_ids, server_round, weights
-
-
-_MESSAGE_KEYS = {PARTITION_IDS, MODEL_FILE, SERVER_ROUND}
-
-
-def client_key(kind: str, client_id: int) -> str:
-    """Key of one client's record in a reply: ``arrays.7``, ``metrics.7``, ``error.7``."""
-    return f"{kind}.{client_id}"
-
-
-def _failure(content: RecordDict, err: Exception, what: str, client_id: int, rnd: int) -> None:
-    # The server logs this one line (client, round, cause) instead of the worker's stack dump.
-    cause = str(err) if isinstance(err, FlOnDeviceError) else f"{type(err).__name__}: {err}"
-    reason = f"client {client_id}, round {rnd}, {what}: {cause}"
-    content[client_key(ERROR, client_id)] = ConfigRecord({REASON: reason})
-
-
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    """Local training of the clients named in the message, from the received global weights."""
-    cfg, model_file, client_ids, rnd, weights = _unpack(msg, context)
-    content = RecordDict()
-    for cid, update in train_clients(cfg, model_file, client_ids, rnd, weights):
-        if isinstance(update, Exception):
-            _failure(content, update, "train", cid, rnd)
-            continue
-        content[client_key(ARRAYS, cid)] = to_arrays(update.weights)
-        content[client_key(METRICS, cid)] = MetricRecord(
-            {
-                NUM_EXAMPLES: update.num_examples,
-                TRAIN_LOSS: update.train_loss,
-                CLIENT_SECONDS: update.seconds,
-                TRAIN_SECONDS: update.train_seconds,
-            }
-        )
-    return Message(content, reply_to=msg)
+    """Local training of each client the message names."""
+    return _serve(msg, context)
 
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
-    """Evaluation of the global weights on the local test split of each client named."""
-    cfg, model_file, client_ids, rnd, weights = _unpack(msg, context)
-    content = RecordDict()
-    for cid, result in evaluate_clients(cfg, model_file, client_ids, weights):
-        if isinstance(result, Exception):
-            _failure(content, result, "evaluate", cid, rnd)
-            continue
-        content[client_key(METRICS, cid)] = MetricRecord(
-            {
-                NUM_EXAMPLES: result.num_examples,
-                EVAL_LOSS: result.loss,
-                EVAL_ACCURACY: result.accuracy,
-            }
+    """Evaluation of the global model on each named client's local test split."""
+    return _serve(msg, context)
+
+
+def _serve(msg: Message, context: Context) -> Message:
+    group = unpack(msg.content)
+    cfg, chain = _setup(tuple(sorted(group.run_config.items())))
+    run_config = {**group.run_config, MODEL_FILE: group.model_file}
+    replies: list[tuple[int, RecordDict | str]] = []
+    for client in group.clients:
+        content = RecordDict(dict(group.content.items()))  # the strategy's records only
+        own = Message(content, metadata=_copy(msg.metadata))  # type: ignore[call-overload]
+        ctx = Context(
+            run_id=context.run_id,
+            node_id=context.node_id,
+            node_config={PARTITION_ID: client, NUM_PARTITIONS: cfg.num_clients},
+            state=RecordDict(),
+            run_config=run_config,  # type: ignore[arg-type]
         )
+        replies.append((client, _run(chain, own, ctx, cfg.seed, client)))
+    return Message(pack_replies(replies), reply_to=msg)
+
+
+def _run(chain: ClientApp, msg: Message, ctx: Context, seed: int, client: int) -> RecordDict | str:
+    what = msg.metadata.message_type.split(".")[0]
+    r = int(cast(int, msg.content.config_records[CONFIG].get(SERVER_ROUND, 0)))
+    # Mods that draw random numbers (LocalDpMod's noise) use the global generators: seeded per
+    # client and round, so a run repeats.
+    py_seed, np_seed = np.random.SeedSequence(
+        [local_seed(seed, r, client), _MOD_STREAM]
+    ).generate_state(2)
+    random.seed(int(py_seed))
+    np.random.seed(int(np_seed))
+    try:
+        reply = chain(msg, ctx)
+    except Exception as err:  # noqa: BLE001 - one client's failure, reported to the server
+        return _failure(err, what, client, r)
+    if reply.has_error():  # a mod answered with an error instead of calling the handler
+        return f"client {client}, round {r}, {what}: {reply.error.reason}"
+    return reply.content
+
+
+def _failure(err: Exception, what: str, client: int, r: int) -> str:
+    # The server logs this one line (client, round, cause) instead of the worker's stack dump.
+    if isinstance(err, FlOnDeviceError):
+        cause = str(err)
+    else:
+        cause = f"{type(err).__name__}: {err}"
+    return f"client {client}, round {r}, {what}: {cause}"
+
+
+def _copy(metadata: Metadata) -> Metadata:
+    copied = Metadata.__new__(Metadata)
+    copied.__dict__.update(metadata.__dict__)
+    return copied
+
+
+@functools.lru_cache(maxsize=4)
+def _setup(items: tuple[tuple[str, Any], ...]) -> tuple[Config, ClientApp]:
+    # Per run (its run config), once per worker process: the config and the handler chain.
+    cfg = from_run_config(dict(items))
+    return cfg, client_app(cfg)
+
+
+def client_app(cfg: Config) -> ClientApp:
+    """The handler chain of one client: ``client.mods`` (outermost first) around the handlers."""
+    mods = []
+    for name, node in cfg.client.mods.items():
+        try:
+            mods.append(instantiate(node, _convert_="all"))
+        except Exception as err:  # noqa: BLE001 - Hydra wraps the cause; say which mod
+            cause = err.__cause__ or err
+            raise ConfigError(f"client.mods.{name} cannot be built: {cause}") from None
+    chain = ClientApp(mods=mods)
+    chain.train()(_train)
+    chain.evaluate()(_evaluate)
+    return chain
+
+
+_STAGED = StagedWeights()  # one per process: the weights the current message's clients share
+
+
+def _unpack(msg: Message, context: Context) -> tuple[Config, Any, int, int, tuple]:
+    run_config = dict(context.run_config)
+    model_file = str(run_config.pop(MODEL_FILE))
+    cfg, _ = _setup(tuple(sorted(run_config.items())))
+    model = pooled_model(model_file, cfg.client.num_threads)
+    arrays = msg.content.array_records[ARRAYS]
+    staged = _STAGED.get(model, arrays, lambda: from_arrays(arrays))
+    client = int(cast(int, context.node_config[PARTITION_ID]))
+    r = int(cast(int, msg.content.config_records[CONFIG][SERVER_ROUND]))
+    return cfg, model, client, r, staged
+
+
+def _train(msg: Message, context: Context) -> Message:
+    cfg, model, client, r, staged = _unpack(msg, context)
+    mu = float(cast(float, msg.content.config_records[CONFIG].get(PROXIMAL_MU, 0.0)))
+    update = train_client(cfg, model, staged, client, r, proximal_mu=mu)
+    metrics = MetricRecord(
+        {
+            NUM_EXAMPLES: update.num_examples,
+            TRAIN_LOSS: update.train_loss,
+            CLIENT_SECONDS: update.seconds,
+            TRAIN_SECONDS: update.train_seconds,
+        }
+    )
+    content = RecordDict({ARRAYS: to_arrays(update.weights), METRICS: metrics})
     return Message(content, reply_to=msg)
 
 
-def client_reply(content: RecordDict, client_id: int) -> RecordDict | str:
-    """One client's part of a reply as Flower's strategies expect a reply (one ArrayRecord,
-    one MetricRecord), or the reason it has none."""
-    error = content.config_records.get(client_key(ERROR, client_id))
-    if error is not None:
-        return str(error.get(REASON, "no reason given"))
-    metrics = content.metric_records.get(client_key(METRICS, client_id))
-    if metrics is None:
-        return f"client {client_id} is missing from the reply"
-    part = RecordDict({METRICS: metrics})
-    arrays = content.array_records.get(client_key(ARRAYS, client_id))
-    if arrays is not None:
-        part[ARRAYS] = arrays
-    return part
-
-
-def to_arrays(weights: Mapping[str, np.ndarray]) -> ArrayRecord:
-    """Weights as an ArrayRecord, in checkpoint (sorted name) order."""
-    return ArrayRecord({name: Array(np.asarray(weights[name])) for name in sorted(weights)})
-
-
-def from_arrays(record: ArrayRecord) -> dict[str, np.ndarray]:
-    """An ArrayRecord back as ``{name: ndarray}``."""
-    return {name: array.numpy() for name, array in record.items()}
+def _evaluate(msg: Message, context: Context) -> Message:
+    cfg, model, client, _, staged = _unpack(msg, context)
+    result = evaluate_client(cfg, model, staged, client)
+    metrics = MetricRecord(
+        {NUM_EXAMPLES: result.num_examples, EVAL_LOSS: result.loss, EVAL_ACCURACY: result.accuracy}
+    )
+    return Message(RecordDict({METRICS: metrics}), reply_to=msg)

@@ -1,12 +1,21 @@
-"""Typed run configuration: dataclasses that validate Hydra's YAML before anything runs."""
+"""Typed run configuration: every default in one place, validated before anything runs.
+
+The dataclasses below are the defaults of every key (Hydra composes ``conf/`` on top of them,
+registered as the ``schema`` config) and the checks of every value. The strategy group is the
+exception: its keys are the arguments of whichever Flower strategy class ``strategy._target_``
+names, so their values live in ``conf/strategy/<name>.yaml`` and are checked when the strategy is
+built (``fl_ondevice.strategy.make_strategy``).
+"""
 
 from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, is_dataclass
 from typing import Any, get_args, get_type_hints
 
+from flwr.common.config import flatten_dict, unflatten_dict
+from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -16,7 +25,7 @@ DATASETS = ("digits", "fashion_mnist", "mnist")
 PARTITIONERS = ("iid", "dirichlet", "shards", "label_quantity")
 MODELS = ("mlp", "2nn", "cnn", "simple_cnn", "tflite")
 OPTIMIZERS = ("sgd", "adam")
-STRATEGIES = ("fedavg",)
+ATTACKS = ("none", "sign_flip", "scale")
 
 
 def _require(ok: bool, key: str, value: Any, allowed: str) -> None:
@@ -26,7 +35,7 @@ def _require(ok: bool, key: str, value: Any, allowed: str) -> None:
 
 @dataclass
 class DatasetConfig:
-    name: str = "digits"
+    name: str = "digits"  # ships with scikit-learn: runs offline
     # Directory of the IDX .gz files (fashion_mnist, mnist); null = look in the standard places.
     data_dir: str | None = None
     # Allow a download through keras.datasets when no local copy is found.
@@ -59,26 +68,10 @@ class PartitionConfig:
         p = "partition"
         _require(self.name in PARTITIONERS, f"{p}.name", self.name, f"choose one of {PARTITIONERS}")
         _require(self.alpha > 0, f"{p}.alpha", self.alpha, "must be > 0")
-        _require(
-            self.min_partition_size >= 0,
-            f"{p}.min_partition_size",
-            self.min_partition_size,
-            "must be >= 0",
-        )
-        _require(self.max_retries >= 1, f"{p}.max_retries", self.max_retries, "must be >= 1")
-        _require(
-            self.shards_per_client >= 1,
-            f"{p}.shards_per_client",
-            self.shards_per_client,
-            "must be >= 1",
-        )
-        _require(self.shard_size >= 1, f"{p}.shard_size", self.shard_size, "must be >= 1")
-        _require(
-            self.labels_per_client >= 1,
-            f"{p}.labels_per_client",
-            self.labels_per_client,
-            "must be >= 1",
-        )
+        for key in ("min_partition_size",):
+            _require(getattr(self, key) >= 0, f"{p}.{key}", getattr(self, key), "must be >= 0")
+        for key in ("max_retries", "shards_per_client", "shard_size", "labels_per_client"):
+            _require(getattr(self, key) >= 1, f"{p}.{key}", getattr(self, key), "must be >= 1")
         _require(
             0.0 <= self.local_test_fraction < 1.0,
             f"{p}.local_test_fraction",
@@ -89,7 +82,7 @@ class PartitionConfig:
 
 @dataclass
 class ModelConfig:
-    name: str = "mlp"
+    name: str = "mlp"  # TFLite on-device training guide's Flatten -> Dense 128 ReLU -> Dense
     optimizer: str = "sgd"
     learning_rate: float = 0.1
     momentum: float = 0.0  # sgd only
@@ -107,9 +100,9 @@ class ModelConfig:
             f"choose one of {OPTIMIZERS}",
         )
         _require(self.learning_rate > 0, "model.learning_rate", self.learning_rate, "must be > 0")
-        _require(0.0 <= self.momentum < 1.0, "model.momentum", self.momentum, "must be in [0, 1)")
-        _require(0.0 <= self.beta_1 < 1.0, "model.beta_1", self.beta_1, "must be in [0, 1)")
-        _require(0.0 <= self.beta_2 < 1.0, "model.beta_2", self.beta_2, "must be in [0, 1)")
+        for key in ("momentum", "beta_1", "beta_2"):
+            value = getattr(self, key)
+            _require(0.0 <= value < 1.0, f"model.{key}", value, "must be in [0, 1)")
         _require(self.epsilon > 0, "model.epsilon", self.epsilon, "must be > 0")
         _require(
             self.name != "tflite" or bool(self.path),
@@ -118,6 +111,26 @@ class ModelConfig:
             "model=tflite needs model.path=FILE pointing at a .tflite with "
             "train/infer/save/restore signatures",
         )
+
+
+@dataclass
+class AttackConfig:
+    """Clients that send manipulated updates, to test robust aggregation.
+
+    The attackers are a fixed set of ``round(fraction * num_clients)`` clients drawn from the
+    seed (``fl_ondevice.client.attackers``). Each trains honestly, then sends, with the global
+    weights g and its trained weights w: ``scale``: g + scale * (w - g); ``sign_flip``:
+    g - scale * (w - g).
+    """
+
+    kind: str = "none"
+    fraction: float = 0.0  # share of clients that attack
+    scale: float = 1.0  # how far they push: 1 = an honest-sized step (sign_flip: reversed)
+
+    def __post_init__(self) -> None:
+        _require(self.kind in ATTACKS, "client.attack.kind", self.kind, f"choose one of {ATTACKS}")
+        _require(0.0 <= self.fraction <= 1.0, "client.attack.fraction", self.fraction, "in [0, 1]")
+        _require(self.scale > 0, "client.attack.scale", self.scale, "must be > 0")
 
 
 @dataclass
@@ -130,8 +143,13 @@ class ClientConfig:
     failure_rate: float = 0.0  # share of sampled clients that crash while training (seeded)
     # Simulated clients one engine message carries (trained one after another by one worker);
     # None = one each up to 16 clients per worker, else 4 messages per worker. Results do not
-    # depend on it beyond float rounding (the server adds the same updates in another grouping).
+    # depend on it: the strategy sees one reply per client, in client order.
     clients_per_message: int | None = None
+    # Flower ClientApp mods every client's messages pass through, outermost first: name ->
+    # a Hydra node (``_target_`` and arguments; ``_partial_: true`` for a mod function), e.g.
+    # {clip: {_target_: flwr.clientapp.mod.fixedclipping_mod, _partial_: true}}.
+    mods: dict[str, Any] = field(default_factory=dict)
+    attack: AttackConfig = field(default_factory=AttackConfig)
 
     def __post_init__(self) -> None:
         _require(
@@ -152,52 +170,33 @@ class ClientConfig:
         for key in ("dropout_rate", "failure_rate"):
             value = getattr(self, key)
             _require(0.0 <= value < 1.0, f"client.{key}", value, "must be in [0, 1)")
-
-
-@dataclass
-class StrategyConfig:
-    name: str = "fedavg"
-    fraction_train: float = 1.0  # C in arXiv:1602.05629
-    fraction_evaluate: float = 0.0  # clients evaluating on their local test split; 0 = none
-    min_train_nodes: int = 2
-    min_evaluate_nodes: int = 2
-
-    def __post_init__(self) -> None:
-        p = "strategy"
-        _require(self.name in STRATEGIES, f"{p}.name", self.name, f"choose one of {STRATEGIES}")
-        _require(
-            0.0 < self.fraction_train <= 1.0,
-            f"{p}.fraction_train",
-            self.fraction_train,
-            "must be in (0, 1]",
-        )
-        _require(
-            0.0 <= self.fraction_evaluate <= 1.0,
-            f"{p}.fraction_evaluate",
-            self.fraction_evaluate,
-            "must be in [0, 1]",
-        )
-        _require(self.min_train_nodes >= 1, f"{p}.min_train_nodes", self.min_train_nodes, ">= 1")
-        _require(
-            self.min_evaluate_nodes >= 1, f"{p}.min_evaluate_nodes", self.min_evaluate_nodes, ">= 1"
-        )
+        for name, node in self.mods.items():
+            _require(
+                isinstance(node, Mapping) and "_target_" in node,
+                f"client.mods.{name}",
+                node,
+                "each mod is a mapping with a _target_ (a Flower mod function with "
+                "_partial_: true, or a mod class such as flwr.clientapp.mod.LocalDpMod)",
+            )
 
 
 @dataclass
 class Config:
-    """One run: every group plus the top-level keys of ``conf/config.yaml``."""
+    """One run: every group plus the top-level keys."""
 
     dataset: DatasetConfig = field(default_factory=DatasetConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     partition: PartitionConfig = field(default_factory=PartitionConfig)
-    strategy: StrategyConfig = field(default_factory=StrategyConfig)
+    # A Flower Message-API strategy as a Hydra node: ``_target_`` (the class) and its arguments.
+    # Composed from conf/strategy/<name>.yaml; checked by fl_ondevice.strategy.make_strategy.
+    strategy: dict[str, Any] = field(default_factory=dict)
     client: ClientConfig = field(default_factory=ClientConfig)
-    seed: int = 0
+    seed: int = 0  # one seed: initial weights, partitions, sampling, shuffling, faults
     num_clients: int = 10
-    num_rounds: int = 20
-    target_accuracy: float | None = None
-    eval_batch_size: int = 256
-    cache_dir: str = "~/.cache/fl_ondevice"
+    num_rounds: int = 50  # digits + mlp reach >= 90% central accuracy well before this
+    target_accuracy: float | None = None  # report the first round whose accuracy reaches this
+    eval_batch_size: int = 256  # central evaluation batch (infer); each interpreter keeps buffers
+    cache_dir: str = "~/.cache/fl_ondevice"  # converted .tflite files, keyed by model config
     output_dir: str = "."  # the run directory; simulate.py sets it to Hydra's
     resume: str | None = None  # a run directory to continue from its last completed round
 
@@ -211,86 +210,18 @@ class Config:
             "must be in (0, 1] or null",
         )
         _require(self.eval_batch_size >= 1, "eval_batch_size", self.eval_batch_size, ">= 1")
-        _require(
-            not self.evaluates or self.partition.local_test_fraction > 0,
-            "strategy.fraction_evaluate",
-            self.strategy.fraction_evaluate,
-            "clients evaluate on their local test split, but partition.local_test_fraction=0 "
-            "leaves none; set partition.local_test_fraction > 0 or strategy.fraction_evaluate=0",
-        )
-        for key in ("min_train_nodes", "min_evaluate_nodes"):
-            value = getattr(self.strategy, key)
-            _require(
-                value <= self.num_clients or (key == "min_evaluate_nodes" and not self.evaluates),
-                f"strategy.{key}",
-                value,
-                f"must be <= num_clients ({self.num_clients})",
-            )
-
-    @property
-    def evaluates(self) -> bool:
-        """Whether clients evaluate the global model on their local test splits."""
-        return self.strategy.fraction_evaluate > 0
 
     @property
     def workers(self) -> int:
         """Clients this machine trains at once: its cores / ``client.num_cpus``."""
         return max(1, int((os.cpu_count() or 1) // self.client.num_cpus))
 
-    @property
-    def nodes(self) -> int:
-        """Simulated nodes (message executors) the engine needs: one per message of a round."""
-        return messages_per_round(
-            self.clients_per_round, self.workers, self.client.clients_per_message
-        )
 
-    @property
-    def clients_per_round(self) -> int:
-        """Clients a round needs at once: its training sample or its evaluation sample."""
-        train = sample_size(
-            self.num_clients, self.strategy.fraction_train, self.strategy.min_train_nodes
-        )
-        if not self.evaluates:
-            return train
-        evaluate = sample_size(
-            self.num_clients, self.strategy.fraction_evaluate, self.strategy.min_evaluate_nodes
-        )
-        return max(train, evaluate)
-
-
-MESSAGES_PER_WORKER = 4  # few messages per round, enough to balance the workers
-ONE_PER_MESSAGE_UP_TO = 16  # clients per worker: up to this, each client gets its own message
-
-
-def messages_per_round(clients: int, workers: int, clients_per_message: int | None) -> int:
-    """How many engine messages carry a round's ``clients``.
-
-    One message per client makes the engine's per-message cost (Flower's link state scans every
-    stored message for every node on each poll, Ray ships the ClientApp with each message)
-    dominate small models once rounds hold many clients. So large rounds go out as
-    ``MESSAGES_PER_WORKER`` messages per worker, each with several clients. Small rounds keep one
-    client per message: there that cost is small, and whole clients as the unit of work balance
-    the workers best (8 messages for 10 equal clients on 2 workers can take 6 client-times
-    instead of 5).
-    """
-    if clients_per_message is not None:
-        return max(1, -(-clients // clients_per_message))
-    workers = max(1, workers)
-    if clients <= ONE_PER_MESSAGE_UP_TO * workers:
-        return max(1, clients)
-    return MESSAGES_PER_WORKER * workers
-
-
-def sample_size(num_clients: int, fraction: float, minimum: int) -> int:
-    """Clients sampled in a round: max(int(n * fraction), minimum), as Flower's FedAvg, <= n."""
-    return min(num_clients, max(int(num_clients * fraction), minimum))
-
-
-def parse_config(node: DictConfig | dict) -> Config:
+def parse_config(node: DictConfig | Mapping[str, Any]) -> Config:
     """Validate a composed Hydra config; every bad value raises ``ConfigError`` naming its key."""
     if isinstance(node, DictConfig):
         node = OmegaConf.to_container(node, resolve=True)  # type: ignore[assignment]
-    assert isinstance(node, dict)
+    node = dict(node)
     for group, cls in _GROUPS.items():  # per group, so the message names the group
         to_dataclass(cls, node.get(group, {}), group)
     return to_dataclass(Config, node, "config")  # type: ignore[no-any-return]
@@ -300,54 +231,55 @@ _GROUPS: dict[str, type] = {
     "dataset": DatasetConfig,
     "model": ModelConfig,
     "partition": PartitionConfig,
-    "strategy": StrategyConfig,
     "client": ClientConfig,
 }
 
 
 def to_run_config(cfg: Config) -> dict[str, int | float | str | bool]:
-    """The one translation to Flower's flat, kebab-case run config (``group.key`` -> ``key``).
+    """The one translation to Flower's flat, kebab-case run config (``client.batch-size``).
 
     Nulls become ``""`` (Flower's records hold no None); :func:`from_run_config` inverts this.
     """
-    flat: dict[str, int | float | str | bool] = {}
-    for key, value in asdict(cfg).items():
-        items = value.items() if isinstance(value, dict) else [(None, value)]
-        for sub, v in items:
-            name = f"{key}.{sub}" if sub else key
-            flat[name.replace("_", "-")] = "" if v is None else v
-    return flat
+    return {_kebab(k): v for k, v in flatten_dict(_no_nulls(asdict(cfg))).items()}
 
 
 def from_run_config(flat: Mapping[str, Any]) -> Config:
     """Rebuild and validate a :class:`Config` from :func:`to_run_config`'s output."""
-    nested: dict[str, Any] = {}
-    for name, value in flat.items():
-        key = name.replace("-", "_")
-        group, _, sub = key.partition(".")
-        if value == "" and (sub or key) in _NULLABLE:
-            value = None
-        if sub:
-            nested.setdefault(group, {})[sub] = value
+    nested = unflatten_dict({k.replace("-", "_"): v for k, v in flat.items()})
+    return parse_config(_nulls(nested, Config))
+
+
+def _kebab(key: str) -> str:
+    return key.replace("_", "-")
+
+
+def _no_nulls(node: Any) -> Any:
+    if isinstance(node, dict):
+        return {k: _no_nulls(v) for k, v in node.items()}
+    return "" if node is None else node
+
+
+def _nulls(node: dict[str, Any], cls: type | None) -> dict[str, Any]:
+    # "" back to None: for fields typed `X | None`, and anywhere in the free-form nodes
+    # (strategy arguments, mods), where no argument takes an empty string.
+    hints = get_type_hints(cls) if cls is not None else {}
+    out: dict[str, Any] = {}
+    for key, value in node.items():
+        sub = _dataclass_of(hints.get(key))
+        if isinstance(value, dict):
+            out[key] = _nulls(value, sub)
+        elif value == "" and (cls is None or type(None) in get_args(hints.get(key))):
+            out[key] = None
         else:
-            nested[key] = value
-    return parse_config(nested)
+            out[key] = value
+    return out
 
 
-def _nullable_keys(*classes: type) -> set[str]:
-    # Fields typed `X | None`: their "" in a run config means null.
-    return {
-        f.name
-        for cls in classes
-        for f in fields(cls)
-        if type(None) in get_args(get_type_hints(cls)[f.name])
-    }
+def _dataclass_of(hint: Any) -> type | None:
+    return hint if isinstance(hint, type) and is_dataclass(hint) else None
 
 
-_NULLABLE = _nullable_keys(Config, *_GROUPS.values())
-
-
-def to_dataclass(cls: type, node: DictConfig | dict, key: str) -> Any:
+def to_dataclass(cls: type, node: DictConfig | Mapping[str, Any], key: str) -> Any:
     """Validate a config node against dataclass ``cls`` and return an instance.
 
     Unknown keys and wrong types become a ``ConfigError`` naming ``key``; value checks run in the
@@ -360,17 +292,25 @@ def to_dataclass(cls: type, node: DictConfig | dict, key: str) -> Any:
         raise ConfigError(f"invalid config under '{key}': {err}") from None
 
 
+def register_schema() -> None:
+    """Register :class:`Config` with Hydra as ``schema``: conf/config.yaml starts from it."""
+    ConfigStore.instance().store(name="schema", node=Config)
+
+
+register_schema()
+
 __all__ = [
+    "ATTACKS",
     "DATASETS",
     "MODELS",
     "OPTIMIZERS",
     "PARTITIONERS",
+    "AttackConfig",
     "ClientConfig",
     "Config",
     "DatasetConfig",
     "ModelConfig",
     "PartitionConfig",
-    "StrategyConfig",
     "from_run_config",
     "parse_config",
     "to_dataclass",

@@ -248,6 +248,9 @@ class SweepSummaryCallback(Callback):
     """Hydra callback (conf/hydra/default.yaml): write summary.csv/png when a sweep ends."""
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        from fl_ondevice.engine import close_engine
+
+        close_engine()  # the sweep's jobs shared it
         sweep_summary(config.hydra.sweep.dir)
 
 

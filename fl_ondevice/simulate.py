@@ -44,22 +44,46 @@ def backend_config(cfg: Config) -> dict[str, Any]:
     }
 
 
+def engine_nodes(cfg: Config) -> int:
+    """Simulated nodes for a run: enough for its largest round, and at least what small runs
+    of this machine need, so that the runs of a sweep or a test session share one engine."""
+    from fl_ondevice.transport import ONE_PER_MESSAGE_UP_TO, max_messages
+
+    needed = max_messages(cfg.num_clients, cfg.workers, cfg.client.clients_per_message)
+    return max(needed, ONE_PER_MESSAGE_UP_TO * cfg.workers)
+
+
 def simulate(
-    cfg: Config, overrides: dict[str, Any] | None = None, client_app: ClientApp | None = None
+    cfg: Config,
+    overrides: dict[str, Any] | None = None,
+    client_app: ClientApp | None = None,
+    keep_engine: bool = False,
 ) -> dict[str, Any]:
     """Run one simulation end to end and return its summary.
 
-    Everything that can fail on bad input (data, partitions, model, config) is checked here,
-    before the simulation engine starts. ``client_app`` replaces fl_ondevice's ClientApp (e.g.
-    a misbehaving device in a test).
+    Everything that can fail on bad input (data, partitions, model, strategy, config) is
+    checked here, before the simulation engine starts. ``keep_engine`` leaves the engine up
+    for the next run of this process (a sweep's next job; ``fl_ondevice.engine``).
+    ``client_app`` replaces fl_ondevice's ClientApp (e.g. a misbehaving device in a test).
     """
-    from flwr.simulation import run_simulation
-
     from fl_ondevice.client_app import app as default_client_app
-    from fl_ondevice.server_app import make_server_app, prepare
+    from fl_ondevice.engine import abandon_engine, close_engine, engine_for
+    from fl_ondevice.server import prepare
 
     prep = prepare(cfg)
-    server_app = make_server_app(prep, overrides)
+    _quiet_flower()
+    engine = engine_for(engine_nodes(cfg), backend_config(cfg), client_app or default_client_app)
+    try:
+        summary = engine.run(prep, overrides)
+    except KeyboardInterrupt:
+        abandon_engine()  # do not wait for the round in flight: it ends with the process
+        raise
+    if not keep_engine:
+        close_engine()
+    return summary
+
+
+def _quiet_flower() -> None:
     # Flower prints through its own handler; per-message INFO lines would bury the progress lines.
     flwr_log = logging.getLogger("flwr")
     flwr_log.setLevel(logging.WARNING)
@@ -67,18 +91,6 @@ def simulate(
     if not any(isinstance(f, _ClientCrashEcho) for f in flwr_log.filters):
         flwr_log.addFilter(_ClientCrashEcho())
     logging.getLogger("alembic").setLevel(logging.WARNING)
-    run_simulation(
-        server_app=server_app,
-        client_app=client_app or default_client_app,
-        num_supernodes=cfg.nodes,  # nodes are executors; the server names their clients
-        backend_config=backend_config(cfg),  # type: ignore[arg-type]
-    )
-    summary = getattr(server_app, "summary", None)
-    if summary is None:
-        raise RuntimeError(
-            "the simulation ended without results; the log above has the ServerApp's error"
-        )
-    return summary
 
 
 class _ClientCrashEcho(logging.Filter):
@@ -114,13 +126,13 @@ def main(dcfg: DictConfig) -> float | None:
     try:
         cfg = parse_config(dcfg)
         if cfg.resume:
-            from fl_ondevice.server_app import resumed_config
+            from fl_ondevice.resume import resumed_config
 
             ignored = sorted(set(overrides) - {"resume"})
             if ignored:
                 log.warning("resume: the run's saved config is used; ignoring %s", ignored)
             cfg = resumed_config(cfg.resume)
-        summary = simulate(cfg, overrides)
+        summary = simulate(cfg, overrides, keep_engine=hc.mode == RunMode.MULTIRUN)
     except FlOnDeviceError as err:
         log.error("%s", err)
         if hc.mode == RunMode.MULTIRUN:

@@ -66,6 +66,16 @@ def cache(tmp_path_factory) -> str:
     return str(tmp_path_factory.mktemp("tflite-cache"))
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _one_engine_per_session():
+    """In-process simulations share one engine (Ray and its workers start once): see
+    ``simulate(keep_engine=True)``; it stops when the session ends."""
+    yield
+    from fl_ondevice.engine import close_engine
+
+    close_engine()
+
+
 @pytest.fixture(scope="session")
 def run(tmp_path_factory, cache):
     """``run(*overrides)`` -> run directory of an in-process simulation (memoised per session)."""
@@ -76,7 +86,7 @@ def run(tmp_path_factory, cache):
     def _run(*overrides: str) -> Path:
         if overrides not in done:
             out = tmp_path_factory.mktemp("run")
-            simulate(compose_config(out, f"cache_dir={cache}", *overrides))
+            simulate(compose_config(out, f"cache_dir={cache}", *overrides), keep_engine=True)
             done[overrides] = out
         return done[overrides]
 
@@ -92,3 +102,34 @@ def metrics_rows(run_dir: Path) -> list[dict[str, str]]:
 def stable_rows(run_dir: Path) -> list[dict[str, str]]:
     """metrics.csv without the timing and memory columns: equal for runs of one seed."""
     return [{k: v for k, v in r.items() if k not in TIME_COLUMNS} for r in metrics_rows(run_dir)]
+
+
+def reply(content, client: int = 0):
+    """A train reply from ``client`` (node 1,000,000 + client) carrying ``content``: what a
+    strategy's aggregate_train receives."""
+    from flwr.app import Message
+    from flwr.app.metadata import Metadata
+
+    meta = Metadata(
+        run_id=1,
+        message_id="",
+        src_node_id=1_000_000 + client,
+        dst_node_id=1,
+        reply_to_message_id=f"m{client}",
+        group_id="",
+        created_at=0.0,
+        ttl=60.0,
+        message_type="train",
+    )
+    return Message(content, metadata=meta)
+
+
+@pytest.fixture
+def no_engine(monkeypatch):
+    """Fails the test if a simulation engine (Ray) is asked for: bad input must stop first."""
+    import fl_ondevice.engine
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the simulation engine was started")
+
+    monkeypatch.setattr(fl_ondevice.engine, "engine_for", refuse)

@@ -1,41 +1,53 @@
-"""A misbehaving device for tests: fl_ondevice's ClientApp, except client 0 sends a bad update."""
+"""Misbehaving devices for tests: a ClientApp mod that spoils client 0's update, and a ClientApp
+whose engine message holding client 0 dies."""
 
 from __future__ import annotations
 
 import numpy as np
 from flwr.app import Array, Context, Message, MetricRecord
 from flwr.clientapp import ClientApp
+from flwr.clientapp.typing import ClientAppCallable
 
-from fl_ondevice.client_app import ARRAYS, CONFIG, METRICS, NUM_EXAMPLES, PARTITION_IDS, client_key
 from fl_ondevice.client_app import train as honest_train
+from fl_ondevice.message import ARRAYS, METRICS, NUM_EXAMPLES, PARTITION_ID, unpack
 
 
-def make_poison_app(kind: str) -> ClientApp:
-    """A ClientApp whose client 0 replies with a ``kind`` of invalid update (``nan`` ...), or
-    whose message holding client 0 raises (``raise``)."""
+class Poison:
+    """A Flower mod: client 0 replies with a ``kind`` of invalid update (``nan``, ``shape``,
+    ``dtype``, ``examples``); use as ``client.mods.poison={_target_: poison_client.Poison,
+    kind: nan}``."""
+
+    def __init__(self, kind: str) -> None:
+        self.kind = kind
+
+    def __call__(self, msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
+        reply = call_next(msg, context)
+        if context.node_config[PARTITION_ID] != 0 or reply.has_error():
+            return reply
+        arrays = reply.content.array_records[ARRAYS]
+        name = sorted(arrays)[0]
+        value = arrays[name].numpy()
+        if self.kind == "nan":
+            value = np.full_like(value, np.nan)
+        elif self.kind == "shape":
+            value = np.zeros((*value.shape, 2), value.dtype)
+        elif self.kind == "dtype":
+            value = value.astype(np.float64)
+        elif self.kind == "examples":
+            metrics = reply.content.metric_records[METRICS]
+            reply.content[METRICS] = MetricRecord({**dict(metrics), NUM_EXAMPLES: 0})
+        arrays[name] = Array(value)
+        return reply
+
+
+def dying_app() -> ClientApp:
+    """A ClientApp whose engine message holding client 0 raises before any client trains."""
     app = ClientApp()
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:
-        if kind == "raise" and 0 in msg.content.config_records[CONFIG][PARTITION_IDS]:
+        if 0 in unpack(msg.content).clients:
             raise RuntimeError("device lost")
-        reply = honest_train(msg, context)
-        content = reply.content
-        if client_key(ARRAYS, 0) not in content.array_records:
-            return reply  # client 0 is not in this message
-        arrays = content.array_records[client_key(ARRAYS, 0)]
-        name = sorted(arrays)[0]
-        value = arrays[name].numpy()
-        if kind == "nan":
-            value = np.full_like(value, np.nan)
-        elif kind == "shape":
-            value = np.zeros((*value.shape, 2), value.dtype)
-        elif kind == "dtype":
-            value = value.astype(np.float64)
-        elif kind == "examples":
-            metrics = content.metric_records[client_key(METRICS, 0)]
-            content[client_key(METRICS, 0)] = MetricRecord({**dict(metrics), NUM_EXAMPLES: 0})
-        arrays[name] = Array(value)
-        return reply
+        return honest_train(msg, context)
 
     return app

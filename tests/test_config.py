@@ -9,13 +9,9 @@ import pytest
 from flwr.common.config import flatten_dict
 from hydra import compose, initialize_config_dir
 
-from fl_ondevice.config import (
-    Config,
-    from_run_config,
-    messages_per_round,
-    parse_config,
-    to_run_config,
-)
+from fl_ondevice.config import Config, from_run_config, parse_config, to_run_config
+from fl_ondevice.errors import ConfigError
+from fl_ondevice.transport import max_messages, messages_per_round
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -26,12 +22,18 @@ def _default(*overrides: str) -> Config:
 
 
 def test_run_config_round_trip_keeps_every_value_including_nulls():
-    cfg = _default("client.batch_size=null", "target_accuracy=0.9", "dataset.data_dir=/d")
+    cfg = _default(
+        "client.batch_size=null",
+        "target_accuracy=0.9",
+        "dataset.data_dir=/d",
+        "strategy=dp_client_fixed",  # nested strategy and mods
+    )
     assert from_run_config(to_run_config(cfg)) == cfg
     assert to_run_config(cfg)["client.batch-size"] == ""
+    assert to_run_config(cfg)["strategy.strategy.-target-"] == "fl_ondevice.fedavg.FedAvg"
 
 
-def test_flwr_run_config_in_pyproject_equals_the_hydra_defaults():
+def test_flwr_run_config_in_pyproject_equals_the_defaults():
     # `flwr run` reads [tool.flwr.app.config]; it must describe the same run as the defaults.
     pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
     flwr = flatten_dict(pyproject["tool"]["flwr"]["app"]["config"])
@@ -49,12 +51,44 @@ def test_flwr_run_config_in_pyproject_equals_the_hydra_defaults():
     }
 
 
+def test_defaults_live_in_config_py_only():
+    # The composed defaults are the dataclasses' (conf/ holds only what differs from them),
+    # apart from the strategy, which only conf/strategy/*.yaml describes.
+    composed = _default()
+    bare = parse_config({"output_dir": "out", "strategy": composed.strategy})
+    assert composed.dataset == bare.dataset and composed.model == bare.model
+    assert composed.partition == bare.partition and composed.client == bare.client
+    assert (composed.num_rounds, composed.seed, composed.num_clients) == (50, 0, 10)
+
+
 def test_every_group_option_composes_and_validates():
-    for group in ("dataset", "model", "partition", "strategy", "client"):
+    from fl_ondevice.strategy import make_strategy
+
+    for group in ("dataset", "model", "partition", "strategy"):
         for option in sorted((ROOT / "conf" / group).glob("*.yaml")):
             extra = ["model.path=x.tflite"] if option.stem == "tflite" else []
             cfg = _default(f"{group}={option.stem}", *extra)
-            assert getattr(cfg, group).__class__.__name__.endswith("Config")
+            make_strategy(cfg)  # every strategy YAML builds its Flower class
+
+
+def test_an_unknown_key_is_refused_with_its_name():
+    with pytest.raises(ConfigError, match="Key 'typo_key' not in 'Config'"):
+        _default("+typo_key=3")
+
+
+def test_a_bad_strategy_argument_names_what_the_class_takes():
+    from fl_ondevice.strategy import make_strategy
+
+    with pytest.raises(
+        ConfigError, match=r"unexpected keyword argument 'proximal_mu'.*FedAvg takes"
+    ):
+        make_strategy(_default("+strategy.proximal_mu=0.1"))
+    with pytest.raises(ConfigError, match="strategy._target_='nowhere.Strategy' cannot be loaded"):
+        make_strategy(_default("strategy._target_=nowhere.Strategy"))
+    with pytest.raises(
+        ConfigError, match=r"num_sampled_clients=10 is invalid: the inner strategy samples 3"
+    ):
+        make_strategy(_default("strategy=dp_server_fixed", "strategy.strategy.fraction_train=0.3"))
 
 
 @pytest.mark.parametrize(
@@ -71,3 +105,9 @@ def test_every_group_option_composes_and_validates():
 )
 def test_messages_per_round(clients, workers, per_message, expected):
     assert messages_per_round(clients, workers, per_message) == expected
+
+
+def test_max_messages_bounds_every_round_size():
+    for n, workers, per_message in [(1000, 2, None), (10, 2, None), (40, 3, 7), (5, 1, None)]:
+        most = max(messages_per_round(k, workers, per_message) for k in range(1, n + 1))
+        assert max_messages(n, workers, per_message) == most

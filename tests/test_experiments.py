@@ -65,7 +65,7 @@ def test_mcmahan_configs_name_mnist_and_their_fmnist_variants_differ_only_in_dat
         ours = compose_experiment(f"mcmahan_{model}_fmnist")
 
         assert paper.dataset.name == "mnist" and ours.dataset.name == "fashion_mnist"
-        assert (paper.num_clients, paper.strategy.fraction_train) == (100, 0.1)
+        assert (paper.num_clients, paper.strategy["fraction_train"]) == (100, 0.1)
         assert paper.partition == ours.partition and paper.model == ours.model
         assert paper.client == ours.client
 

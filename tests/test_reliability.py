@@ -8,20 +8,18 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
 from conftest import compose_config, metrics_rows, stable_rows
 from flwr.app import Array, ArrayRecord, MetricRecord, RecordDict
-from poison_client import make_poison_app
+from poison_client import dying_app
 
 from fl_ondevice.checkpoint import WeightSpec, read_checkpoint
 from fl_ondevice.client import injected_failure
 from fl_ondevice.errors import ConfigError, ResumeError
-from fl_ondevice.server_app import ReplyStream
 from fl_ondevice.simulate import simulate
-from fl_ondevice.strategy import checked_update
+from fl_ondevice.updates import checked_update
 
 FAULTY = ("num_clients=10", "num_rounds=4", "client.dropout_rate=0.3", "client.failure_rate=0.2")
 
@@ -33,9 +31,9 @@ def test_dropouts_and_failures_are_counted_as_the_seed_dictates(run):
     for row in table[1:]:
         r = int(row["round"])
         # Independent re-computation of the documented draws: all 10 clients are sampled
-        # (fraction 1.0); dropout draws come from (seed, round, 2), failures from the client.
-        draws = np.random.default_rng([0, r, 2]).random(10)
-        active = [c for c in range(10) if draws[c] >= 0.3]
+        # (fraction 1.0); dropout draws come from (seed, round, client, 2), failures from
+        # (seed, round, client, 1).
+        active = [c for c in range(10) if np.random.default_rng([0, r, c, 2]).random() >= 0.3]
         failing = [c for c in active if injected_failure(0, r, c, 0.2)]
         assert int(row["clients_sampled"]) == 10
         assert int(row["clients_dropped"]) == 10 - len(active)
@@ -56,9 +54,9 @@ def test_crash_is_reported_with_client_round_and_cause(tmp_path, cache, caplog):
     failing = [c for c in range(4) if injected_failure(0, 1, c, 0.5)]
     assert failing
 
-    simulate(compose_config(tmp_path, *overrides))
+    simulate(compose_config(tmp_path, *overrides), keep_engine=True)
 
-    warnings = [r.getMessage() for r in caplog.records if r.name == "fl_ondevice.strategy"]
+    warnings = [r.getMessage() for r in caplog.records if r.name == "fl_ondevice.transport"]
     for c in failing:
         expected = (
             f"round 1: client {c}, round 1, train: injected failure (client.failure_rate=0.5)"
@@ -71,50 +69,14 @@ def test_a_crashed_message_fails_each_of_its_clients_and_the_rest_average(tmp_pa
     # Two clients per message: the message holding client 0 raises before any client trains
     # (as if the worker died), so clients 0 and 2 fail; 1 and 3 still make the round.
     overrides = ("num_clients=4", "num_rounds=1", "client.clients_per_message=2")
-    simulate(
-        compose_config(tmp_path, *overrides, f"cache_dir={cache}"),
-        client_app=make_poison_app("raise"),
-    )
+    simulate(compose_config(tmp_path, *overrides, f"cache_dir={cache}"), client_app=dying_app())
 
     row = metrics_rows(tmp_path)[1]
     assert (row["clients_replied"], row["clients_failed"], row["skipped"]) == ("4", "2", "0")
     assert int(row["examples"]) > 0
-    warnings = [r.getMessage() for r in caplog.records if r.name == "fl_ondevice.strategy"]
+    warnings = [r.getMessage() for r in caplog.records if r.name == "fl_ondevice.transport"]
     for c in (0, 2):
         assert any(f"client {c}, round 1" in w and "device lost" in w for w in warnings), warnings
-
-
-class _ScheduledReplies:
-    """The two calls ReplyStream makes of a Grid; the reply to message i is pulled from
-    ``after[i]`` seconds on (None: never)."""
-
-    def __init__(self, after: dict[str, float | None]) -> None:
-        self.after, self.pushed, self.t0 = after, [], time.monotonic()
-
-    def push_messages(self, messages):
-        self.pushed += list(messages)
-        return list(messages)
-
-    def pull_messages(self, ids):
-        now = time.monotonic() - self.t0
-        assert now < 2.0, "still pulling long after the timeout"
-        due = [i for i in ids if self.after[i] is not None and self.after[i] <= now]
-        return [SimpleNamespace(metadata=SimpleNamespace(reply_to_message_id=i)) for i in due]
-
-
-def test_replies_are_handed_out_as_they_come_and_a_missing_one_ends_at_the_timeout():
-    grid = _ScheduledReplies({"a": 0.0, "b": 0.3, "c": None})  # c's device never answers
-    stream = ReplyStream(grid, pull_seconds=0.01).send_and_receive(["a", "b", "c"], timeout=0.6)
-    assert grid.pushed == ["a", "b", "c"]  # pushed before anyone reads the stream
-
-    first = next(iter(stream))
-    t_first = time.monotonic() - grid.t0
-    rest = [m.metadata.reply_to_message_id for m in stream]
-    t_end = time.monotonic() - grid.t0
-
-    assert first.metadata.reply_to_message_id == "a" and t_first < 0.2  # not after b's 0.3 s
-    assert rest == ["b"]
-    assert 0.6 <= t_end < 1.0
 
 
 def test_too_few_replies_skip_the_round_and_the_run_goes_on(run):
@@ -175,32 +137,40 @@ def test_valid_update_passes():
     assert all(np.array_equal(weights[n], _good()[n]) for n in _good())
 
 
-@pytest.mark.parametrize("kind", ["nan", "examples"])  # each kind is unit-tested above
-def test_poisoned_update_never_reaches_the_global_model(tmp_path, cache, kind):
-    # Client 0 of 2 sends a bad update through the real engine; with min_train_nodes=2 the
-    # round is skipped, so the global model must still be the initial one.
-    overrides = ("num_clients=2", "num_rounds=1", f"cache_dir={cache}")
-    cfg = compose_config(tmp_path / "poisoned", *overrides)
-    simulate(cfg, client_app=make_poison_app(kind))
-    initial = compose_config(tmp_path / "initial", *overrides, "num_rounds=1")
+POISON = ("+client.mods.poison._target_=poison_client.Poison",)
 
-    row = metrics_rows(tmp_path / "poisoned")[1]
-    got = read_checkpoint(tmp_path / "poisoned" / "global_model.ckpt")
-    from fl_ondevice.server_app import prepare
+
+@pytest.mark.parametrize("kind", ["nan", "examples"])  # each kind is unit-tested above
+def test_poisoned_update_never_reaches_the_global_model(run, cache, tmp_path, kind):
+    # Client 0 of 2 sends a bad update (a mod spoils it on the device) through the real engine;
+    # with min_train_nodes=2 the round is skipped, so the global model must still be the
+    # initial one.
+    overrides = ("num_clients=2", "num_rounds=1")
+    out = run(*overrides, *POISON, f"+client.mods.poison.kind='{kind}'")
+    initial = compose_config(tmp_path, f"cache_dir={cache}", *overrides)
+
+    row = metrics_rows(out)[1]
+    got = read_checkpoint(out / "global_model.ckpt")
+    from fl_ondevice.server import prepare
 
     start = prepare(initial).server_model.get_weights()
     assert row["clients_rejected"] == "1" and row["skipped"] == "1"
     assert all(got[n].tobytes() == start[n].tobytes() for n in start)
 
 
-def test_poisoned_update_is_left_out_of_the_average(tmp_path, cache):
-    overrides = ("num_clients=3", "num_rounds=1", f"cache_dir={cache}")
-    simulate(compose_config(tmp_path / "p", *overrides), client_app=make_poison_app("nan"))
-    row = metrics_rows(tmp_path / "p")[1]
-    assert row["clients_rejected"] == "1" and row["skipped"] == "0"
-    assert all(
-        np.isfinite(w).all() for w in read_checkpoint(tmp_path / "p" / "global_model.ckpt").values()
+def test_poisoned_update_is_left_out_of_the_average(run):
+    # All three clients in one engine message: each goes through the mod chain on its own, as
+    # on its own device, so only client 0's update is spoiled.
+    out = run(
+        "num_clients=3",
+        "num_rounds=1",
+        "client.clients_per_message=3",
+        *POISON,
+        "+client.mods.poison.kind='nan'",
     )
+    row = metrics_rows(out)[1]
+    assert row["clients_rejected"] == "1" and row["skipped"] == "0"
+    assert all(np.isfinite(w).all() for w in read_checkpoint(out / "global_model.ckpt").values())
 
 
 # -- interruption and resume ----------------------------------------------------------------------
@@ -249,7 +219,7 @@ def test_resume_after_a_real_interruption_equals_the_uninterrupted_run(tmp_path,
 def test_resume_of_a_directory_without_a_completed_round_says_so(tmp_path, cache):
     cfg = compose_config(tmp_path, f"cache_dir={cache}")
     (tmp_path / "config.yaml").write_text("seed: 0\n")
-    from fl_ondevice.server_app import resumed_config
+    from fl_ondevice.resume import resumed_config
 
     with pytest.raises(ResumeError, match="no state.json there"):
         simulate(resumed_config(str(tmp_path)))
@@ -259,9 +229,6 @@ def test_resume_of_a_directory_without_a_completed_round_says_so(tmp_path, cache
 
 
 # -- output directory -----------------------------------------------------------------------------
-def test_unwritable_output_dir_is_detected_at_start(tmp_path):
-    import ray
-
+def test_unwritable_output_dir_is_detected_at_start(tmp_path, no_engine):
     with pytest.raises(ConfigError, match=r"output_dir='/proc/fl_ondevice/run' is not writable"):
         simulate(compose_config(Path("/proc/fl_ondevice/run")))
-    assert not ray.is_initialized()

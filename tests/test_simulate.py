@@ -9,7 +9,7 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import compose_config, metrics_rows, stable_rows
+from conftest import compose_config, metrics_rows, reply, stable_rows
 from guide_model import guide_tflite_bytes
 
 from fl_ondevice.checkpoint import read_checkpoint
@@ -17,9 +17,9 @@ from fl_ondevice.client import local_seed
 from fl_ondevice.config import parse_config
 from fl_ondevice.data import load_dataset
 from fl_ondevice.device import OnDeviceModel
-from fl_ondevice.server_app import prepare
+from fl_ondevice.server import prepare
 from fl_ondevice.simulate import simulate
-from fl_ondevice.strategy import MessageOrderedSum, group_clients
+from fl_ondevice.transport import group_clients
 
 rows = metrics_rows
 
@@ -81,31 +81,42 @@ def test_two_clients_average_weighted_by_examples(run, cache, tmp_path):
     assert int(rows(out)[1]["examples"]) == n0 + n1
 
 
-def test_average_is_fedavg_whatever_order_messages_arrive_in():
-    # Six clients in three messages (1, 2 and 3 clients), averaged by hand in float64.
+def test_streaming_fedavg_equals_flowers_fedavg_and_the_hand_computed_average():
+    from flwr.app import Array, ArrayRecord, MetricRecord, RecordDict
+    from flwr.serverapp.strategy import FedAvg as FlowerFedAvg
+
+    from fl_ondevice.fedavg import FedAvg
+
+    # Six updates with different example counts, as replies.
     rng = np.random.default_rng(0)
+    counts = (5, 1, 7, 3, 2, 11)
     updates = [
-        (float(n), {"w": rng.normal(size=(3, 4)).astype(np.float32), "b": rng.normal(size=4)})
-        for n in (5, 1, 7, 3, 2, 11)
+        {
+            "w": rng.normal(size=(3, 4)).astype(np.float32),
+            "b": rng.normal(size=4).astype(np.float32),
+        }
+        for _ in counts
     ]
-    for _, w in updates:
-        w["b"] = w["b"].astype(np.float32)
-    messages = {0: updates[:1], 1: updates[1:3], 3: updates[3:]}  # keyed by first client
-    total = sum(n for n, _ in updates)
-    expected = {k: sum(n * w[k].astype(np.float64) for n, w in updates) / total for k in ("w", "b")}
 
-    results = []
-    for order in ([0, 1, 3], [3, 1, 0], [1, 3, 0]):
-        fold = MessageOrderedSum()
-        for first in order:
-            fold.add(first, messages[first])
-        results.append(fold.average())
+    def replies():
+        for n, w in zip(counts, updates, strict=True):
+            arrays = ArrayRecord({k: Array(v) for k, v in w.items()})
+            metrics = MetricRecord({"num-examples": n, "train-loss": float(n)})
+            yield reply(RecordDict({"arrays": arrays, "metrics": metrics}))
 
-    for got in results:
-        assert {k: v.dtype for k, v in got.items()} == {"w": np.float32, "b": np.float32}
-        for k in expected:
-            np.testing.assert_allclose(got[k], expected[k], rtol=1e-6)
-            assert got[k].tobytes() == results[0][k].tobytes()  # arrival order does not matter
+    ours, our_metrics = FedAvg().aggregate_train(1, replies())  # a generator: consumed once
+    theirs, their_metrics = FlowerFedAvg().aggregate_train(1, list(replies()))
+
+    total = sum(counts)
+    for k in ("w", "b"):
+        by_hand = sum(n * w[k].astype(np.float64) for n, w in zip(counts, updates, strict=True))
+        by_hand /= total
+        assert ours[k].numpy().dtype == np.float32
+        np.testing.assert_allclose(ours[k].numpy(), by_hand, rtol=1e-6)
+        np.testing.assert_allclose(ours[k].numpy(), theirs[k].numpy(), rtol=1e-6)
+    expected_loss = sum(n * n for n in counts) / total
+    assert our_metrics["train-loss"] == pytest.approx(expected_loss)
+    assert their_metrics["train-loss"] == pytest.approx(expected_loss)
 
 
 # -- outputs and reproducibility ------------------------------------------------------------------
@@ -154,7 +165,8 @@ def test_same_seed_same_metrics_other_seed_other_partitions_and_metrics(run):
 
 
 def test_results_do_not_depend_on_how_many_clients_a_message_carries(run):
-    # 4 clients: one per message, two per message, and the default (4 messages per worker).
+    # 4 clients: one per message, two per message, and the default. The strategy gets one reply
+    # per client, in client order, whatever the grouping: the results are bitwise equal.
     runs = [
         run(*SMALL, "client.clients_per_message=1"),
         run(*SMALL, "client.clients_per_message=2"),
@@ -256,7 +268,7 @@ def test_sweep_runs_each_job_and_writes_a_summary(tmp_path, cache):
         ("model.name=resnet", r"model.name='resnet' is invalid: choose one of \('mlp'"),
         ("client.batch_size=0", "client.batch_size=0 is invalid: must be >= 1, or null"),
         ("client.batch_size=-5", "client.batch_size=-5 is invalid"),
-        ("num_clients=1", "strategy.min_train_nodes=2 is invalid: must be <= num_clients"),
+        ("num_clients=1", r"strategy.min_train_nodes=2 is invalid: must be >= 1 and <= num_c"),
         ("+typo_key=3", "typo_key"),
         (
             "strategy.fraction_evaluate=0.5 partition.local_test_fraction=0",
@@ -266,14 +278,15 @@ def test_sweep_runs_each_job_and_writes_a_summary(tmp_path, cache):
 )
 def test_invalid_config_names_the_key_and_allowed_values(tmp_path, override, message):
     from fl_ondevice.errors import ConfigError
+    from fl_ondevice.strategy import make_strategy
 
     with pytest.raises(ConfigError, match=message):
-        compose_config(tmp_path, *override.split())
+        make_strategy(compose_config(tmp_path, *override.split()))
 
 
-def test_tflite_with_wrong_input_shape_fails_before_ray_starts(tmp_path, cache, converted):
-    import ray
-
+def test_tflite_with_wrong_input_shape_fails_before_ray_starts(
+    tmp_path, cache, converted, no_engine
+):
     path = tmp_path / "fmnist_mlp.tflite"
     path.write_bytes(converted("mlp", (28, 28), learning_rate=0.1)[1])
     cfg = compose_config(tmp_path, f"cache_dir={cache}", "model=tflite", f"model.path={path}")
@@ -281,7 +294,6 @@ def test_tflite_with_wrong_input_shape_fails_before_ray_starts(tmp_path, cache, 
 
     with pytest.raises(ConfigError, match=r"takes inputs of shape \(28, 28\).*\(8, 8\)"):
         simulate(cfg)
-    assert not ray.is_initialized()
 
 
 def test_cli_reports_a_bad_value_without_a_traceback(tmp_path):

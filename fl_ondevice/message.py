@@ -1,0 +1,129 @@
+"""The message format both apps share: record keys, and several clients in one engine message.
+
+A strategy talks to one node per client. Beneath it, fl_ondevice sends one *engine message* to
+a worker for several clients that got the same content: the strategy's records, plus
+
+- ``fl-ondevice.group`` (ConfigRecord): ``clients`` (their ids), ``model-file``;
+- ``fl-ondevice.run`` (ConfigRecord): the run config (``config.to_run_config``), from which a
+  worker rebuilds the data, partitions and model of the run.
+
+The worker passes each client a message of the strategy's records alone, and answers with one
+*reply* whose records are those of each client's reply under ``<client>:<key>``, or, for a
+client that failed, ``<client>:error`` (a ConfigRecord with the ``reason``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import cast
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
+
+# Record keys of Flower's strategies (their defaults) and the metrics our clients report.
+ARRAYS = "arrays"
+CONFIG = "config"
+METRICS = "metrics"
+NUM_EXAMPLES = "num-examples"  # FedAvg's weighted_by_key
+SERVER_ROUND = "server-round"  # set by Flower's strategies in every config they send
+PROXIMAL_MU = "proximal-mu"  # set by Flower's FedProx
+TRAIN_LOSS = "train-loss"
+CLIENT_SECONDS = "client-seconds"  # the whole update: restore, train, save, checkpoint I/O
+TRAIN_SECONDS = "train-seconds"  # inside the train signature only
+EVAL_LOSS = "eval-loss"
+EVAL_ACCURACY = "eval-accuracy"
+
+# Transport records: added beneath the strategy, removed before any handler or mod sees them.
+GROUP = "fl-ondevice.group"
+RUN = "fl-ondevice.run"
+CLIENTS = "clients"
+MODEL_FILE = "model-file"  # the .tflite every client loads (resolved by the server)
+ERROR = "error"
+REASON = "reason"
+# Flower's node_config keys of a node that owns one partition; each simulated client's handler
+# sees them, as it would on its own SuperNode.
+PARTITION_ID = "partition-id"
+NUM_PARTITIONS = "num-partitions"
+
+_SEP = ":"
+
+
+@dataclass(frozen=True)
+class Group:
+    """An engine message's content, taken apart: what each of ``clients`` gets, and the run."""
+
+    content: RecordDict  # the strategy's records, shared by the clients
+    clients: list[int]
+    model_file: str
+    run_config: dict[str, int | float | str | bool]
+
+
+def pack(
+    content: RecordDict, clients: Iterable[int], model_file: str, run_config: ConfigRecord
+) -> RecordDict:
+    """One engine message's content for ``clients`` that all got ``content``."""
+    packed = RecordDict(dict(content.items()))
+    packed[GROUP] = ConfigRecord({CLIENTS: [int(c) for c in clients], MODEL_FILE: model_file})
+    packed[RUN] = run_config
+    return packed
+
+
+def unpack(packed: RecordDict) -> Group:
+    """The inverse of :func:`pack`."""
+    group = packed.config_records[GROUP]
+    content = RecordDict({k: v for k, v in packed.items() if k not in (GROUP, RUN)})
+    return Group(
+        content=content,
+        clients=[int(c) for c in cast(list, group[CLIENTS])],
+        model_file=str(group[MODEL_FILE]),
+        run_config=dict(packed.config_records[RUN]),  # type: ignore[arg-type]
+    )
+
+
+def pack_replies(replies: Iterable[tuple[int, RecordDict | str]]) -> RecordDict:
+    """One reply for a group: each client's records, or the reason it failed."""
+    packed = RecordDict()
+    for client, reply in replies:
+        if isinstance(reply, str):
+            packed[f"{client}{_SEP}{ERROR}"] = ConfigRecord({REASON: reply})
+            continue
+        for key, record in reply.items():
+            packed[f"{client}{_SEP}{key}"] = record
+    return packed
+
+
+def unpack_replies(packed: RecordDict, clients: Iterable[int]) -> dict[int, RecordDict | str]:
+    """Each of ``clients``' reply records, or why it has none (the inverse of ``pack_replies``)."""
+    parts: dict[int, RecordDict] = {}
+    for key, record in packed.items():
+        prefix, sep, name = key.partition(_SEP)
+        if sep and prefix.isdigit():
+            parts.setdefault(int(prefix), RecordDict())[name] = record
+    out: dict[int, RecordDict | str] = {}
+    for client in clients:
+        part = parts.get(client)
+        if part is None:
+            out[client] = f"client {client} is missing from the reply"
+        elif ERROR in part.config_records:
+            out[client] = str(part.config_records[ERROR].get(REASON, "no reason given"))
+        else:
+            out[client] = part
+    return out
+
+
+def to_arrays(weights: Mapping[str, np.ndarray]) -> ArrayRecord:
+    """Weights as an ArrayRecord, in checkpoint (sorted name) order."""
+    return ArrayRecord({name: Array(np.asarray(weights[name])) for name in sorted(weights)})
+
+
+def from_arrays(record: ArrayRecord) -> dict[str, np.ndarray]:
+    """An ArrayRecord back as ``{name: ndarray}``."""
+    return {name: array.numpy() for name, array in record.items()}
+
+
+def num_bytes(record: ArrayRecord) -> int:
+    """Tensor bytes an ArrayRecord carries (what a phone downloads or uploads), headers aside."""
+    return sum(
+        int(np.prod(array.shape)) * np.dtype(array.dtype).itemsize for array in record.values()
+    )

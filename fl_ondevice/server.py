@@ -1,0 +1,332 @@
+"""One federated run on the server: prepare it, run its rounds, record each, write outputs."""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, cast
+
+import numpy as np
+from flwr.app import ConfigRecord
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
+from flwr.superlink.grid import InMemoryGrid
+from omegaconf import OmegaConf
+
+from fl_ondevice.checkpoint import Weights, write_checkpoint
+from fl_ondevice.config import Config, ConfigError, to_run_config
+from fl_ondevice.data import Dataset, load_dataset
+from fl_ondevice.device import OnDeviceModel, evaluate_split
+from fl_ondevice.export import bake, build_tflite
+from fl_ondevice.message import EVAL_ACCURACY, TRAIN_LOSS, from_arrays, to_arrays
+from fl_ondevice.partition import Partition, make_partitions, write_partition_report
+from fl_ondevice.results import (
+    ACCURACY_PNG,
+    MetricsLog,
+    plot_accuracy,
+    process_tree_rss_mib,
+    summarize,
+)
+from fl_ondevice.resume import (
+    RESOLVED_CONFIG,
+    ResumePoint,
+    load_resume_point,
+    restore_strategy_state,
+    save_round,
+    state_file,
+)
+from fl_ondevice.rounds import RoundResult, run_rounds
+from fl_ondevice.strategy import layers, make_strategy, setting
+from fl_ondevice.transport import ClientGrid, RoundTraffic
+
+log = logging.getLogger(__name__)
+
+GLOBAL_CKPT = "global_model.ckpt"
+GLOBAL_TFLITE = "global_model.tflite"
+# How often the server asks for replies: the simulation's in-memory link state answers in
+# microseconds; a deployed SuperLink (Flower's own grid waits 3 s) is asked twice a second.
+REPLY_PULL_SECONDS = 0.005
+DEPLOYED_REPLY_PULL_SECONDS = 0.5
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """Everything a run needs that can fail on bad input, built before any engine starts."""
+
+    cfg: Config
+    dataset: Dataset
+    partitions: list[Partition]
+    model_file: Path
+    server_model: OnDeviceModel
+    strategy: Strategy
+
+
+def prepare(cfg: Config) -> Prepared:
+    """Load data, partition it, convert (or open) the model, build the strategy, and check that
+    they fit together.
+
+    Raises ``ConfigError``/``DataError``/``ModelError`` with the fix in the message.
+    """
+    check_output_dir(Path(cfg.output_dir))
+    if cfg.resume:
+        state_file(Path(cfg.resume))  # fail before converting models or starting engines
+    strategy = make_strategy(cfg)
+    dataset = load_dataset(cfg.dataset, cfg.seed)
+    partitions = make_partitions(dataset, cfg.num_clients, cfg.partition, cfg.seed)
+    model_file = build_tflite(
+        cfg.model,
+        dataset.input_shape,
+        dataset.num_classes,
+        cfg.seed,
+        os.path.expanduser(cfg.cache_dir),
+    )
+    model = OnDeviceModel(model_file)
+    if model.x_shape != dataset.input_shape:
+        raise ConfigError(
+            f"model.path={cfg.model.path!r} takes inputs of shape {model.x_shape} but "
+            f"dataset.name={cfg.dataset.name!r} has images of shape {dataset.input_shape}; "
+            "use a model built for this dataset"
+        )
+    if model.num_classes != dataset.num_classes:
+        raise ConfigError(
+            f"model.path={cfg.model.path!r} predicts {model.num_classes} classes but "
+            f"dataset.name={cfg.dataset.name!r} has {dataset.num_classes}"
+        )
+    model.check_proximal(float(setting(strategy, "proximal_mu", 0.0)))
+    return Prepared(cfg, dataset, partitions, model_file, model, strategy)
+
+
+def check_output_dir(out: Path, need_mib: float = 64.0) -> None:
+    """Fail at start, not hours later, if the run directory is unwritable or the disk is full."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".write-probe"
+        probe.write_bytes(b"x" * 4096)
+        probe.unlink()
+    except OSError as err:
+        raise ConfigError(
+            f"output_dir={str(out)!r} is not writable ({err.strerror}); choose another with "
+            "hydra.run.dir=DIR"
+        ) from None
+    free_mib = shutil.disk_usage(out).free / 2**20
+    if free_mib < need_mib:
+        raise ConfigError(
+            f"output_dir={str(out)!r} has {free_mib:.0f} MiB free; a run needs at least "
+            f"{need_mib:.0f} MiB for checkpoints, models and metrics"
+        )
+
+
+def run_server(grid: Grid, prep: Prepared, overrides: dict[str, Any] | None = None) -> dict:
+    """Run the configured strategy for ``cfg.num_rounds`` rounds over ``grid``'s nodes, write
+    the run's outputs, and return its summary.
+
+    A resumed run (``cfg.resume``) continues after its last completed round, with the global
+    weights, the strategy's state and the metrics that round left on disk.
+    """
+    cfg, out = prep.cfg, Path(prep.cfg.output_dir)
+    resumed = load_resume_point(out, prep.server_model.weight_spec) if cfg.resume else None
+    if resumed:
+        restore_strategy_state(prep.strategy, resumed.strategy_state)
+    metrics = _start_outputs(prep, overrides, resumed)
+    clients = ClientGrid(
+        grid,
+        num_clients=cfg.num_clients,
+        seed=cfg.seed,
+        weight_spec=prep.server_model.weight_spec,
+        model_file=str(prep.model_file),
+        run_config=ConfigRecord(to_run_config(cfg)),  # type: ignore[arg-type]
+        workers=cfg.workers,
+        clients_per_message=cfg.client.clients_per_message,
+        client_sizes=[len(p.train_indices) for p in prep.partitions],
+        dropout_rate=cfg.client.dropout_rate,
+        pull_seconds=pull_seconds(grid),
+    )
+    recorder = RoundRecorder(prep, clients, metrics)
+    if resumed:
+        initial, first = resumed.weights, resumed.round + 1
+    else:
+        initial, first = prep.server_model.get_weights(), 1
+        recorder.record(0, initial)
+    final = run_rounds(
+        prep.strategy,
+        clients,
+        to_arrays(initial),
+        range(first, cfg.num_rounds + 1),
+        ConfigRecord(),  # what each strategy adds to it (server-round, proximal-mu, ...)
+        cfg.seed,
+        recorder.after_round,
+    )
+    _finish_outputs(prep, from_arrays(final), metrics)
+    return summarize(metrics.rows, metrics.run_info)
+
+
+def pull_seconds(grid: Grid) -> float:
+    """How often to ask ``grid`` for replies."""
+    return REPLY_PULL_SECONDS if isinstance(grid, InMemoryGrid) else DEPLOYED_REPLY_PULL_SECONDS
+
+
+def _start_outputs(
+    prep: Prepared, overrides: dict[str, Any] | None, resumed: ResumePoint | None
+) -> MetricsLog:
+    cfg, out = prep.cfg, Path(prep.cfg.output_dir)
+    (out / RESOLVED_CONFIG).write_text(OmegaConf.to_yaml(asdict(cfg)))
+    write_partition_report(
+        prep.partitions,
+        prep.dataset.y_train,
+        prep.dataset.num_classes,
+        out,
+        f"{cfg.dataset.name}, {cfg.partition.name}, {cfg.num_clients} clients, seed {cfg.seed}",
+    )
+    run_info = {
+        "config": asdict(cfg),
+        "overrides": overrides or {},
+        "target_accuracy": cfg.target_accuracy,
+        "model_file": str(prep.model_file),
+    }
+    return MetricsLog(out, run_info, rows=resumed.rows if resumed else ())
+
+
+def _finish_outputs(prep: Prepared, weights: Weights, metrics: MetricsLog) -> None:
+    cfg, out = prep.cfg, Path(prep.cfg.output_dir)
+    write_checkpoint(out / GLOBAL_CKPT, weights)
+    _write_global_tflite(prep, weights, out / GLOBAL_TFLITE)
+    plot_accuracy(
+        metrics.rows,
+        out / ACCURACY_PNG,
+        f"{cfg.model.name} on {cfg.dataset.name}, {cfg.partition.name}, "
+        f"{cfg.num_clients} clients, {_strategy_name(prep.strategy)}, seed {cfg.seed}",
+    )
+
+
+def _strategy_name(strategy: Strategy) -> str:
+    return " / ".join(type(s).__name__ for _, s in layers(strategy))
+
+
+class RoundRecorder:
+    """After each round: evaluate the global model centrally (``infer`` on the test set), add
+    the round's row to the metrics, save what a resume needs, and log a progress line."""
+
+    def __init__(self, prep: Prepared, clients: ClientGrid, metrics: MetricsLog) -> None:
+        self.prep, self.clients, self.metrics = prep, clients, metrics
+        cfg = prep.cfg
+        # Central evaluation runs while the workers wait: one interpreter per worker's core.
+        self.evaluators = [prep.server_model] + [
+            OnDeviceModel(prep.model_file) for _ in range(cfg.workers - 1)
+        ]
+        done = metrics.rows[-1]["elapsed_seconds"] if metrics.rows else 0.0
+        self.t_start = time.perf_counter() - done
+        self.t_last = time.perf_counter()
+
+    def after_round(self, result: RoundResult) -> None:
+        """Record round ``result.round`` of the run."""
+        self.record(result.round, from_arrays(result.arrays), result)
+
+    def record(self, r: int, weights: Weights, result: RoundResult | None = None) -> None:
+        """Evaluate ``weights`` as the global model after round ``r`` and persist the round."""
+        cfg = self.prep.cfg
+        t_eval = time.perf_counter()
+        central = evaluate_split(
+            self.evaluators,
+            weights,
+            self.prep.dataset.x_test,
+            self.prep.dataset.y_test,
+            cfg.eval_batch_size,
+        )
+        now = time.perf_counter()
+        traffic = self.clients.traffic.pop(r, RoundTraffic())
+        row = {
+            "round": r,
+            "accuracy": central["accuracy"],
+            "loss": central["loss"],
+            **_client_columns(traffic, result),
+            "seconds": now - self.t_last if r else 0.0,
+            "eval_seconds": now - t_eval,
+            "elapsed_seconds": now - self.t_start,
+            "rss_mib": process_tree_rss_mib(),
+        }
+        save_round(Path(cfg.output_dir), r, weights, self.prep.strategy, self.metrics, row)
+        self.t_last = time.perf_counter()
+        _progress(row, cfg.num_rounds)
+
+
+def _client_columns(traffic: RoundTraffic, result: RoundResult | None) -> dict[str, Any]:
+    skipped = result is not None and result.skipped
+    return {
+        "train_loss": _metric(result.train_metrics if result else None, TRAIN_LOSS),
+        "client_eval_accuracy": _metric(result.evaluate_metrics if result else None, EVAL_ACCURACY),
+        "clients_sampled": traffic.sampled,
+        "clients_dropped": traffic.dropped,
+        "clients_replied": traffic.replied,
+        "clients_failed": traffic.failed,
+        "clients_rejected": traffic.rejected,
+        "skipped": int(skipped),
+        "examples": 0 if skipped else traffic.examples,
+        "bytes_down": traffic.bytes_down,
+        "bytes_up": traffic.bytes_up,
+        "client_seconds": _median(traffic.client_seconds),
+        "train_seconds": _median(traffic.train_seconds),
+    }
+
+
+def _metric(record: Any, key: str) -> float:
+    if record is None or not isinstance(record.get(key), int | float):
+        return float("nan")
+    return float(cast(float, record[key]))
+
+
+def _median(values: list[float]) -> float:
+    return float(np.median(values)) if values else float("nan")
+
+
+def _write_global_tflite(prep: Prepared, weights: dict, path: Path) -> None:
+    cfg = prep.cfg
+    if cfg.model.name == "tflite":
+        # A foreign .tflite cannot be rebuilt with new weights: ship the checkpoint instead.
+        log.warning(
+            "model=tflite: %s not written; load %s into your model with its restore signature",
+            path.name,
+            GLOBAL_CKPT,
+        )
+        return
+    tflite = bake(cfg.model, prep.dataset.input_shape, prep.dataset.num_classes, weights)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_bytes(tflite)
+    os.replace(tmp, path)
+
+
+def _progress(row: dict, num_rounds: int) -> None:
+    r = row["round"]
+    if r == 0:
+        log.info(
+            "round 0/%d  accuracy %.4f  loss %.4f  (initial model)",
+            num_rounds,
+            row["accuracy"],
+            row["loss"],
+        )
+        return
+    per_round = row["elapsed_seconds"] / r
+    eta = per_round * (num_rounds - r)
+    train_loss = row["train_loss"]
+    log.info(
+        "round %d/%d  accuracy %.4f  loss %.4f  train-loss %s  clients %d/%d  %.2f s  ETA %s%s",
+        r,
+        num_rounds,
+        row["accuracy"],
+        row["loss"],
+        "n/a" if math.isnan(train_loss) else f"{train_loss:.4f}",
+        row["clients_replied"],
+        row["clients_sampled"],
+        row["seconds"],
+        _duration(eta),
+        "  (skipped)" if row["skipped"] else "",
+    )
+
+
+def _duration(seconds: float) -> str:
+    m, s = divmod(int(round(seconds)), 60)
+    return f"{m}m{s:02d}s" if m else f"{s}s"

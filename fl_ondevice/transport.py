@@ -1,0 +1,369 @@
+"""The Grid a strategy sees: one node per client, several clients per engine message beneath it.
+
+Any Flower strategy samples nodes and sends each a message. Here a node is a simulated client
+(node id = ``FIRST_NODE_ID`` + client id), and :class:`ClientGrid` carries the strategy's
+per-client messages to the engine's real nodes: clients that got the same content share one
+engine message (``fl_ondevice.message.pack``), trained one after another by one worker, and the
+reply is taken apart again into one reply per client, in client order. Why group: the engine's
+costs are per message (Flower's in-memory link state scans every stored message for every node
+on each poll; Ray ships the ClientApp with each message), so one message per client made them
+dominate small models in large rounds.
+
+On the way back every update is checked (``fl_ondevice.updates``): a crash, a rejected update or
+a missing client reaches the strategy as an error reply, which every Flower strategy skips.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import cast
+from uuid import uuid4
+
+import numpy as np
+from flwr.app import ConfigRecord, Error, Message, MessageType, RecordDict
+from flwr.serverapp import Grid
+from flwr.supercore.run import Run
+
+from fl_ondevice.checkpoint import WeightSpec
+from fl_ondevice.message import (
+    CLIENT_SECONDS,
+    NUM_EXAMPLES,
+    TRAIN_SECONDS,
+    num_bytes,
+    pack,
+    unpack_replies,
+)
+from fl_ondevice.updates import checked_update, client_error
+
+log = logging.getLogger(__name__)
+
+FIRST_NODE_ID = 1_000_000  # client c is node FIRST_NODE_ID + c to the strategy
+MESSAGES_PER_WORKER = 4  # few messages per round, enough to balance the workers
+ONE_PER_MESSAGE_UP_TO = 16  # clients per worker: up to this, each client gets its own message
+ERROR_CODE = 1  # Flower's Error code for a client that failed or sent a rejected update
+_DROPOUT_STREAM = 2  # keeps dropout draws apart from the other seeded draws of a round
+
+
+@dataclass
+class RoundTraffic:
+    """What crossed the wire in one training round, counted as it happens."""
+
+    sampled: int = 0
+    dropped: int = 0  # sampled but never replied (client.dropout_rate)
+    replied: int = 0  # replies received, crashes included
+    failed: int = 0  # replied with an error (the client crashed)
+    rejected: int = 0  # replied with an update that failed validation
+    bytes_down: int = 0
+    bytes_up: int = 0
+    examples: int = 0
+    client_seconds: list[float] = field(default_factory=list)
+    train_seconds: list[float] = field(default_factory=list)
+
+    @property
+    def valid(self) -> int:
+        """Updates a strategy may aggregate."""
+        return self.replied - self.failed - self.rejected
+
+
+@dataclass
+class _Sent:
+    client: int
+    message: Message  # the strategy's message to this client
+
+
+class ClientGrid(Grid):
+    """A Grid with one node per client over the engine's ``grid``.
+
+    Parameters
+    ----------
+    grid
+        The engine's Grid (simulation or a deployed SuperLink).
+    num_clients, seed
+        The clients (nodes to the strategy) and the run seed.
+    weight_spec
+        The global model's tensors: a train reply must match them.
+    model_file, run_config
+        What every engine message carries for the worker.
+    workers, clients_per_message, client_sizes
+        How many clients train at once, clients per engine message (None: see
+        :func:`messages_per_round`) and each client's training examples, by which clients are
+        spread over a round's messages (:func:`group_clients`).
+    dropout_rate
+        Share of the clients sent a train message that never reply (a seeded draw per round
+        and client): the phone downloaded the model and went offline.
+    pull_seconds
+        How often ``send_and_receive`` asks the engine for replies.
+    """
+
+    def __init__(
+        self,
+        grid: Grid,
+        num_clients: int,
+        seed: int,
+        weight_spec: WeightSpec,
+        model_file: str,
+        run_config: ConfigRecord,
+        workers: int = 1,
+        clients_per_message: int | None = None,
+        client_sizes: Sequence[int] | None = None,
+        dropout_rate: float = 0.0,
+        pull_seconds: float = 0.005,
+    ) -> None:
+        self.grid = grid
+        self.num_clients = num_clients
+        self.seed = seed
+        self.weight_spec = weight_spec
+        self.model_file = model_file
+        self.run_config = run_config
+        self.workers = workers
+        self.clients_per_message = clients_per_message
+        self.client_sizes = client_sizes
+        self.dropout_rate = dropout_rate
+        self.pull_seconds = pull_seconds
+        self.round = 0  # set by the round loop: faults and traffic are counted per round
+        self.traffic: dict[int, RoundTraffic] = {}
+        self._sent: dict[str, _Sent] = {}  # virtual message id -> its client
+        self._groups: dict[str, list[str]] = {}  # engine message id -> virtual message ids
+        self._ready: dict[str, Message] = {}  # per-client replies not yet pulled
+
+    # -- what the strategy sees ---------------------------------------------------------------
+    def get_node_ids(self) -> Iterable[int]:
+        """One node per client."""
+        return range(FIRST_NODE_ID, FIRST_NODE_ID + self.num_clients)
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        """Send the strategy's per-client messages, grouped into engine messages; return the
+        ids of those sent (a dropped-out client's message is lost on the way)."""
+        sent: list[str] = []
+        by_content: dict[tuple, list[str]] = {}
+        for msg in messages:
+            client = msg.metadata.dst_node_id - FIRST_NODE_ID
+            if not 0 <= client < self.num_clients:
+                raise ValueError(f"message for node {msg.metadata.dst_node_id}: not a client")
+            msg.metadata.__dict__["_message_id"] = str(uuid4())  # as Flower's grids do
+            if self._train(msg):
+                self._count_download(client, msg)
+                if self._drops_out(client):
+                    continue
+            self._sent[msg.metadata.message_id] = _Sent(client, msg)
+            by_content.setdefault(_content_key(msg), []).append(msg.metadata.message_id)
+            sent.append(msg.metadata.message_id)
+        for ids in by_content.values():
+            self._push_group(ids)
+        return sent
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        """The per-client replies to ``message_ids`` that have arrived."""
+        self._pull_engine()
+        return [self._ready.pop(i) for i in list(message_ids) if i in self._ready]
+
+    def send_and_receive(
+        self, messages: Iterable[Message], *, timeout: float | None = None
+    ) -> Iterator[Message]:
+        """Push ``messages`` now; yield their replies in client order, each as soon as the
+        replies of every client before it are in, until all came or ``timeout`` seconds passed.
+
+        Client order makes a strategy's result independent of the engine's timing; yielding
+        early lets a strategy that aggregates as replies arrive hold only a few of them.
+        """
+        ids = list(self.push_messages(messages))
+        ids.sort(key=lambda i: self._sent[i].client)
+        return self._in_client_order(ids, timeout)
+
+    def _in_client_order(self, ids: list[str], timeout: float | None) -> Iterator[Message]:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        arrived: dict[str, Message] = {}
+        pending = set(ids)
+        nxt = 0
+        while nxt < len(ids):
+            for reply in self.pull_messages(pending):
+                arrived[reply.metadata.reply_to_message_id] = reply
+                pending.discard(reply.metadata.reply_to_message_id)
+            while nxt < len(ids) and ids[nxt] in arrived:
+                yield arrived.pop(ids[nxt])  # the stream keeps no reference to what it gave
+                nxt += 1
+            if nxt < len(ids):
+                if deadline is not None and time.monotonic() >= deadline:
+                    break
+                time.sleep(self.pull_seconds)
+        for i in ids[nxt:]:  # past the timeout: what arrived still counts, in client order
+            if i in arrived:
+                yield arrived.pop(i)
+        self._abandon(pending)
+
+    def _abandon(self, ids: set[str]) -> None:
+        # Past the timeout: forget these clients, and the engine messages that only they are in.
+        for i in ids:
+            self._sent.pop(i, None)
+        for engine_id, virtual_ids in list(self._groups.items()):
+            if not set(virtual_ids) - ids:
+                del self._groups[engine_id]
+
+    # -- beneath the strategy: engine messages ------------------------------------------------
+    def _push_group(self, ids: list[str]) -> None:
+        first = self._sent[ids[0]].message
+        clients = [self._sent[i].client for i in ids]
+        nodes = _wait_for_nodes(self.grid)
+        wanted = messages_per_round(len(clients), self.workers, self.clients_per_message)
+        groups = group_clients(clients, min(len(nodes), wanted), self.client_sizes)
+        id_of = {self._sent[i].client: i for i in ids}
+        engine_msgs = []
+        for node, group in zip(nodes, groups, strict=False):
+            content = pack(first.content, group, self.model_file, self.run_config)
+            msg = self.grid.create_message(
+                content, first.metadata.message_type, node, group_id=str(self.round)
+            )
+            engine_msgs.append((msg, [id_of[c] for c in group]))
+        pushed = list(self.grid.push_messages([m for m, _ in engine_msgs]))
+        for engine_id, (_, virtual_ids) in zip(pushed, engine_msgs, strict=True):
+            self._groups[engine_id] = virtual_ids
+
+    def _pull_engine(self) -> None:
+        if not self._groups:
+            return
+        for reply in self.grid.pull_messages(list(self._groups)):
+            virtual_ids = self._groups.pop(reply.metadata.reply_to_message_id, [])
+            clients = [self._sent[i].client for i in virtual_ids if i in self._sent]
+            if reply.has_error():  # the whole message failed (e.g. the worker died)
+                parts: dict[int, RecordDict | str] = {
+                    c: client_error(reply.error.reason or "", c, self.round) for c in clients
+                }
+            else:
+                parts = unpack_replies(reply.content, clients)
+            for i in virtual_ids:
+                sent = self._sent.pop(i, None)
+                if sent is not None:  # None: given up on at a timeout
+                    self._ready[i] = self._client_reply(sent, parts[sent.client])
+
+    def _client_reply(self, sent: _Sent, part: RecordDict | str) -> Message:
+        training = self._train(sent.message)
+        traffic = self.traffic.setdefault(self.round, RoundTraffic())
+        traffic.replied += training
+        if isinstance(part, str):
+            traffic.failed += training
+            log.warning("round %d: %s", self.round, part)
+            return Message(Error(ERROR_CODE, part), reply_to=sent.message)
+        if not training:
+            return Message(part, reply_to=sent.message)
+        checked = checked_update(part, self.weight_spec, NUM_EXAMPLES)
+        if isinstance(checked, str):
+            traffic.rejected += 1
+            reason = f"update of client {sent.client} rejected: {checked}"
+            log.warning("round %d: %s", self.round, reason)
+            return Message(Error(ERROR_CODE, reason), reply_to=sent.message)
+        metrics = next(iter(part.metric_records.values()))
+        traffic.examples += int(checked[0])
+        traffic.bytes_up += num_bytes(next(iter(part.array_records.values())))
+        for key, values in (
+            (CLIENT_SECONDS, traffic.client_seconds),
+            (TRAIN_SECONDS, traffic.train_seconds),
+        ):
+            if isinstance(metrics.get(key), int | float):
+                values.append(float(cast(float, metrics[key])))
+        return Message(part, reply_to=sent.message)
+
+    # -- faults and accounting ----------------------------------------------------------------
+    def _train(self, msg: Message) -> bool:
+        return msg.metadata.message_type.split(".")[0] == MessageType.TRAIN
+
+    def _count_download(self, client: int, msg: Message) -> None:
+        traffic = self.traffic.setdefault(self.round, RoundTraffic())
+        traffic.sampled += 1
+        # What a phone downloads: the arrays it is sent (dropouts downloaded them too).
+        traffic.bytes_down += sum(num_bytes(r) for r in msg.content.array_records.values())
+
+    def _drops_out(self, client: int) -> bool:
+        if self.dropout_rate <= 0.0:
+            return False
+        draw = np.random.default_rng([self.seed, self.round, client, _DROPOUT_STREAM]).random()
+        if draw >= self.dropout_rate:
+            return False
+        self.traffic[self.round].dropped += 1
+        return True
+
+    # -- the rest of Grid, passed through -----------------------------------------------------
+    @property
+    def run(self) -> Run:
+        return self.grid.run
+
+    def set_run(self, run: Run) -> None:
+        self.grid.set_run(run)
+
+    def create_message(
+        self,
+        content: RecordDict,
+        message_type: str,
+        dst_node_id: int,
+        group_id: str,
+        ttl: float | None = None,
+    ) -> Message:
+        return Message(content, dst_node_id, message_type, ttl=ttl, group_id=group_id)
+
+
+def _content_key(msg: Message) -> tuple:
+    # Clients whose messages hold the very same records (Flower's strategies send one
+    # RecordDict to all) share an engine message; small config records are compared by value.
+    return (msg.metadata.message_type,) + tuple(
+        (key, id(record)) if key not in msg.content.config_records else (key, repr(record))
+        for key, record in msg.content.items()
+    )
+
+
+def _wait_for_nodes(grid: Grid, timeout: float = 600.0) -> list[int]:
+    deadline = time.monotonic() + timeout
+    while not (nodes := sorted(grid.get_node_ids())):
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"no node connected after {timeout:.0f} s")
+        time.sleep(0.5)
+    return nodes
+
+
+def messages_per_round(clients: int, workers: int, clients_per_message: int | None) -> int:
+    """How many engine messages carry a round's ``clients``.
+
+    Large rounds go out as ``MESSAGES_PER_WORKER`` messages per worker, each with several
+    clients. Small rounds keep one client per message: there the engine's per-message cost is
+    small, and whole clients as the unit of work balance the workers best (8 messages for 10
+    equal clients on 2 workers can take 6 client-times instead of 5).
+    """
+    if clients_per_message is not None:
+        return max(1, -(-clients // clients_per_message))
+    workers = max(1, workers)
+    if clients <= ONE_PER_MESSAGE_UP_TO * workers:
+        return max(1, clients)
+    return MESSAGES_PER_WORKER * workers
+
+
+def max_messages(num_clients: int, workers: int, clients_per_message: int | None) -> int:
+    """The most engine messages any round of ``num_clients`` clients can need: the simulated
+    nodes an engine must have, whatever the strategy samples."""
+    if clients_per_message is not None:
+        return messages_per_round(num_clients, workers, clients_per_message)
+    return max(1, min(num_clients, ONE_PER_MESSAGE_UP_TO * max(1, workers)))
+
+
+def group_clients(
+    client_ids: Sequence[int], messages: int, sizes: Sequence[int] | None = None
+) -> list[list[int]]:
+    """Spread clients over ``messages`` groups of near-equal work, at most ceil(k / messages)
+    clients each: largest client first, each into the lightest group with room (LPT).
+
+    ``sizes[c]`` is client c's work (training examples); None counts every client as 1.
+    Deterministic: ties go to the lower client id and the lower group.
+    """
+
+    def size(c: int) -> int:
+        return 1 if sizes is None else int(sizes[c])
+
+    messages = max(1, min(messages, len(client_ids)))
+    room = -(-len(client_ids) // messages)
+    groups: list[list[int]] = [[] for _ in range(messages)]
+    loads = [0] * messages
+    for c in sorted(client_ids, key=lambda c: (-size(c), c)):
+        i = min((j for j in range(messages) if len(groups[j]) < room), key=lambda j: loads[j])
+        groups[i].append(c)
+        loads[i] += size(c)
+    return [sorted(g) for g in groups]

@@ -1,0 +1,148 @@
+"""ClientGrid against a scripted engine: grouping, client order, faults, validation, timeouts."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
+from scripted_engine import ScriptedEngine, meta
+
+from fl_ondevice.checkpoint import WeightSpec
+from fl_ondevice.message import pack_replies, to_arrays
+from fl_ondevice.transport import FIRST_NODE_ID, ClientGrid
+
+SPEC = WeightSpec.of({"w": np.zeros(3, np.float32)})
+
+
+def _update(value: float, examples: int = 5) -> RecordDict:
+    return RecordDict(
+        {
+            "arrays": to_arrays({"w": np.full(3, value, np.float32)}),
+            "metrics": MetricRecord({"num-examples": examples, "client-seconds": 0.1}),
+        }
+    )
+
+
+def _grid(engine, **kw) -> ClientGrid:
+    grid = ClientGrid(engine, 6, 0, SPEC, "m.tflite", ConfigRecord({"seed": 0}), **kw)
+    grid.round = 1
+    return grid
+
+
+def _messages(clients, kind: str = "train") -> list[Message]:
+    content = RecordDict(
+        {"arrays": to_arrays({"w": np.zeros(3, np.float32)}), "config": ConfigRecord()}
+    )
+    return [Message(content, metadata=meta(FIRST_NODE_ID + c, kind)) for c in clients]
+
+
+def _client(reply: Message) -> int:
+    return reply.metadata.src_node_id - FIRST_NODE_ID
+
+
+def test_clients_that_got_the_same_content_share_engine_messages():
+    engine = ScriptedEngine(lambda cs: pack_replies([(c, _update(c)) for c in cs]))
+    grid = _grid(engine, workers=1, clients_per_message=2)
+
+    replies = list(grid.send_and_receive(_messages([4, 0, 2, 5, 1]), timeout=5))
+
+    assert sorted(c for _, cs, _ in engine.pushed for c in cs) == [0, 1, 2, 4, 5]
+    assert max(len(cs) for _, cs, _ in engine.pushed) == 2  # 3 engine messages for 5 clients
+    assert [_client(r) for r in replies] == [0, 1, 2, 4, 5]  # client order, not push order
+    assert [float(r.content["arrays"]["w"].numpy()[0]) for r in replies] == [0, 1, 2, 4, 5]
+    traffic = grid.traffic[1]
+    assert (traffic.sampled, traffic.replied, traffic.valid, traffic.examples) == (5, 5, 5, 25)
+    assert traffic.bytes_down == traffic.bytes_up == 5 * 3 * 4
+
+
+def test_replies_come_in_client_order_as_soon_as_the_ones_before_them_are_in():
+    # Client 0 answers after 0.3 s, client 1 at once, client 2 never (its phone is gone).
+    delays = {0: 0.3, 1: 0.0, 2: None}
+    engine = ScriptedEngine(
+        lambda cs: pack_replies([(c, _update(c)) for c in cs]), lambda cs: delays[cs[0]]
+    )
+    grid = _grid(engine, workers=1, clients_per_message=1, pull_seconds=0.01)
+    t0 = time.monotonic()
+
+    stream = grid.send_and_receive(_messages([0, 1, 2]), timeout=0.6)
+    first = next(stream)
+    t_first = time.monotonic() - t0
+    second = next(stream)
+    t_second = time.monotonic() - t0
+    rest = list(stream)
+    t_end = time.monotonic() - t0
+
+    assert (_client(first), _client(second), rest) == (0, 1, [])
+    assert 0.3 <= t_first < 0.45  # held back until client 0 was in ...
+    assert t_second - t_first < 0.05  # ... then client 1 at once
+    assert 0.6 <= t_end < 0.9  # client 2 given up at the timeout
+
+
+def test_failed_missing_and_invalid_updates_reach_the_strategy_as_errors():
+    def answer(clients):
+        parts = []
+        for c in clients:
+            if c == 1:
+                parts.append((c, "client 1, round 1, train: out of memory"))
+            elif c == 2:
+                parts.append((c, _update(float("nan"))))
+            elif c == 3:
+                parts.append((c, _update(1.0, examples=0)))
+            elif c != 4:  # client 4 is missing from its message's reply
+                parts.append((c, _update(c)))
+        return pack_replies(parts)
+
+    grid = _grid(ScriptedEngine(answer), workers=1, clients_per_message=3)
+
+    replies = {_client(r): r for r in grid.send_and_receive(_messages(range(6)), timeout=5)}
+
+    assert not replies[0].has_error() and not replies[5].has_error()
+    assert replies[1].error.reason == "client 1, round 1, train: out of memory"
+    assert "rejected: non-finite values" in replies[2].error.reason
+    assert "rejected: num-examples=0, must be > 0" in replies[3].error.reason
+    assert replies[4].error.reason == "client 4 is missing from the reply"
+    t = grid.traffic[1]
+    assert (t.replied, t.failed, t.rejected, t.valid) == (6, 2, 2, 2)
+
+
+def test_a_failed_engine_message_fails_each_of_its_clients():
+    from flwr.app import Error
+
+    class Dying(ScriptedEngine):
+        def pull_messages(self, ids):
+            return [
+                Message(Error(0, "worker died"), metadata=meta(1, "train", i))
+                for i, cs, _ in self.pushed
+                if i in ids
+            ]
+
+    grid = _grid(Dying(None), workers=1, clients_per_message=2)
+
+    replies = list(grid.send_and_receive(_messages([0, 3]), timeout=5))
+
+    assert [r.has_error() for r in replies] == [True, True]
+    assert "client 3, round 1 failed: worker died" in replies[1].error.reason
+
+
+def test_dropped_out_clients_are_not_sent_and_not_waited_for():
+    engine = ScriptedEngine(lambda cs: pack_replies([(c, _update(c)) for c in cs]))
+    grid = _grid(engine, workers=1, dropout_rate=0.5)
+    dropped = [c for c in range(6) if np.random.default_rng([0, 1, c, 2]).random() < 0.5]
+    assert 0 < len(dropped) < 6
+
+    replies = list(grid.send_and_receive(_messages(range(6)), timeout=5))
+
+    assert sorted(_client(r) for r in replies) == sorted(set(range(6)) - set(dropped))
+    assert (grid.traffic[1].sampled, grid.traffic[1].dropped) == (6, len(dropped))
+    assert grid.traffic[1].bytes_down == 6 * 12  # the dropouts downloaded the model too
+
+
+def test_evaluate_replies_are_passed_on_unvalidated_and_uncounted():
+    metrics = RecordDict({"metrics": MetricRecord({"num-examples": 3, "eval-accuracy": 0.5})})
+    grid = _grid(ScriptedEngine(lambda cs: pack_replies([(c, metrics) for c in cs])))
+
+    replies = list(grid.send_and_receive(_messages([2, 3], "evaluate"), timeout=5))
+
+    assert [r.content["metrics"]["eval-accuracy"] for r in replies] == [0.5, 0.5]
+    assert grid.traffic.get(1) is None or grid.traffic[1].replied == 0
