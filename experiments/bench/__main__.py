@@ -6,8 +6,9 @@ import argparse
 import json
 import logging
 import os
+import subprocess
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 from experiments.bench.grid import plan
@@ -33,8 +34,14 @@ def main() -> None:
     p.add_argument("--models", default="mlp,cnn")
     p.add_argument("--clients", default="10,100,1000")
     p.add_argument("--fractions", default="0.1,1.0")
-    p.add_argument("--kinds", default="ours,peer", help="ours, peer or both")
+    p.add_argument("--kinds", default="ours,peer", help="of ours, peer, base")
+    p.add_argument(
+        "--baseline",
+        default=None,
+        help="git commit the `base` kind runs (A/B against this checkout), from a worktree",
+    )
     p.add_argument("--rounds", type=int, default=3, help="rounds per job; 2..R are timed")
+    p.add_argument("--strategy", default="fedavg", help="conf/strategy name for `ours` jobs")
     p.add_argument("--max-sim-seconds", type=float, default=200.0, help="skip longer jobs")
     p.add_argument("--timeout", type=float, default=900.0, help="kill a job after this")
     p.add_argument("--breakdown-clients", type=int, default=20, help="in-process updates")
@@ -58,7 +65,15 @@ def main() -> None:
             cores,  # Ray workers: cores / client.num_cpus (1)
             args.max_sim_seconds,
         )
-        run_grid(cells, args, cores)
+        if args.strategy != "fedavg":  # the strategy is ours alone: the peer and base run FedAvg
+            cells = [
+                replace(c, job=replace(c.job, strategy=args.strategy))
+                if c.job.kind == "ours"
+                else c
+                for c in cells
+            ]
+        baseline = _worktree(args.baseline, args.out) if "base" in kinds else None
+        run_grid(cells, args, cores, len(kinds), baseline)
     if "breakdown" in parts:
         from experiments.bench.breakdown import run_breakdown
 
@@ -74,15 +89,31 @@ def main() -> None:
         print(write_report(args.out, cores))
 
 
-def run_grid(cells: list, args: argparse.Namespace, cores: int) -> None:
-    """Run every planned job in order (ours and peer alternate), appending to sim_runs.jsonl."""
+def _worktree(ref: str | None, out: Path) -> Path:
+    """A git worktree of ``ref`` under ``out`` (made once, reused), for the ``base`` jobs."""
+    if not ref:
+        raise SystemExit("--kinds with base needs --baseline REF (a git commit to compare with)")
+    commit = subprocess.run(
+        ["git", "rev-parse", "--short", ref], capture_output=True, text=True, check=True
+    ).stdout.strip()
+    path = (out / f"baseline-{commit}").resolve()
+    if not path.is_dir():
+        subprocess.run(["git", "worktree", "add", "--detach", str(path), commit], check=True)
+    log.info("baseline: commit %s in %s", commit, path)
+    return path
+
+
+def run_grid(
+    cells: list, args: argparse.Namespace, cores: int, kinds: int, baseline: Path | None
+) -> None:
+    """Run every planned job in order (the kinds alternate), appending to sim_runs.jsonl."""
     jsonl = args.out / RUNS_JSONL
     if args.fresh:
         jsonl.unlink(missing_ok=True)
     work = args.out / "runs"
-    for cell in _interleave(cells):
+    for cell in _interleave(cells, kinds):
         job: Job = cell.job
-        name = f"{job.kind} {job.model} n={job.clients} C={job.fraction}"
+        name = f"{job.contender} {job.model} n={job.clients} C={job.fraction}"
         if cell.skipped:
             log.info("skip %s: %s", name, cell.skipped)
             outcome = Outcome(job, 0.0, [], float("nan"), float("nan"), float("nan"), None)
@@ -90,7 +121,7 @@ def run_grid(cells: list, args: argparse.Namespace, cores: int) -> None:
         else:
             log.info("run %s (estimate %.0f s) ...", name, cell.estimate_seconds)
             t0 = time.monotonic()
-            outcome = run_job(job, work, args.conf_dir, cores, args.timeout)
+            outcome = run_job(job, work, args.conf_dir, cores, args.timeout, baseline)
             log.info(
                 "  %s: %.1f s wall, %.3f s/round, acc %.4f, peak RSS %.0f MiB, CPU %.0f%% %s",
                 name,
@@ -105,14 +136,14 @@ def run_grid(cells: list, args: argparse.Namespace, cores: int) -> None:
             f.write(json.dumps(asdict(outcome), default=float) + "\n")
 
 
-def _interleave(cells: list) -> list:
-    # Within each (model, clients, fraction) pair, alternate which contender goes first, so a
+def _interleave(cells: list, kinds: int) -> list:
+    # Within each (model, clients, fraction) cell, rotate which contender goes first, so a
     # slow drift of the shared machine's load does not always favour the same one.
-    out, k = [], 0
-    for a in range(0, len(cells), 2):
-        pair = cells[a : a + 2]
-        out += pair if k % 2 == 0 else pair[::-1]
-        k += 1
+    out = []
+    for k, a in enumerate(range(0, len(cells), kinds)):
+        group = cells[a : a + kinds]
+        shift = k % len(group)
+        out += group[shift:] + group[:shift]
     return out
 
 

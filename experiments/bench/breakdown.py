@@ -50,10 +50,10 @@ def _time_updates(cfg, n: int) -> dict[tuple[str, str], list[float]]:  # noqa: A
     from flwr.app import ArrayRecord
 
     from experiments.bench.peer import keras_twin
-    from fl_ondevice.client import client_data, local_seed, train_client
-    from fl_ondevice.client_app import from_arrays, to_arrays
+    from fl_ondevice.client import StagedWeights, client_data, local_seed, train_client
     from fl_ondevice.device import OnDeviceModel
     from fl_ondevice.export import build_tflite
+    from fl_ondevice.message import from_arrays, to_arrays
     from fl_ondevice.model import build_model
 
     dataset, partitions = client_data(cfg)
@@ -94,7 +94,8 @@ def _time_updates(cfg, n: int) -> dict[tuple[str, str], list[float]]:  # noqa: A
         lap("ours", "update total", start)
         _checkpoint_pieces(device, new, lap)
         t0 = time.perf_counter()
-        train_client(cfg, str(path), cid, 1, weights)
+        staged = StagedWeights().get(device, record, lambda: from_arrays(record))
+        train_client(cfg, device, staged, cid, 1)
         lap("ours", "train_client() call", t0)
         # -- the peer: experiments.bench.peer.train without Flower
         t0 = start = time.perf_counter()

@@ -11,7 +11,8 @@ TRAIN_PER_CLIENT = {10: 4800, 100: 480, 1000: 48}  # Fashion-MNIST iid, 80% of 6
 # finish in --max-sim-seconds; the measured numbers replace them in every table.
 STEP_SECONDS = {("ours", "mlp"): 0.00025, ("ours", "cnn"): 0.046}
 STEP_SECONDS |= {("peer", "mlp"): 0.001, ("peer", "cnn"): 0.024}
-CALL_SECONDS = {"ours": 0.1, "peer": 1.0}  # per client update besides the steps (smoke run)
+STEP_SECONDS |= {("base", m): s for (k, m), s in list(STEP_SECONDS.items()) if k == "ours"}
+CALL_SECONDS = {"ours": 0.1, "base": 0.1, "peer": 1.0}  # per update besides the steps
 START_SECONDS = 25.0  # TF import, Ray start-up, first-round warm-up
 
 
@@ -47,7 +48,7 @@ def plan(
     workers: int,
     max_seconds: float,
 ) -> list[Cell]:
-    """Every (model, clients, fraction, kind) in grid order, ours and peer side by side."""
+    """Every (model, clients, fraction, kind) in grid order, the kinds side by side."""
     cells = []
     for model in models:
         for n in clients:

@@ -161,9 +161,9 @@ def run_peer(cfg: Config) -> list[dict[str, float]]:
             return MetricRecord({"accuracy": float(acc), "loss": float(loss)})
 
         strategy = FedAvg(
-            fraction_train=cfg.strategy.fraction_train,
+            fraction_train=cfg.strategy["fraction_train"],
             fraction_evaluate=0.0,
-            min_train_nodes=cfg.strategy.min_train_nodes,
+            min_train_nodes=cfg.strategy["min_train_nodes"],
             min_available_nodes=cfg.num_clients,
             train_metrics_aggr_fn=aggregate_metrics,
         )

@@ -12,6 +12,8 @@ from experiments.bench.runs import Job, Outcome
 
 SIM_CSV = "simulation.csv"
 COMPARE_CSV = "comparison.csv"
+AB_CSV = "ab.csv"  # this checkout vs the --baseline commit
+AB_LIMIT = 1.10  # issue 12: FedAvg's round time within 10% of the code before it
 TARGETS_CSV = "targets.csv"
 ROUND_PNG = "round_time.png"
 RSS_PNG = "peak_rss.png"
@@ -26,7 +28,7 @@ def load_outcomes(out: Path) -> dict[tuple, Outcome]:
         d = json.loads(line)
         job = Job(**d.pop("job"))
         o = Outcome(job=job, **d)
-        found[(job.model, job.clients, job.fraction, job.kind)] = o
+        found[(job.model, job.clients, job.fraction, job.contender)] = o
     return found
 
 
@@ -35,7 +37,7 @@ def sim_row(o: Outcome, cores: int) -> dict[str, Any]:
     j = o.job
     status = "; ".join(o.notes) or o.error or "ok"
     row: dict[str, Any] = {"model": j.model, "clients": j.clients, "fraction": j.fraction}
-    row |= {"contender": j.kind, "rounds": j.rounds, "status": status}
+    row |= {"contender": j.contender, "rounds": j.rounds, "status": status}
     if o.error or not o.rows:
         return row
     updates = o.median("clients_replied")
@@ -95,7 +97,10 @@ def write_report(out: Path, cores: int) -> str:
             }
         )
     _write_csv(out / COMPARE_CSV, compare)
-    targets = _targets(by, compare)
+    ab = _ab_rows(by)
+    if ab:
+        _write_csv(out / AB_CSV, ab)
+    targets = _targets(by, compare) + _ab_targets(ab)
     _write_csv(out / TARGETS_CSV, targets)
     _plots(out, rows, compare)
     breakdown = out / "breakdown.csv"
@@ -138,7 +143,24 @@ def write_report(out: Path, cores: int) -> str:
                 "non_train_ms",
             ],
         ),
-        "## Targets (issue 7)",
+        "## A/B: this checkout vs the --baseline commit (median s/round over rounds 2..R)",
+        _md(
+            ab,
+            [
+                "model",
+                "clients",
+                "fraction",
+                "ours_s_per_round",
+                "base_s_per_round",
+                "ratio",
+                "ours_peak_rss_mib",
+                "base_peak_rss_mib",
+                "rss_ratio",
+                "ours_accuracy",
+                "base_accuracy",
+            ],
+        ),
+        "## Targets (issues 7 and 12)",
         _md(targets, ["target", "where", "measured", "limit", "verdict"]),
     ]
     if breakdown.is_file():
@@ -151,6 +173,48 @@ def write_report(out: Path, cores: int) -> str:
                 ),
             ]
     return "\n\n".join(text)
+
+
+def _ab_rows(by: dict) -> list[dict[str, Any]]:
+    rows = []
+    for (model, n, f, kind), r in by.items():
+        b = by.get((model, n, f, "base"))
+        if kind != "ours" or b is None:
+            continue
+        rows.append(
+            {
+                "model": model,
+                "clients": n,
+                "fraction": f,
+                "ours_s_per_round": r.get("s_per_round", math.nan),
+                "base_s_per_round": b.get("s_per_round", math.nan),
+                "ratio": r.get("s_per_round", math.nan) / b.get("s_per_round", math.nan),
+                "ours_peak_rss_mib": r.get("peak_rss_mib", math.nan),
+                "base_peak_rss_mib": b.get("peak_rss_mib", math.nan),
+                "rss_ratio": r.get("peak_rss_mib", math.nan) / b.get("peak_rss_mib", math.nan),
+                "ours_accuracy": r.get("final_accuracy", math.nan),
+                "base_accuracy": b.get("final_accuracy", math.nan),
+            }
+        )
+    return rows
+
+
+def _ab_targets(ab: list[dict]) -> list[dict[str, Any]]:
+    t = []
+    for r in ab:
+        cell = (r["model"], r["clients"])
+        if cell in {("mlp", 10), ("mlp", 100), ("mlp", 1000), ("cnn", 10), ("cnn", 100)}:
+            ok = r["ratio"] <= AB_LIMIT
+            t.append(
+                {
+                    "target": "round time / baseline commit",
+                    "where": f"{r['model']} n={r['clients']} C={r['fraction']}",
+                    "measured": r["ratio"],
+                    "limit": AB_LIMIT,
+                    "verdict": "n/a" if math.isnan(r["ratio"]) else ("PASS" if ok else "FAIL"),
+                }
+            )
+    return t
 
 
 def _targets(by: dict, compare: list[dict]) -> list[dict[str, Any]]:

@@ -10,7 +10,7 @@ import statistics
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -25,14 +25,16 @@ CHILD_ENV = {
     "FLWR_TELEMETRY_ENABLED": "0",
     "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",
 }
-KINDS = ("ours", "peer")
+# ours: this checkout; peer: the Flower + Keras peer; base: fl_ondevice at another git commit
+# (--baseline REF), run from its own worktree for an A/B comparison in one run.
+KINDS = ("ours", "peer", "base")
 
 
 @dataclass(frozen=True)
 class Job:
     """One cell of the grid: who runs which model on how many clients."""
 
-    kind: str  # "ours" or "peer"
+    kind: str  # "ours", "peer" or "base"
     model: str
     clients: int
     fraction: float
@@ -40,10 +42,17 @@ class Job:
     seed: int = 0
     local_epochs: int = 1
     batch_size: int = 32
+    strategy: str = "fedavg"  # ours only: conf/strategy/<name>.yaml
+
+    @property
+    def contender(self) -> str:
+        """Who runs it, and with which strategy if not FedAvg: ``ours``, ``ours:krum``, ..."""
+        return self.kind if self.strategy == "fedavg" else f"{self.kind}:{self.strategy}"
 
     def overrides(self, out: Path) -> list[str]:
         """Hydra overrides of conf/config.yaml for this job."""
-        return [
+        chosen = [] if self.strategy == "fedavg" else [f"strategy={self.strategy}"]
+        return chosen + [
             "dataset=fashion_mnist",
             f"model={self.model}",
             "partition=iid",  # 1,000 clients get 60 images each (48 train / 12 local test)
@@ -89,19 +98,39 @@ class Outcome:
         return float(self.rows[-1]["accuracy"]) if self.rows else float("nan")
 
 
-def run_job(job: Job, work: Path, conf_dir: Path, cores: int, timeout: float) -> Outcome:
-    """Run ``job`` in a child process while sampling its process tree's CPU and memory."""
-    out = work / f"{job.kind}-{job.model}-n{job.clients}-f{job.fraction}"
+def run_job(
+    job: Job,
+    work: Path,
+    conf_dir: Path,
+    cores: int,
+    timeout: float,
+    baseline: Path | None = None,
+) -> Outcome:
+    """Run ``job`` in a child process while sampling its process tree's CPU and memory.
+
+    A ``base`` job runs the baseline worktree's own code (its ``experiments.bench.runs`` child,
+    its ``fl_ondevice``, its ``conf/``) as an ``ours`` job: the A/B comparison of two commits.
+    """
+    name = f"{job.contender.replace(':', '-')}-{job.model}-n{job.clients}-f{job.fraction}"
+    out = (work / name).resolve()
     out.mkdir(parents=True, exist_ok=True)
     result = out / "bench_result.json"
     result.unlink(missing_ok=True)
-    cmd = [sys.executable, "-m", "experiments.bench.runs", "--job", json.dumps(asdict(job))]
-    cmd += ["--out", str(out), "--conf-dir", str(conf_dir)]
-    progress = out / ("metrics.csv" if job.kind == "ours" else "progress.txt")
+    env, cwd = {**os.environ, **CHILD_ENV}, None
+    child_job = job
+    if job.kind == "base":
+        if baseline is None:
+            raise ValueError("a base job needs --baseline REF")
+        cwd, conf_dir = baseline, baseline / "conf"
+        env["PYTHONPATH"] = str(baseline)  # its fl_ondevice, not this checkout's
+        child_job = replace(job, kind="ours")
+    cmd = [sys.executable, "-m", "experiments.bench.runs", "--job", json.dumps(asdict(child_job))]
+    cmd += ["--out", str(out), "--conf-dir", str(conf_dir.resolve())]
+    progress = out / ("progress.txt" if job.kind == "peer" else "metrics.csv")
     progress.unlink(missing_ok=True)  # a re-run's stale file would fake its round ends
     t0 = time.monotonic()
     with (out / "child.log").open("w") as log:
-        proc = subprocess.Popen(cmd, env={**os.environ, **CHILD_ENV}, stdout=log, stderr=log)
+        proc = subprocess.Popen(cmd, env=env, cwd=cwd, stdout=log, stderr=log)
         sampler = TreeSampler(proc.pid, rounds=lambda: _rounds_done(progress)).start()
         try:
             code = proc.wait(timeout=timeout)
@@ -112,11 +141,20 @@ def run_job(job: Job, work: Path, conf_dir: Path, cores: int, timeout: float) ->
     wall = time.monotonic() - t0
     rows = json.loads(result.read_text()) if result.is_file() else []
     error = None if code == 0 and rows else f"exit code {code}; see {out / 'child.log'}"
+    if error is None and job.kind != "peer" and _ran_this_checkout(out) != (job.kind == "ours"):
+        error = f"{job.kind} job ran the wrong code (see {out / 'config.yaml'})"
     ends = sampler.round_end
     util = (float("nan"), float("nan"))
     if 1 in ends and job.rounds in ends:
         util = sampler.utilisation(ends[1], ends[job.rounds], cores)
     return Outcome(job, wall, rows, sampler.peak_rss_mib, util[0], util[1], error)
+
+
+def _ran_this_checkout(run_dir: Path) -> bool:
+    # This checkout's runs name their strategy class (strategy._target_); commits before the
+    # strategy layer was opened wrote strategy.name.
+    config = run_dir / "config.yaml"
+    return config.is_file() and "_target_" in config.read_text()
 
 
 def _rounds_done(progress: Path) -> int:
