@@ -124,7 +124,10 @@ def run_job(
         cwd, conf_dir = baseline, baseline / "conf"
         env["PYTHONPATH"] = str(baseline)  # its fl_ondevice, not this checkout's
         child_job = replace(job, kind="ours")
-    cmd = [sys.executable, "-m", "experiments.bench.runs", "--job", json.dumps(asdict(child_job))]
+    fields = asdict(child_job)
+    if job.kind == "base":
+        del fields["strategy"]  # older commits' Job has no strategy (they run FedAvg)
+    cmd = [sys.executable, "-m", "experiments.bench.runs", "--job", json.dumps(fields)]
     cmd += ["--out", str(out), "--conf-dir", str(conf_dir.resolve())]
     progress = out / ("progress.txt" if job.kind == "peer" else "metrics.csv")
     progress.unlink(missing_ok=True)  # a re-run's stale file would fake its round ends
