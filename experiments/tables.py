@@ -264,44 +264,86 @@ def _rounds_with_speedup(run: Run, fedsgd: Run | None, target: float) -> str:
     return f"{reached} ({base / reached:.1f}x)"
 
 
+def strategy_label(cfg: dict[str, Any]) -> str:
+    """A strategy and its deciding argument: ``FedProx μ=0.01``, ``FedAdam η=0.01``, ...
+
+    Runs from before the strategy layer was opened name it ``strategy.name`` (always FedAvg).
+    """
+    s = cfg.get("strategy", {})
+    name = str(s.get("_target_", "FedAvg")).rsplit(".", 1)[-1]
+    if "proximal_mu" in s:
+        return f"FedProx μ={s['proximal_mu']:g}"
+    if "server_momentum" in s:
+        return f"FedAvgM β={s['server_momentum']:g}"
+    if name in ("FedAdam", "FedYogi", "FedAdagrad"):
+        return f"{name} η={s['eta']:g}"
+    if name == "Krum":
+        return f"Krum f={s['num_malicious_nodes']}"
+    if name == "FedTrimmedAvg":
+        return f"FedTrimmedAvg β={s['beta']:g}"
+    return name
+
+
+def attack_label(cfg: dict[str, Any]) -> str:
+    """``none``, or e.g. ``sign_flip x5, 20% of clients``."""
+    a = cfg["client"].get("attack", {"kind": "none"})
+    if a["kind"] == "none" or not a["fraction"]:
+        return "none"
+    return f"{a['kind']} x{a['scale']:g}, {100 * a['fraction']:.0f}% of clients"
+
+
+NIID_ORDER = {"IID": 0, "Dir(0.5)": 1, "#C=3": 2, "#C=2": 3, "#C=1": 4}
+
+
 def niid_bench(runs: list[Run]) -> Table:
-    """NIID-Bench label skew: final accuracy per partition (mean ± std over seeds if several)."""
-    order = {"IID": 0, "Dir(0.5)": 1, "#C=3": 2, "#C=2": 3, "#C=1": 4}
-    groups: dict[str, list[Run]] = {}
-    for run in runs:
-        groups.setdefault(_partition(run.config), []).append(run)
-    header = [
-        "partition",
-        "label skew (TV)",
-        "seeds",
-        "rounds",
-        "E",
-        "final acc.",
-        "best acc.",
-        "s / round",
+    """NIID-Bench label skew: final accuracy per partition and strategy, and robust aggregation
+    under attack (mean ± std over seeds where there are several)."""
+    clean = [r for r in runs if attack_label(r.config) == "none" and "robust" not in r.path.parts]
+    robust = [r for r in runs if r not in clean]
+    strategies = list(dict.fromkeys(strategy_label(r.config) for r in clean))
+    strategies.sort(key=lambda s: (s != "FedAvg", s))
+    cells: dict[tuple[str, str], list[Run]] = {}
+    for run in clean:
+        cells.setdefault((_partition(run.config), strategy_label(run.config)), []).append(run)
+    partitions = sorted({p for p, _ in cells}, key=lambda p: NIID_ORDER.get(p, 9))
+    skew = {p: group[0].label_skew for (p, _), group in cells.items()}
+    rows = [[p, skew[p], *(_final(cells.get((p, s), [])) for s in strategies)] for p in partitions]
+    text = [
+        "**Final central test accuracy** (best round in parentheses), simple CNN, 10 parties:",
+        markdown(["partition", "label skew (TV)", *strategies], rows),
     ]
-    rows, csv_rows = [], []
-    panels: dict[str, list[tuple[str, Run]]] = {"FedAvg, simple CNN, 10 parties": []}
-    for name in sorted(groups, key=lambda g: order.get(g, 9)):
-        group = groups[name]
-        first = group[0]
-        rows.append(
-            [
-                name,
-                first.label_skew,
-                len(group),
-                len(first.trained),
-                first.config["client"]["local_epochs"],
-                _mean_spread([r.final_accuracy for r in group]),
-                _mean_spread([r.best_accuracy for r in group]),
-                f"{statistics.median(r.seconds_per_round for r in group):.2f}",
-            ]
-        )
-        csv_rows += [_csv_row(r, ()) for r in group]
-        for run in group:
-            label = name if len(group) == 1 else f"{name}, seed {run.config['seed']}"
-            panels["FedAvg, simple CNN, 10 parties"].append((label, run))
-    return Table(markdown(header, rows), csv_rows, panels)
+    panels: dict[str, list[tuple[str, Run]]] = {}
+    for (p, s), group in sorted(cells.items(), key=lambda kv: NIID_ORDER.get(kv[0][0], 9)):
+        panels.setdefault(f"{p}, simple CNN, 10 parties", []).append((s, group[0]))
+    if robust:
+        reference = [r for r in clean if _partition(r.config) == "IID"]
+        reference = [r for r in reference if strategy_label(r.config) == "FedAvg"]
+        rows = []
+        for run in sorted(
+            reference + robust,
+            key=lambda r: (attack_label(r.config) != "none", strategy_label(r.config)),
+        ):
+            rows.append([strategy_label(run.config), attack_label(run.config), _final([run])])
+            panels.setdefault("robust aggregation, IID", []).append(
+                (f"{strategy_label(run.config)}, {attack_label(run.config)}", run)
+            )
+        text += [
+            "**Robust aggregation** (IID partition), final accuracy (best):",
+            markdown(["aggregation", "attack", "final acc. (best)"], rows),
+        ]
+    csv_rows = [
+        {**_csv_row(r, ()), "strategy": strategy_label(r.config), "attack": attack_label(r.config)}
+        for r in runs
+    ]
+    return Table("\n\n".join(text), csv_rows, panels)
+
+
+def _final(group: list[Run]) -> str:
+    if not group:
+        return "—"
+    final = _mean_spread([r.final_accuracy for r in group])
+    best = _mean_spread([r.best_accuracy for r in group])
+    return f"{final} ({best})"
 
 
 def _csv_row(run: Run, targets: Sequence[float]) -> dict[str, Any]:

@@ -141,9 +141,9 @@ class ClientConfig:
     num_cpus: float = 1.0  # Ray resources per client: workers = cores / num_cpus
     dropout_rate: float = 0.0  # share of sampled clients that never reply (seeded per round)
     failure_rate: float = 0.0  # share of sampled clients that crash while training (seeded)
-    # Simulated clients one engine message carries (trained one after another by one worker);
-    # None = one each up to 16 clients per worker, else 4 messages per worker. Results do not
-    # depend on it: the strategy sees one reply per client, in client order.
+    # About how many simulated clients one engine message carries (trained one after another by
+    # one worker); None = one each up to 16 clients per worker, else 4 messages per worker.
+    # Results do not depend on it: the strategy sees one reply per client, in client order.
     clients_per_message: int | None = None
     # Flower ClientApp mods every client's messages pass through, outermost first: name ->
     # a Hydra node (``_target_`` and arguments; ``_partial_: true`` for a mod function), e.g.

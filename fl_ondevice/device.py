@@ -155,6 +155,11 @@ class OnDeviceModel:
                 "an on-device training model needs train(x, y) -> loss, infer(x) -> output, "
                 "save(checkpoint_path) and restore(checkpoint_path)"
             )
+        self._discover_infer()
+        self._discover_train()
+        self._discover_checkpoint_io()
+
+    def _discover_infer(self) -> None:
         infer_in = self._inputs("infer")
         if len(infer_in) != 1:
             raise ModelError(f"{self.source}: infer must take one input, it takes {list(infer_in)}")
@@ -167,6 +172,10 @@ class OnDeviceModel:
                 f"it returns {outputs}"
             )
         self.has_logits = "logits" in outputs
+        probe = self._runners["infer"].get_output_details()["output"]["shape_signature"]
+        self.num_classes = int(probe[-1])
+
+    def _discover_train(self) -> None:
         train_in = self._inputs("train")
         if len(train_in) != 2 or "loss" not in self.signatures["train"]["outputs"]:
             raise ModelError(
@@ -186,16 +195,6 @@ class OnDeviceModel:
         y_spec = train_in[self.y_name]
         self.y_dtype = y_spec["dtype"]
         self.one_hot = np.issubdtype(self.y_dtype, np.floating)
-        probe = self._runners["infer"].get_output_details()["output"]["shape_signature"]
-        self.num_classes = int(probe[-1])
-        for sig in ("save", "restore"):
-            ins = self._inputs(sig)
-            if len(ins) != 1 or next(iter(ins.values()))["dtype"] is not np.bytes_:
-                raise ModelError(
-                    f"{self.source}: {sig} must take one string input (checkpoint_path); "
-                    f"it takes {list(ins)}"
-                )
-        self._path_name = {s: next(iter(self._inputs(s))) for s in ("save", "restore")}
         self.proximal = PROXIMAL_SIGNATURE in self.signatures
         if self.proximal:
             ins = self._inputs(PROXIMAL_SIGNATURE)
@@ -204,6 +203,16 @@ class OnDeviceModel:
                     f"{self.source}: {PROXIMAL_SIGNATURE} must take train's inputs "
                     f"({self.x_name}, {self.y_name}) and a scalar 'mu'; it takes {sorted(ins)}"
                 )
+
+    def _discover_checkpoint_io(self) -> None:
+        for sig in ("save", "restore"):
+            ins = self._inputs(sig)
+            if len(ins) != 1 or next(iter(ins.values()))["dtype"] is not np.bytes_:
+                raise ModelError(
+                    f"{self.source}: {sig} must take one string input (checkpoint_path); "
+                    f"it takes {list(ins)}"
+                )
+        self._path_name = {s: next(iter(self._inputs(s))) for s in ("save", "restore")}
 
     def _inputs(self, signature: str) -> dict[str, Any]:
         return dict(self._runners[signature].get_input_details())
@@ -278,7 +287,8 @@ class OnDeviceModel:
         return self._train_batch(x, y, proximal_mu)
 
     def check_proximal(self, mu: float) -> None:
-        """Raise ``ModelError`` unless this model can take FedProx steps with ``mu``."""
+        """Raise unless this model can take FedProx steps with ``mu``: ``InputError`` for a
+        negative or non-finite mu, ``ModelError`` for mu > 0 without ``train_proximal``."""
         if mu < 0 or not np.isfinite(mu):
             raise InputError(f"proximal_mu={mu} must be a finite number >= 0")
         if mu > 0 and not self.proximal:

@@ -12,6 +12,8 @@ from flwr.serverapp.exception import InconsistentMessageReplies
 from flwr.serverapp.strategy import FedAvg as FlowerFedAvg
 from flwr.serverapp.strategy.strategy_utils import validate_message_reply_consistency
 
+from fl_ondevice.message import array_view
+
 log = logging.getLogger(__name__)
 
 
@@ -65,7 +67,7 @@ class _WeightedSum:
             )
         n = float(cast(float, metrics[weighted_by_key]))
         for key, array in arrays.items():
-            w = array.numpy()
+            w = array_view(array)
             if key in self.sums:
                 self.sums[key] += np.multiply(w, n, dtype=np.float64)
             else:

@@ -122,6 +122,24 @@ def from_arrays(record: ArrayRecord) -> dict[str, np.ndarray]:
     return {name: array.numpy() for name, array in record.items()}
 
 
+def array_view(array: Array) -> np.ndarray:
+    """An Array's values without a copy: a read-only view of its bytes where it holds a
+    C-ordered NumPy array in native byte order (what our clients send), else a decoded copy.
+
+    ``Array.numpy()`` parses the ``.npy`` header and copies the data, ~0.1 ms per MLP update:
+    the server reads every update to check it and to average it, while the workers train.
+    """
+    dtype = np.dtype(array.dtype)
+    nbytes = int(np.prod(array.shape)) * dtype.itemsize
+    data = array.data
+    header = data[: len(data) - nbytes]
+    plain = b"'fortran_order': False" in header and f"'descr': '{dtype.str}'".encode() in header
+    if array.stype != "numpy.ndarray" or not plain or dtype.hasobject:
+        return array.numpy()
+    offset = len(data) - nbytes
+    return np.frombuffer(data, dtype, nbytes // dtype.itemsize, offset).reshape(array.shape)
+
+
 def num_bytes(record: ArrayRecord) -> int:
     """Tensor bytes an ArrayRecord carries (what a phone downloads or uploads), headers aside."""
     return sum(

@@ -17,6 +17,7 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import hydra
 import numpy as np
@@ -607,12 +608,31 @@ def _plot_partition(counts: np.ndarray, summary: str, description: str | None, p
     )
     ax_size.set_ylabel("examples")
     ax_size.grid(axis="y", alpha=0.3)
+    image = _draw_label_shares(ax_map, counts)
+    ax_map.set_yticks(np.arange(num_classes))
+    ax_map.set_ylabel("label")
+    ax_map.set_xlabel("client")
+    ax_map.xaxis.set_major_locator(MaxNLocator(nbins=20, integer=True))
+    fig.colorbar(image, ax=ax_map, label="share of client's examples", pad=0.01)
+    title = _wrap(summary, width)
+    if description:
+        title = f"{description}\n{title}"
+    ax_size.set_title(title, fontsize=9)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _draw_label_shares(ax: Any, counts: np.ndarray) -> Any:
+    """The clients x labels heat map on ``ax``; returns the image (for its colour bar)."""
+    import matplotlib.pyplot as plt
+
+    num_clients, num_classes = counts.shape
     # Colour = share of the client's examples with that label: comparable across client sizes.
     # Absent labels are white, so "none" stands apart from "a few".
     shares = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
     cmap = plt.get_cmap("viridis").with_extremes(bad="white")
     masked = np.ma.masked_equal(shares.T, 0.0)
-    image = ax_map.imshow(
+    image = ax.imshow(
         masked,
         aspect="auto",
         cmap=cmap,
@@ -626,7 +646,7 @@ def _plot_partition(counts: np.ndarray, summary: str, description: str | None, p
         for i in range(num_clients):
             for c in range(num_classes):
                 if counts[i, c]:
-                    ax_map.text(
+                    ax.text(
                         i,
                         c,
                         str(counts[i, c]),
@@ -635,17 +655,7 @@ def _plot_partition(counts: np.ndarray, summary: str, description: str | None, p
                         fontsize=7,
                         color="white" if shares[i, c] < 0.6 else "black",
                     )
-    ax_map.set_yticks(np.arange(num_classes))
-    ax_map.set_ylabel("label")
-    ax_map.set_xlabel("client")
-    ax_map.xaxis.set_major_locator(MaxNLocator(nbins=20, integer=True))
-    fig.colorbar(image, ax=ax_map, label="share of client's examples", pad=0.01)
-    title = _wrap(summary, width)
-    if description:
-        title = f"{description}\n{title}"
-    ax_size.set_title(title, fontsize=9)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    return image
 
 
 def _wrap(text: str, width_inches: float) -> str:

@@ -9,7 +9,7 @@ from flwr.app import RecordDict
 
 from fl_ondevice.checkpoint import Weights, WeightSpec
 from fl_ondevice.errors import CheckpointError
-from fl_ondevice.message import from_arrays
+from fl_ondevice.message import array_view
 
 
 def checked_update(
@@ -27,7 +27,7 @@ def checked_update(
     examples = metrics.get(weighted_by_key)
     if not isinstance(examples, int | float) or not examples > 0:
         return f"{weighted_by_key}={examples!r}, must be > 0"
-    weights = from_arrays(next(iter(content.array_records.values())))
+    weights = {k: array_view(a) for k, a in next(iter(content.array_records.values())).items()}
     try:
         spec.validate(weights, "update")
     except CheckpointError as err:
@@ -44,4 +44,5 @@ def client_error(reason: str, client: int, server_round: int) -> str:
     if ours:
         return ours[-1].removesuffix("'>")
     lines = [line.strip() for line in reason.strip().splitlines() if line.strip()]
-    return f"client {client}, round {server_round} failed: {lines[-1] if lines else 'no reason'}"
+    cause = lines[-1].removesuffix("'>") if lines else "no reason"
+    return f"client {client}, round {server_round} failed: {cause}"

@@ -19,7 +19,6 @@ from fl_ondevice.data import load_dataset
 from fl_ondevice.device import OnDeviceModel
 from fl_ondevice.server import prepare
 from fl_ondevice.simulate import simulate
-from fl_ondevice.transport import group_clients
 
 rows = metrics_rows
 
@@ -176,17 +175,6 @@ def test_results_do_not_depend_on_how_many_clients_a_message_carries(run):
     for out, ckpt in zip(runs[1:], ckpts[1:], strict=True):
         assert stable_rows(out) == stable_rows(runs[0])
         assert all(ckpt[n].tobytes() == ckpts[0][n].tobytes() for n in ckpts[0])
-
-
-def test_clients_are_grouped_by_work_largest_first():
-    sizes = [100, 10, 10, 10, 60, 40, 30, 30]  # client c trains on sizes[c] examples
-    groups = group_clients(range(8), 3, sizes)
-    # LPT by hand, at most 3 per group: 100->A, 60->B, 40->C, 30 (c6)->C (70), 30 (c7)->B (90),
-    # 10 (c1)->C (80, full), 10 (c2)->B (100, full), 10 (c3)->A (110).
-    assert groups == [[0, 3], [2, 4, 7], [1, 5, 6]]
-    assert sorted(c for g in groups for c in g) == list(range(8))
-    assert group_clients([5, 2, 9], 8) == [[2], [5], [9]]  # never an empty message
-    assert [len(g) for g in group_clients(range(10), 4)] == [3, 3, 2, 2]
 
 
 def test_fraction_train_samples_the_configured_share(run):

@@ -10,7 +10,7 @@ from scripted_engine import ScriptedEngine, meta
 
 from fl_ondevice.checkpoint import WeightSpec
 from fl_ondevice.message import pack_replies, to_arrays
-from fl_ondevice.transport import FIRST_NODE_ID, ClientGrid
+from fl_ondevice.transport import FIRST_NODE_ID, ClientGrid, group_clients
 
 SPEC = WeightSpec.of({"w": np.zeros(3, np.float32)})
 
@@ -47,8 +47,8 @@ def test_clients_that_got_the_same_content_share_engine_messages():
 
     replies = list(grid.send_and_receive(_messages([4, 0, 2, 5, 1]), timeout=5))
 
-    assert sorted(c for _, cs, _ in engine.pushed for c in cs) == [0, 1, 2, 4, 5]
-    assert max(len(cs) for _, cs, _ in engine.pushed) == 2  # 3 engine messages for 5 clients
+    assert [cs for _, cs, _ in engine.pushed] == [[0, 1], [2], [4, 5]]  # consecutive runs
+    assert engine.destinations == [8, 7, 6]  # to the nodes in the order they registered
     assert [_client(r) for r in replies] == [0, 1, 2, 4, 5]  # client order, not push order
     assert [float(r.content["arrays"]["w"].numpy()[0]) for r in replies] == [0, 1, 2, 4, 5]
     traffic = grid.traffic[1]
@@ -146,3 +146,14 @@ def test_evaluate_replies_are_passed_on_unvalidated_and_uncounted():
 
     assert [r.content["metrics"]["eval-accuracy"] for r in replies] == [0.5, 0.5]
     assert grid.traffic.get(1) is None or grid.traffic[1].replied == 0
+
+
+def test_clients_are_split_into_consecutive_runs_of_near_equal_work():
+    sizes = [100, 10, 10, 10, 60, 40, 30, 30]  # client c trains on sizes[c] examples; 290 in all
+    groups = group_clients([7, 6, 5, 4, 3, 2, 1, 0], 3, sizes)
+    # By hand: the runs end closest to 290/3 = 96.7 and 2 * 290/3 = 193.3 cumulative examples:
+    # client 0 (100), then clients 1-4 (cumulative 190), the rest: loads 100, 90, 100.
+    assert groups == [[0], [1, 2, 3, 4], [5, 6, 7]]
+    assert group_clients([5, 2, 9], 8) == [[2], [5], [9]]  # never an empty message
+    assert [len(g) for g in group_clients(range(10), 4)] == [3, 2, 3, 2]
+    assert sum(group_clients(range(1000), 8), []) == list(range(1000))
