@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import random
+from collections.abc import Mapping
 from typing import Any, cast
 
 import numpy as np
@@ -82,20 +83,23 @@ def _serve(msg: Message, context: Context) -> Message:
             state=RecordDict(),
             run_config=run_config,  # type: ignore[arg-type]
         )
-        replies.append((client, _run(chain, own, ctx, cfg.seed, client)))
+        replies.append((client, _run(chain, own, ctx, cfg, client)))
     return Message(pack_replies(replies), reply_to=msg)
 
 
-def _run(chain: ClientApp, msg: Message, ctx: Context, seed: int, client: int) -> RecordDict | str:
+def _run(
+    chain: ClientApp, msg: Message, ctx: Context, cfg: Config, client: int
+) -> RecordDict | str:
     what = msg.metadata.message_type.split(".")[0]
     r = int(cast(int, msg.content.config_records[CONFIG].get(SERVER_ROUND, 0)))
-    # Mods that draw random numbers (LocalDpMod's noise) use the global generators: seeded per
-    # client and round, so a run repeats.
-    py_seed, np_seed = np.random.SeedSequence(
-        [local_seed(seed, r, client), _MOD_STREAM]
-    ).generate_state(2)
-    random.seed(int(py_seed))
-    np.random.seed(int(np_seed))
+    if cfg.client.mods:
+        # Mods that draw random numbers (LocalDpMod's noise) use the global generators: seeded
+        # per client and round, so a run repeats. Our handlers draw from their own seeds.
+        py_seed, np_seed = np.random.SeedSequence(
+            [local_seed(cfg.seed, r, client), _MOD_STREAM]
+        ).generate_state(2)
+        random.seed(int(py_seed))
+        np.random.seed(int(np_seed))
     try:
         reply = chain(msg, ctx)
     except Exception as err:  # noqa: BLE001 - one client's failure, reported to the server
@@ -143,12 +147,22 @@ def client_app(cfg: Config) -> ClientApp:
 
 
 _STAGED = StagedWeights()  # one per process: the weights the current message's clients share
+_RUN: list[tuple[object, Config, str]] = []  # the run config the current message's clients share
+
+
+def _run_of(run_config: Mapping[str, Any]) -> tuple[Config, str]:
+    # The Config and model file of a client's context; the clients of a message share one
+    # run_config object, so it is parsed (and sorted, hashed) once per message, not per client.
+    if not _RUN or _RUN[0][0] is not run_config:
+        items = dict(run_config)
+        model_file = str(items.pop(MODEL_FILE))
+        cfg, _ = _setup(tuple(sorted(items.items())))
+        _RUN[:] = [(run_config, cfg, model_file)]  # holds run_config: its id is not reused
+    return _RUN[0][1], _RUN[0][2]
 
 
 def _unpack(msg: Message, context: Context) -> tuple[Config, Any, int, int, tuple]:
-    run_config = dict(context.run_config)
-    model_file = str(run_config.pop(MODEL_FILE))
-    cfg, _ = _setup(tuple(sorted(run_config.items())))
+    cfg, model_file = _run_of(context.run_config)
     model = pooled_model(model_file, cfg.client.num_threads)
     arrays = msg.content.array_records[ARRAYS]
     staged = _STAGED.get(model, arrays, lambda: from_arrays(arrays))

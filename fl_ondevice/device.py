@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import atexit
+import functools
 import logging
 import os
 import shutil
@@ -460,12 +461,17 @@ def pooled_model(path: str | os.PathLike[str], num_threads: int = 1) -> OnDevice
     A CNN interpreter holds ~137 MiB after its first training call, so simulated clients share
     one per worker process; callers must ``reset_optimizer`` and ``set_weights`` before use.
     """
-    key = (os.path.realpath(path), num_threads)
+    key = (_canonical(os.fspath(path)), num_threads)
     if key not in _POOL:
         while len(_POOL) >= POOL_SIZE:  # a worker serves one run at a time; runs change models
             _POOL.pop(next(iter(_POOL)))
         _POOL[key] = OnDeviceModel(path, num_threads=num_threads)
     return _POOL[key]
+
+
+@functools.lru_cache(maxsize=16)
+def _canonical(path: str) -> str:
+    return os.path.realpath(path)  # a few system calls: once per path, not once per client
 
 
 def clear_pool() -> None:

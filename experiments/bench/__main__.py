@@ -42,6 +42,7 @@ def main() -> None:
     )
     p.add_argument("--rounds", type=int, default=3, help="rounds per job; 2..R are timed")
     p.add_argument("--strategy", default="fedavg", help="conf/strategy name for `ours` jobs")
+    p.add_argument("--repeats", type=int, default=1, help="runs per cell and kind (medians)")
     p.add_argument("--max-sim-seconds", type=float, default=200.0, help="skip longer jobs")
     p.add_argument("--timeout", type=float, default=900.0, help="kill a job after this")
     p.add_argument("--breakdown-clients", type=int, default=20, help="in-process updates")
@@ -65,6 +66,9 @@ def main() -> None:
             cores,  # Ray workers: cores / client.num_cpus (1)
             args.max_sim_seconds,
         )
+        cells = [
+            replace(c, job=replace(c.job, repeat=k)) for k in range(args.repeats) for c in cells
+        ]
         if args.strategy != "fedavg":  # the strategy is ours alone: the peer and base run FedAvg
             cells = [
                 replace(c, job=replace(c.job, strategy=args.strategy))

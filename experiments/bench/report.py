@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import statistics
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +29,7 @@ def load_outcomes(out: Path) -> dict[tuple, Outcome]:
         d = json.loads(line)
         job = Job(**d.pop("job"))
         o = Outcome(job=job, **d)
-        found[(job.model, job.clients, job.fraction, job.contender)] = o
+        found[(job.model, job.clients, job.fraction, job.contender, job.repeat)] = o
     return found
 
 
@@ -71,7 +72,7 @@ def sim_row(o: Outcome, cores: int) -> dict[str, Any]:
 def write_report(out: Path, cores: int) -> str:
     """Write simulation.csv, comparison.csv, targets.csv and the plots; return markdown tables."""
     outcomes = load_outcomes(out)
-    rows = [sim_row(o, cores) for o in outcomes.values()]
+    rows = _merge_repeats([sim_row(o, cores) for o in outcomes.values()])
     rows.sort(key=lambda r: (r["model"], r["clients"], r["fraction"], r["contender"]))
     _write_csv(out / SIM_CSV, rows)
     by = {(r["model"], r["clients"], r["fraction"], r["contender"]): r for r in rows}
@@ -153,6 +154,8 @@ def write_report(out: Path, cores: int) -> str:
                 "ours_s_per_round",
                 "base_s_per_round",
                 "ratio",
+                "ours_s_per_round_all",
+                "base_s_per_round_all",
                 "ours_peak_rss_mib",
                 "base_peak_rss_mib",
                 "rss_ratio",
@@ -175,6 +178,26 @@ def write_report(out: Path, cores: int) -> str:
     return "\n\n".join(text)
 
 
+def _merge_repeats(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per (model, clients, fraction, contender): the median of each number over the
+    repeated jobs of that cell (``repeats`` says how many; ``s_per_round_all`` lists them)."""
+    groups: dict[tuple, list[dict[str, Any]]] = {}
+    for r in rows:
+        groups.setdefault((r["model"], r["clients"], r["fraction"], r["contender"]), []).append(r)
+    merged = []
+    for group in groups.values():
+        row = dict(group[0])
+        ok = [r for r in group if "s_per_round" in r]
+        for key, value in group[0].items():
+            if isinstance(value, int | float) and key not in ("clients", "fraction", "rounds"):
+                values = [float(r[key]) for r in ok if key in r and not math.isnan(float(r[key]))]
+                row[key] = statistics.median(values) if values else math.nan
+        row["repeats"] = len(ok)
+        row["s_per_round_all"] = " ".join(f"{r['s_per_round']:.3f}" for r in ok)
+        merged.append(row)
+    return merged
+
+
 def _ab_rows(by: dict) -> list[dict[str, Any]]:
     rows = []
     for (model, n, f, kind), r in by.items():
@@ -194,6 +217,8 @@ def _ab_rows(by: dict) -> list[dict[str, Any]]:
                 "rss_ratio": r.get("peak_rss_mib", math.nan) / b.get("peak_rss_mib", math.nan),
                 "ours_accuracy": r.get("final_accuracy", math.nan),
                 "base_accuracy": b.get("final_accuracy", math.nan),
+                "ours_s_per_round_all": r.get("s_per_round_all", ""),
+                "base_s_per_round_all": b.get("s_per_round_all", ""),
             }
         )
     return rows

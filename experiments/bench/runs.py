@@ -43,6 +43,7 @@ class Job:
     local_epochs: int = 1
     batch_size: int = 32
     strategy: str = "fedavg"  # ours only: conf/strategy/<name>.yaml
+    repeat: int = 0  # the n-th run of the same cell (--repeats): the machine is noisy
 
     @property
     def contender(self) -> str:
@@ -112,6 +113,7 @@ def run_job(
     its ``fl_ondevice``, its ``conf/``) as an ``ours`` job: the A/B comparison of two commits.
     """
     name = f"{job.contender.replace(':', '-')}-{job.model}-n{job.clients}-f{job.fraction}"
+    name += f"-r{job.repeat}" if job.repeat else ""
     out = (work / name).resolve()
     out.mkdir(parents=True, exist_ok=True)
     result = out / "bench_result.json"
@@ -125,8 +127,8 @@ def run_job(
         env["PYTHONPATH"] = str(baseline)  # its fl_ondevice, not this checkout's
         child_job = replace(job, kind="ours")
     fields = asdict(child_job)
-    if job.kind == "base":
-        del fields["strategy"]  # older commits' Job has no strategy (they run FedAvg)
+    if job.kind == "base":  # older commits' Job has neither (they run FedAvg, once per call)
+        del fields["strategy"], fields["repeat"]
     cmd = [sys.executable, "-m", "experiments.bench.runs", "--job", json.dumps(fields)]
     cmd += ["--out", str(out), "--conf-dir", str(conf_dir.resolve())]
     progress = out / ("progress.txt" if job.kind == "peer" else "metrics.csv")
