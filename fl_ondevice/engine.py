@@ -118,9 +118,14 @@ _ENGINE: list[Engine] = []  # this process's engine, if one runs
 
 
 def engine_for(nodes: int, backend_config: dict[str, Any], client_app: ClientApp) -> Engine:
-    """This process's engine if it fits the run, else a new one (the old one is stopped)."""
+    """This process's engine if it fits the run, else a new one (the old one is stopped).
+
+    A new engine gets at least as many nodes as the last one had, so that a sweep (or a test
+    session) restarts only when its runs grow, not back and forth.
+    """
     if _ENGINE and _ENGINE[0].fits(nodes, backend_config, client_app):
         return _ENGINE[0]
+    nodes = max(nodes, _ENGINE[0].nodes if _ENGINE else 1)
     close_engine()
     _ENGINE.append(Engine(nodes, backend_config, client_app))
     return _ENGINE[0]

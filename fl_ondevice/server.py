@@ -19,6 +19,7 @@ from flwr.superlink.grid import InMemoryGrid
 from omegaconf import OmegaConf
 
 from fl_ondevice.checkpoint import Weights, write_checkpoint
+from fl_ondevice.client_app import client_app
 from fl_ondevice.config import Config, ConfigError, to_run_config
 from fl_ondevice.data import Dataset, load_dataset
 from fl_ondevice.device import OnDeviceModel, evaluate_split
@@ -76,6 +77,7 @@ def prepare(cfg: Config) -> Prepared:
     if cfg.resume:
         state_file(Path(cfg.resume))  # fail before converting models or starting engines
     strategy = make_strategy(cfg)
+    client_app(cfg)  # builds the clients' mods: a bad one fails here, not on every worker
     dataset = load_dataset(cfg.dataset, cfg.seed)
     partitions = make_partitions(dataset, cfg.num_clients, cfg.partition, cfg.seed)
     model_file = build_tflite(

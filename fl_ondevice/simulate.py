@@ -28,6 +28,8 @@ from fl_ondevice.results import record_error  # noqa: E402
 if TYPE_CHECKING:
     from flwr.clientapp import ClientApp
 
+    from fl_ondevice.server import Prepared
+
 log = logging.getLogger("fl_ondevice")
 
 
@@ -44,13 +46,27 @@ def backend_config(cfg: Config) -> dict[str, Any]:
     }
 
 
-def engine_nodes(cfg: Config) -> int:
-    """Simulated nodes for a run: enough for its largest round, and at least what small runs
-    of this machine need, so that the runs of a sweep or a test session share one engine."""
-    from fl_ondevice.transport import ONE_PER_MESSAGE_UP_TO, max_messages
+def engine_nodes(prep: Prepared) -> int:
+    """Simulated nodes a run needs: the engine messages of its largest round.
 
-    needed = max_messages(cfg.num_clients, cfg.workers, cfg.client.clients_per_message)
-    return max(needed, ONE_PER_MESSAGE_UP_TO * cfg.workers)
+    The round sizes come from the strategy's sampling settings (``fraction_train``,
+    ``min_train_nodes``, and the evaluate pair) where it has them, else every client. More nodes
+    than messages cost Flower's engine a look at every node on each 0.1 s poll.
+    """
+    from fl_ondevice.strategy import sample_size, setting
+    from fl_ondevice.transport import messages_per_round
+
+    cfg, strategy = prep.cfg, prep.strategy
+    n = cfg.num_clients
+    largest = n
+    fraction = setting(strategy, "fraction_train")
+    if fraction is not None:
+        largest = sample_size(n, fraction, int(setting(strategy, "min_train_nodes", 1)))
+        evaluate = float(setting(strategy, "fraction_evaluate", 0.0))
+        if evaluate > 0:
+            minimum = int(setting(strategy, "min_evaluate_nodes", 1))
+            largest = max(largest, sample_size(n, evaluate, minimum))
+    return messages_per_round(min(largest, n), cfg.workers, cfg.client.clients_per_message)
 
 
 def simulate(
@@ -72,7 +88,7 @@ def simulate(
 
     prep = prepare(cfg)
     _quiet_flower()
-    engine = engine_for(engine_nodes(cfg), backend_config(cfg), client_app or default_client_app)
+    engine = engine_for(engine_nodes(prep), backend_config(cfg), client_app or default_client_app)
     try:
         summary = engine.run(prep, overrides)
     except KeyboardInterrupt:

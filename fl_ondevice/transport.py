@@ -339,14 +339,6 @@ def messages_per_round(clients: int, workers: int, clients_per_message: int | No
     return MESSAGES_PER_WORKER * workers
 
 
-def max_messages(num_clients: int, workers: int, clients_per_message: int | None) -> int:
-    """The most engine messages any round of ``num_clients`` clients can need: the simulated
-    nodes an engine must have, whatever the strategy samples."""
-    if clients_per_message is not None:
-        return messages_per_round(num_clients, workers, clients_per_message)
-    return max(1, min(num_clients, ONE_PER_MESSAGE_UP_TO * max(1, workers)))
-
-
 def group_clients(
     client_ids: Sequence[int], messages: int, sizes: Sequence[int] | None = None
 ) -> list[list[int]]:

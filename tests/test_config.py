@@ -11,7 +11,7 @@ from hydra import compose, initialize_config_dir
 
 from fl_ondevice.config import Config, from_run_config, parse_config, to_run_config
 from fl_ondevice.errors import ConfigError
-from fl_ondevice.transport import max_messages, messages_per_round
+from fl_ondevice.transport import messages_per_round
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -107,7 +107,13 @@ def test_messages_per_round(clients, workers, per_message, expected):
     assert messages_per_round(clients, workers, per_message) == expected
 
 
-def test_max_messages_bounds_every_round_size():
-    for n, workers, per_message in [(1000, 2, None), (10, 2, None), (40, 3, 7), (5, 1, None)]:
-        most = max(messages_per_round(k, workers, per_message) for k in range(1, n + 1))
-        assert max_messages(n, workers, per_message) == most
+def test_a_mod_that_cannot_be_built_is_named_before_anything_runs(tmp_path, no_engine):
+    from conftest import compose_config
+
+    from fl_ondevice.simulate import simulate
+
+    # LocalDpMod without its arguments
+    cfg = compose_config(tmp_path, "+client.mods.bad._target_=flwr.clientapp.mod.LocalDpMod")
+
+    with pytest.raises(ConfigError, match=r"client.mods.bad cannot be built.*clipping_norm"):
+        simulate(cfg)
