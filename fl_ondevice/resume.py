@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
@@ -21,7 +22,7 @@ from omegaconf import OmegaConf
 
 from fl_ondevice.checkpoint import Weights, WeightSpec, read_checkpoint, write_checkpoint
 from fl_ondevice.config import Config, parse_config
-from fl_ondevice.errors import ResumeError
+from fl_ondevice.errors import CheckpointError, ResumeError
 from fl_ondevice.results import METRICS_JSON, MetricsLog
 from fl_ondevice.strategy import layers
 
@@ -116,24 +117,97 @@ def restore_strategy_state(strategy: Strategy, state: dict[str, np.ndarray]) -> 
 
 
 def load_resume_point(out: Path, spec: WeightSpec) -> ResumePoint:
-    """Read where an interrupted run stopped; ``ResumeError`` if it cannot be continued."""
-    state = json.loads(state_file(out).read_text())
-    weights = read_checkpoint(out / state["checkpoint"])
-    spec.validate(weights, f"resume checkpoint {state['checkpoint']!r}")
-    rows = [
-        row
-        for row in json.loads((out / METRICS_JSON).read_text())["rounds"]
-        if row["round"] <= state["round"]
-    ]
-    if not rows or rows[-1]["round"] != state["round"]:
-        raise ResumeError(f"resume={str(out)!r}: {METRICS_JSON} lacks round {state['round']}")
-    npz = out / CHECKPOINT_DIR / f"round-{state['round']}.npz"
+    """Read where an interrupted run stopped; ``ResumeError`` if it cannot be continued.
+
+    Nothing read is trusted: ``state.json`` must be what :func:`save_round` writes and name a
+    checkpoint inside ``RUN_DIR/checkpoints``; if the last round's checkpoint or strategy state
+    cannot be read or does not fit the model, the run continues from the round before it (kept
+    for this), with a warning, and the metrics rows after that round are dropped.
+    """
+    last, checkpoint = _read_state(out)
+    rows = _read_rows(out)
+    try:
+        return _resume_point(out, last, checkpoint, spec, rows)
+    except (CheckpointError, ResumeError) as err:
+        problem = err
+    before = out / CHECKPOINT_DIR / f"round-{last - 1}.ckpt"
+    if last < 2 or not before.is_file():
+        raise ResumeError(
+            f"resume={str(out)!r}: {problem}; no earlier round is kept: start the run anew"
+        )
+    log.warning(
+        "%s; continuing after round %d instead (the metrics of round %d are dropped)",
+        problem,
+        last - 1,
+        last,
+    )
+    try:
+        return _resume_point(out, last - 1, before, spec, rows)
+    except (CheckpointError, ResumeError) as err:
+        raise ResumeError(
+            f"resume={str(out)!r}: neither of the kept rounds can be read (round {last}: "
+            f"{problem}; round {last - 1}: {err}); start the run anew"
+        ) from None
+
+
+def _read_state(out: Path) -> tuple[int, Path]:
+    """``state.json``'s round and its checkpoint, which must lie in ``RUN_DIR/checkpoints``."""
+    path = state_file(out)
+    fix = "restore it from a copy or start the run anew"
+    try:
+        state = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ResumeError(f"{str(path)!r} is not valid JSON ({err}); {fix}") from None
+    if (
+        not isinstance(state, dict)
+        or not isinstance(state.get("round"), int)
+        or state["round"] < 1
+        or not isinstance(state.get("checkpoint"), str)
+    ):
+        raise ResumeError(
+            f'{str(path)!r} should be {{"round": N >= 1, "checkpoint": PATH}}, not '
+            f"{json.dumps(state)[:200]}; {fix}"
+        )
+    folder = (out / CHECKPOINT_DIR).resolve()
+    checkpoint = (out / state["checkpoint"]).resolve()
+    if not checkpoint.is_relative_to(folder):
+        raise ResumeError(
+            f"{str(path)!r} names the checkpoint {state['checkpoint']!r}, which is not in "
+            f"{str(out / CHECKPOINT_DIR)!r}; a run's checkpoints never are elsewhere: {fix}"
+        )
+    return state["round"], checkpoint
+
+
+def _read_rows(out: Path) -> list[dict[str, Any]]:
+    path = out / METRICS_JSON
+    try:
+        rounds = json.loads(path.read_text())["rounds"]
+        return [row for row in rounds if isinstance(row["round"], int)]
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as err:
+        raise ResumeError(
+            f"{str(path)!r} cannot be read ({type(err).__name__}: {err}); the run's metrics are "
+            "lost, so it cannot be continued: start it anew"
+        ) from None
+
+
+def _resume_point(
+    out: Path, r: int, checkpoint: Path, spec: WeightSpec, rows: list[dict[str, Any]]
+) -> ResumePoint:
+    weights = read_checkpoint(checkpoint)
+    spec.validate(weights, f"resume checkpoint {str(checkpoint)!r}")
+    kept = [row for row in rows if row["round"] <= r]
+    if not kept or kept[-1]["round"] != r:
+        raise ResumeError(f"{METRICS_JSON} lacks round {r}")
+    npz = out / CHECKPOINT_DIR / f"round-{r}.npz"
     strategy: dict[str, np.ndarray] = {}
     if npz.is_file():  # runs from before strategies had state on disk have none
-        with np.load(npz, allow_pickle=False) as saved:
-            strategy = {k: saved[k] for k in saved.files}
-    log.info("resuming %s after round %d", out, state["round"])
-    return ResumePoint(int(state["round"]), weights, rows, strategy)
+        try:
+            with np.load(npz, allow_pickle=False) as saved:
+                strategy = {k: saved[k] for k in saved.files}
+        except (OSError, ValueError, zipfile.BadZipFile) as err:
+            raise ResumeError(f"the strategy state {str(npz)!r} cannot be read ({err})") from None
+    log.info("resuming %s after round %d", out, r)
+    return ResumePoint(r, weights, kept, strategy)
 
 
 def state_file(out: Path) -> Path:

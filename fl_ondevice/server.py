@@ -65,6 +65,7 @@ class Prepared:
     model_file: Path
     server_model: OnDeviceModel
     strategy: Strategy
+    resumed: ResumePoint | None  # where an interrupted run (``cfg.resume``) continues
 
 
 def prepare(cfg: Config) -> Prepared:
@@ -100,7 +101,8 @@ def prepare(cfg: Config) -> Prepared:
             f"dataset.name={cfg.dataset.name!r} has {dataset.num_classes}"
         )
     model.check_proximal(float(setting(strategy, "proximal_mu", 0.0)))
-    return Prepared(cfg, dataset, partitions, model_file, model, strategy)
+    resumed = load_resume_point(Path(cfg.resume), model.weight_spec) if cfg.resume else None
+    return Prepared(cfg, dataset, partitions, model_file, model, strategy, resumed)
 
 
 def check_output_dir(out: Path, need_mib: float = 64.0) -> None:
@@ -130,8 +132,7 @@ def run_server(grid: Grid, prep: Prepared, overrides: dict[str, Any] | None = No
     A resumed run (``cfg.resume``) continues after its last completed round, with the global
     weights, the strategy's state and the metrics that round left on disk.
     """
-    cfg, out = prep.cfg, Path(prep.cfg.output_dir)
-    resumed = load_resume_point(out, prep.server_model.weight_spec) if cfg.resume else None
+    cfg, resumed = prep.cfg, prep.resumed
     if resumed:
         restore_strategy_state(prep.strategy, resumed.strategy_state)
     metrics = _start_outputs(prep, overrides, resumed)
