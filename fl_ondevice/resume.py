@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import threading
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +33,9 @@ STATE_JSON = "state.json"  # the last completed round and its checkpoint: what r
 CHECKPOINT_DIR = "checkpoints"  # the global weights after the last two completed rounds
 RESOLVED_CONFIG = "config.yaml"  # every value this run used, defaults included
 _SKIP = {"current_arrays"}  # set from the global model at the start of every round
+# Held while a round is saved; a stopping process takes it and keeps it, so that no round is
+# saved after it has read state.json (``simulate._stop``).
+SAVING = threading.Lock()
 
 
 @dataclass(frozen=True)
@@ -48,6 +52,13 @@ def save_round(
     out: Path, r: int, weights: Weights, strategy: Strategy, metrics: MetricsLog, row: dict
 ) -> None:
     """Persist round ``r``: checkpoint and strategy state, then metrics, then ``state.json``."""
+    with SAVING:
+        _save_round(out, r, weights, strategy, metrics, row)
+
+
+def _save_round(
+    out: Path, r: int, weights: Weights, strategy: Strategy, metrics: MetricsLog, row: dict
+) -> None:
     (out / CHECKPOINT_DIR).mkdir(exist_ok=True)
     ckpt = Path(CHECKPOINT_DIR) / f"round-{r}.ckpt"
     write_checkpoint(out / ckpt, weights)
@@ -131,7 +142,7 @@ def load_resume_point(out: Path, spec: WeightSpec) -> ResumePoint:
     except (CheckpointError, ResumeError) as err:
         problem = err
     before = out / CHECKPOINT_DIR / f"round-{last - 1}.ckpt"
-    if last < 2 or not before.is_file():
+    if last < 1 or not before.is_file():
         raise ResumeError(
             f"resume={str(out)!r}: {problem}; no earlier round is kept: start the run anew"
         )
@@ -161,11 +172,11 @@ def _read_state(out: Path) -> tuple[int, Path]:
     if (
         not isinstance(state, dict)
         or not isinstance(state.get("round"), int)
-        or state["round"] < 1
+        or state["round"] < 0
         or not isinstance(state.get("checkpoint"), str)
     ):
         raise ResumeError(
-            f'{str(path)!r} should be {{"round": N >= 1, "checkpoint": PATH}}, not '
+            f'{str(path)!r} should be {{"round": N >= 0, "checkpoint": PATH}}, not '
             f"{json.dumps(state)[:200]}; {fix}"
         )
     folder = (out / CHECKPOINT_DIR).resolve()

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import signal
 import sys
-from typing import TYPE_CHECKING, Any
+import threading
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, NoReturn
 
 # Before flwr is imported: no usage telemetry from research runs.
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
@@ -139,6 +143,8 @@ def main(dcfg: DictConfig) -> float | None:
     """Hydra entry point; returns the final accuracy (for Hydra sweepers)."""
     hc = HydraConfig.get()
     overrides = dict(o.split("=", 1) for o in hc.overrides.task if "=" in o)
+    run_dir = hc.runtime.output_dir
+    signal.signal(signal.SIGTERM, _interrupt)  # `kill` stops a run as Ctrl-C does
     try:
         cfg = parse_config(dcfg)
         if cfg.resume:
@@ -148,6 +154,7 @@ def main(dcfg: DictConfig) -> float | None:
             if ignored:
                 log.warning("resume: the run's saved config is used; ignoring %s", ignored)
             cfg = resumed_config(cfg.resume)
+        run_dir = cfg.output_dir
         summary = simulate(cfg, overrides, keep_engine=hc.mode == RunMode.MULTIRUN)
     except FlOnDeviceError as err:
         log.error("%s", err)
@@ -156,8 +163,64 @@ def main(dcfg: DictConfig) -> float | None:
             record_error(hc.runtime.output_dir, overrides, err)
             return None
         sys.exit(2)
+    except KeyboardInterrupt as stop:
+        _stop(run_dir, stop.args[0] if stop.args else signal.SIGINT)
     print(summary_line(summary, cfg.output_dir))
     return float(summary["final_accuracy"])
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(signum)
+
+
+def _stop(run_dir: str, signum: int) -> NoReturn:
+    """After Ctrl-C or SIGTERM: say which round the run directory keeps and how to go on, stop
+    Ray, and exit with 128 + the signal's number.
+
+    The engine's threads are not waited for: the round in flight would hold the exit for its
+    whole length, and Flower's executor would hang at the interpreter's exit. Stopping at any
+    moment is safe because every file of a round is written aside and renamed, ``state.json``
+    last (``fl_ondevice.resume``).
+    """
+    from fl_ondevice.resume import SAVING
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)  # a second Ctrl-C while stopping changes nothing
+    SAVING.acquire(timeout=RAY_SHUTDOWN_SECONDS)  # no round is saved after this one is read
+    try:
+        done = json.loads((Path(run_dir) / "state.json").read_text())["round"]
+    except (OSError, ValueError, KeyError, TypeError):
+        done = None
+    name = signal.Signals(signum).name
+    if done is not None:
+        log.warning(
+            "%s: stopped after round %d; continue with: python -m fl_ondevice.simulate resume=%s",
+            name,
+            done,
+            run_dir,
+        )
+    else:
+        log.warning("%s: stopped before the first round was complete (%s)", name, run_dir)
+    for name in ["flwr", "ray", *logging.root.manager.loggerDict]:
+        if name.split(".")[0] in ("flwr", "ray"):  # the engine's threads report what Ray drops
+            logging.getLogger(name).disabled = True
+    ray_down = threading.Thread(target=_shutdown_ray, daemon=True)
+    ray_down.start()
+    ray_down.join(timeout=RAY_SHUTDOWN_SECONDS)
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(128 + signum)
+
+
+RAY_SHUTDOWN_SECONDS = 5.0  # then exit anyway: Ray's own processes end with their driver
+
+
+def _shutdown_ray() -> None:
+    if "ray" in sys.modules:
+        import ray
+
+        ray.shutdown()
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import signal
 import subprocess
@@ -193,18 +194,14 @@ def test_resume_after_a_real_interruption_equals_the_uninterrupted_run(tmp_path,
     assert "train: injected failure" in output and "Traceback" not in output
 
     proc = _cli(*args, f"hydra.run.dir={cut}")
-    deadline = time.monotonic() + 300
-    while not (cut / "state.json").exists() or '"round": 2' not in (cut / "state.json").read_text():
-        assert time.monotonic() < deadline and proc.poll() is None, "round 2 never completed"
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGINT)  # Ctrl-C
-    try:
-        proc.communicate(timeout=60)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.communicate()
-    stopped_after = len(metrics_rows(cut)) - 1
-    assert stopped_after < 6, "the run finished before it was interrupted"
+    _wait_for_round(proc, cut, 2)
+    output = _stop(proc, signal.SIGINT)  # Ctrl-C
+
+    done = json.loads((cut / "state.json").read_text())["round"]
+    assert f"SIGINT: stopped after round {done}; continue with" in output
+    assert f"resume={cut}" in output
+    assert "Traceback" not in output, output[-3000:]
+    assert len(metrics_rows(cut)) - 1 < 6, "the run finished before it was interrupted"
 
     resumed = _cli(f"resume={cut}", f"hydra.run.dir={tmp_path / 'resume-log'}")
     output, _ = resumed.communicate(timeout=600)
@@ -214,6 +211,40 @@ def test_resume_after_a_real_interruption_equals_the_uninterrupted_run(tmp_path,
     assert stable_rows(cut) == stable_rows(whole)
     a, b = read_checkpoint(cut / "global_model.ckpt"), read_checkpoint(whole / "global_model.ckpt")
     assert all(a[n].tobytes() == b[n].tobytes() for n in a)
+
+
+def _wait_for_round(proc: subprocess.Popen, out: Path, r: int) -> None:
+    deadline, state = time.monotonic() + 300, out / "state.json"
+    while not state.exists() or json.loads(state.read_text())["round"] < r:
+        assert time.monotonic() < deadline and proc.poll() is None, f"round {r} never completed"
+        time.sleep(0.05)
+
+
+def _stop(proc: subprocess.Popen, sig: signal.Signals) -> str:
+    """Send ``sig``; the process must be gone within 20 s with exit code 128 + sig."""
+    proc.send_signal(sig)
+    try:
+        output, _ = proc.communicate(timeout=20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        output, _ = proc.communicate()
+        pytest.fail(f"still running 20 s after {sig.name}:\n{output[-3000:]}")
+    assert proc.returncode == 128 + sig, output[-3000:]
+    return output
+
+
+@pytest.mark.slow  # one command-line run
+def test_sigterm_stops_a_run_as_ctrl_c_does(tmp_path, cache):
+    out = tmp_path / "run"
+    proc = _cli("num_rounds=500", f"cache_dir={cache}", f"hydra.run.dir={out}")
+    _wait_for_round(proc, out, 1)
+
+    output = _stop(proc, signal.SIGTERM)
+
+    done = json.loads((out / "state.json").read_text())["round"]
+    assert done < 500 and "Traceback" not in output
+    assert f"SIGTERM: stopped after round {done}; continue with" in output
+    assert f"resume={out}" in output
 
 
 def test_resume_of_a_directory_without_a_completed_round_says_so(tmp_path, cache):

@@ -105,7 +105,7 @@ def test_a_truncated_last_checkpoint_resumes_from_the_round_before(run, tmp_path
         ),
         (
             lambda cut: (cut / "state.json").write_text(json.dumps({"round": "3"})),
-            r"state.json' should be \{\"round\": N >= 1, \"checkpoint\": PATH\}",
+            r"state.json' should be \{\"round\": N >= 0, \"checkpoint\": PATH\}",
         ),
         (
             lambda cut: [_truncate(cut / "checkpoints" / f"round-{r}.ckpt") for r in (2, 3)],
