@@ -21,6 +21,7 @@ from omegaconf import OmegaConf
 from fl_ondevice.checkpoint import Weights, write_checkpoint
 from fl_ondevice.client_app import client_app
 from fl_ondevice.config import Config, ConfigError, to_run_config
+from fl_ondevice.console import native_stderr_to_log
 from fl_ondevice.data import Dataset, load_dataset
 from fl_ondevice.device import OnDeviceModel, evaluate_split
 from fl_ondevice.export import bake, build_tflite
@@ -296,7 +297,8 @@ def _write_global_tflite(prep: Prepared, weights: dict, path: Path) -> None:
             GLOBAL_CKPT,
         )
         return
-    tflite = bake(cfg.model, prep.dataset.input_shape, prep.dataset.num_classes, weights)
+    with native_stderr_to_log():
+        tflite = bake(cfg.model, prep.dataset.input_shape, prep.dataset.num_classes, weights)
     tmp = path.with_suffix(".tmp")
     tmp.write_bytes(tflite)
     os.replace(tmp, path)

@@ -87,11 +87,13 @@ def simulate(
     ``client_app`` replaces fl_ondevice's ClientApp (e.g. a misbehaving device in a test).
     """
     from fl_ondevice.client_app import app as default_client_app
+    from fl_ondevice.console import native_stderr_to_log, quiet_libraries
     from fl_ondevice.engine import abandon_engine, close_engine, engine_for
     from fl_ondevice.server import prepare
 
-    prep = prepare(cfg)
-    _quiet_flower()
+    with native_stderr_to_log():  # the TF converter's and TFLite runtime's own lines
+        prep = prepare(cfg)
+    quiet_libraries()
     engine = engine_for(engine_nodes(prep), backend_config(cfg), client_app or default_client_app)
     try:
         summary = engine.run(prep, overrides)
@@ -101,23 +103,6 @@ def simulate(
     if not keep_engine:
         close_engine()
     return summary
-
-
-def _quiet_flower() -> None:
-    # Flower prints through its own handler; per-message INFO lines would bury the progress lines.
-    flwr_log = logging.getLogger("flwr")
-    flwr_log.setLevel(logging.WARNING)
-    flwr_log.propagate = False
-    if not any(isinstance(f, _ClientCrashEcho) for f in flwr_log.filters):
-        flwr_log.addFilter(_ClientCrashEcho())
-    logging.getLogger("alembic").setLevel(logging.WARNING)
-
-
-class _ClientCrashEcho(logging.Filter):
-    """Drop the engine's stack dump of a client crash: the strategy logs it in one line."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return "ClientAppException" not in f"{type(record.msg).__name__} {record.msg}"
 
 
 def summary_line(summary: dict[str, Any], out_dir: str) -> str:
@@ -141,6 +126,9 @@ def summary_line(summary: dict[str, Any], out_dir: str) -> str:
 @hydra.main(config_path="../conf", config_name="config", version_base=None)
 def main(dcfg: DictConfig) -> float | None:
     """Hydra entry point; returns the final accuracy (for Hydra sweepers)."""
+    from fl_ondevice.console import quiet_console
+
+    quiet_console()
     hc = HydraConfig.get()
     overrides = dict(o.split("=", 1) for o in hc.overrides.task if "=" in o)
     run_dir = hc.runtime.output_dir

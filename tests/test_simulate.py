@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 import subprocess
 import sys
 
@@ -222,6 +223,11 @@ def test_default_command_runs_end_to_end(tmp_path, cache):
     assert "fl_ondevice: final accuracy" in proc.stdout
     assert "round 2/2" in proc.stdout + proc.stderr
     assert len(rows(tmp_path)) == 3
+    # A quiet console: only our lines; Flower's, Ray's and TF's go to simulate.log.
+    console = [line for line in (proc.stdout + proc.stderr).splitlines() if line.strip()]
+    ours = re.compile(r"^(\[[\d\-: ,]+\]\[fl_ondevice[.\w]*\]\[\w+\] - |fl_ondevice: )")
+    assert [line for line in console if not ours.match(line)] == []
+    assert "`run_simulation` function is deprecated" in (tmp_path / "simulate.log").read_text()
 
 
 def test_sweep_runs_each_job_and_writes_a_summary(tmp_path, cache):

@@ -1,0 +1,98 @@
+"""What reaches the console: fl_ondevice's own lines; the libraries' chatter goes to the log file.
+
+``python -m fl_ondevice.simulate`` shows the data, the partition summary, one line per round,
+warnings that ask the user to act and the final line. Flower's, Ray's, alembic's and Python's
+warnings, and the TF/TFLite C++ runtime's direct writes to stderr, go to ``simulate.log`` (Hydra's
+file handler) only; errors from anywhere still reach the console.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import sys
+from collections.abc import Iterator
+
+# Loggers whose INFO lines a user reads on the console; any other logger's only from ERROR on.
+CONSOLE_LOGGERS = ("fl_ondevice", "__main__", "hydra")
+
+
+class ConsoleFilter(logging.Filter):
+    """Pass our own records, and other libraries' errors."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        ours = record.name.split(".")[0] in CONSOLE_LOGGERS
+        return ours or record.levelno >= logging.ERROR
+
+
+class ClientCrashEcho(logging.Filter):
+    """Drop the engine's stack dump of a client crash: the strategy logs it in one line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "ClientAppException" not in f"{type(record.msg).__name__} {record.msg}"
+
+
+def quiet_console() -> None:
+    """Route every library's log records through the root logger's handlers (Hydra's console and
+    file), and keep the console's to ours and errors. For the command line: a library user's own
+    logging setup is left alone."""
+    import flwr.common.logger  # noqa: F401 - installs Flower's console handler, replaced here
+    import ray  # noqa: F401 - installs Ray's handler, replaced here
+
+    for handler in logging.getLogger().handlers:
+        if not isinstance(handler, logging.FileHandler) and not any(
+            isinstance(f, ConsoleFilter) for f in handler.filters
+        ):
+            handler.addFilter(ConsoleFilter())
+    for name in ("flwr", "ray"):
+        library = logging.getLogger(name)
+        library.handlers.clear()
+        library.propagate = True
+    logging.captureWarnings(True)
+    quiet_libraries()
+
+
+def quiet_libraries() -> None:
+    """Flower at WARNING (its INFO lines are one per message), its client crash dumps dropped;
+    alembic (imported by Flower) at WARNING."""
+    flwr_log = logging.getLogger("flwr")
+    flwr_log.setLevel(logging.WARNING)
+    if flwr_log.handlers:  # Flower's own console handler: do not print its records twice
+        flwr_log.propagate = False
+    if not any(isinstance(f, ClientCrashEcho) for f in flwr_log.filters):
+        flwr_log.addFilter(ClientCrashEcho())
+    logging.getLogger("ray").setLevel(logging.WARNING)
+    logging.getLogger("alembic").setLevel(logging.WARNING)
+
+
+def log_file() -> str | None:
+    """The file the root logger writes to (Hydra's ``simulate.log``), if any."""
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.FileHandler):
+            return handler.baseFilename
+    return None
+
+
+@contextlib.contextmanager
+def native_stderr_to_log() -> Iterator[None]:
+    """Send what C++ code writes to this process's stderr (the TFLite runtime's "Created
+    TensorFlow Lite delegate" lines, the converter's absl warnings) to the log file meanwhile.
+
+    Only while converting models and opening interpreters: a Python traceback is raised after
+    the block, and prints to the console as usual.
+    """
+    path = log_file()
+    if path is None:
+        yield
+        return
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(path, "ab") as log:
+            os.dup2(log.fileno(), 2)
+        yield
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved, 2)
+        os.close(saved)
