@@ -134,6 +134,29 @@ class AttackConfig:
 
 
 @dataclass
+class BackendConfig:
+    """Where the simulation engine's workers run."""
+
+    # An existing Ray cluster to run the clients on (``HOST:PORT`` of its head, as printed by
+    # ``ray start --head``, or ``auto``); None = start a Ray instance on this machine. Every
+    # node of the cluster needs fl_ondevice and its dependencies installed.
+    address: str | None = None
+
+    def __post_init__(self) -> None:
+        _require(
+            self.address is None or self.address == "auto" or _host_port(self.address),
+            "backend.address",
+            self.address,
+            "must be HOST:PORT (the head's GCS address from `ray start --head`), auto, or null",
+        )
+
+
+def _host_port(address: str) -> bool:
+    host, _, port = address.rpartition(":")
+    return bool(host) and port.isdigit() and 0 < int(port) < 65536
+
+
+@dataclass
 class ClientConfig:
     local_epochs: int = 1  # E
     batch_size: int | None = 32  # B; None = the client's whole local set (B = inf)
@@ -191,6 +214,7 @@ class Config:
     # Composed from conf/strategy/<name>.yaml; checked by fl_ondevice.strategy.make_strategy.
     strategy: dict[str, Any] = field(default_factory=dict)
     client: ClientConfig = field(default_factory=ClientConfig)
+    backend: BackendConfig = field(default_factory=BackendConfig)
     seed: int = 0  # one seed: initial weights, partitions, sampling, shuffling, faults
     num_clients: int = 10
     num_rounds: int = 50  # digits + mlp reach >= 90% central accuracy well before this
@@ -232,6 +256,7 @@ _GROUPS: dict[str, type] = {
     "model": ModelConfig,
     "partition": PartitionConfig,
     "client": ClientConfig,
+    "backend": BackendConfig,
 }
 
 

@@ -18,6 +18,7 @@ from flwr.serverapp.strategy import Strategy
 from flwr.superlink.grid import InMemoryGrid
 from omegaconf import OmegaConf
 
+from fl_ondevice import cluster
 from fl_ondevice.checkpoint import Weights, write_checkpoint
 from fl_ondevice.client_app import client_app
 from fl_ondevice.config import Config, ConfigError, to_run_config
@@ -144,7 +145,7 @@ def run_server(grid: Grid, prep: Prepared, overrides: dict[str, Any] | None = No
         weight_spec=prep.server_model.weight_spec,
         model_file=str(prep.model_file),
         run_config=ConfigRecord(to_run_config(cfg)),  # type: ignore[arg-type]
-        workers=cfg.workers,
+        workers=cluster.workers(cfg),
         clients_per_message=cfg.client.clients_per_message,
         client_sizes=[len(p.train_indices) for p in prep.partitions],
         dropout_rate=cfg.client.dropout_rate,

@@ -38,15 +38,16 @@ log = logging.getLogger("fl_ondevice")
 
 
 def backend_config(cfg: Config) -> dict[str, Any]:
-    """Ray settings: one actor per ``client.num_cpus`` of the machine's cores."""
+    """Ray settings: one actor per ``client.num_cpus`` of the machine's cores, or of the
+    cluster's at ``backend.address``."""
+    init: dict[str, Any] = {"log_to_driver": False, "logging_level": logging.WARNING}
+    if cfg.backend.address is None:  # "local": a new instance even if `ray start` ran here
+        init.update(address="local", num_cpus=os.cpu_count() or 1, include_dashboard=False)
+    else:
+        init.update(address=cfg.backend.address)
     return {
         "client_resources": {"num_cpus": cfg.client.num_cpus, "num_gpus": 0.0},
-        "init_args": {
-            "num_cpus": os.cpu_count() or 1,
-            "log_to_driver": False,
-            "logging_level": logging.WARNING,
-            "include_dashboard": False,
-        },
+        "init_args": init,
     }
 
 
@@ -57,6 +58,7 @@ def engine_nodes(prep: Prepared) -> int:
     ``min_train_nodes``, and the evaluate pair) where it has them, else every client. More nodes
     than messages cost Flower's engine a look at every node on each 0.1 s poll.
     """
+    from fl_ondevice.cluster import workers
     from fl_ondevice.strategy import sample_size, setting
     from fl_ondevice.transport import messages_per_round
 
@@ -70,7 +72,7 @@ def engine_nodes(prep: Prepared) -> int:
         if evaluate > 0:
             minimum = int(setting(strategy, "min_evaluate_nodes", 1))
             largest = max(largest, sample_size(n, evaluate, minimum))
-    return messages_per_round(min(largest, n), cfg.workers, cfg.client.clients_per_message)
+    return messages_per_round(min(largest, n), workers(cfg), cfg.client.clients_per_message)
 
 
 def simulate(
@@ -87,6 +89,7 @@ def simulate(
     ``client_app`` replaces fl_ondevice's ClientApp (e.g. a misbehaving device in a test).
     """
     from fl_ondevice.client_app import app as default_client_app
+    from fl_ondevice.cluster import connect
     from fl_ondevice.console import native_stderr_to_log, quiet_libraries
     from fl_ondevice.engine import abandon_engine, close_engine, engine_for
     from fl_ondevice.server import prepare
@@ -94,6 +97,7 @@ def simulate(
     with native_stderr_to_log():  # the TF converter's and TFLite runtime's own lines
         prep = prepare(cfg)
     quiet_libraries()
+    connect(cfg)  # backend.address: join the Ray cluster now, or say why not
     engine = engine_for(engine_nodes(prep), backend_config(cfg), client_app or default_client_app)
     try:
         summary = engine.run(prep, overrides)

@@ -1,0 +1,52 @@
+"""An existing Ray cluster (``backend.address``) as the simulation engine's workers."""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+
+from fl_ondevice.config import Config
+from fl_ondevice.errors import ConfigError
+
+CONNECT_SECONDS = 5.0  # a head that does not accept a TCP connection by then is not there
+
+
+def connect(cfg: Config) -> None:
+    """Join the Ray cluster at ``cfg.backend.address`` (before the engine starts), or say why
+    not. Flower's engine then uses this connection instead of starting Ray itself."""
+    address = cfg.backend.address
+    if address is None:
+        return
+    import ray
+
+    if ray.is_initialized():
+        return
+    if address != "auto":  # Ray itself would retry a dead address for minutes
+        host, _, port = address.rpartition(":")
+        try:
+            socket.create_connection((host, int(port)), timeout=CONNECT_SECONDS).close()
+        except OSError as err:
+            raise ConfigError(
+                f"backend.address={address!r}: no Ray head answers there ({err}); start one "
+                "with `ray start --head --port PORT` (it prints the address), or leave "
+                "backend.address null to run Ray on this machine"
+            ) from None
+    try:
+        ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING)
+    except (ConnectionError, RuntimeError, ValueError) as err:
+        raise ConfigError(
+            f"backend.address={address!r}: cannot join that Ray cluster "
+            f"({str(err).strip().splitlines()[0]}); is it a Ray head of the same Ray version?"
+        ) from None
+
+
+def workers(cfg: Config) -> int:
+    """Clients the engine trains at once: the cluster's CPUs (this machine's without
+    ``backend.address``) divided by ``client.num_cpus``."""
+    if cfg.backend.address is None:
+        return cfg.workers
+    import ray
+
+    cpus = ray.cluster_resources().get("CPU", 1.0) if ray.is_initialized() else os.cpu_count()
+    return max(1, int((cpus or 1) // cfg.client.num_cpus))

@@ -1,0 +1,139 @@
+"""An existing Ray cluster as the engine (``backend.address``): two real nodes on loopback."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import compose_config, stable_rows
+
+from fl_ondevice.errors import ConfigError
+
+OVERRIDES = ("num_rounds=30", "num_clients=10")  # long enough to see both nodes' actors
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _ray_start(log: Path, *args: str) -> subprocess.Popen:
+    """``ray start ... --block`` in a process group of its own: killing the group stops every
+    process that node started, and only those (not other Ray instances on the machine)."""
+    ports = [
+        f"--dashboard-agent-listen-port={_free_port()}",
+        f"--metrics-export-port={_free_port()}",
+    ]
+    return subprocess.Popen(
+        ["ray", "start", "--num-cpus=1", "--node-ip-address=127.0.0.1", *ports, *args]
+        + ["--block", "--disable-usage-stats"],
+        stdout=log.open("w"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+
+
+def _group_alive(pgid: int) -> list[str]:
+    ps = subprocess.run(["ps", "-ww", "-eo", "pgid=,stat=,cmd="], capture_output=True, text=True)
+    rows = [line.split(None, 2) for line in ps.stdout.splitlines()]
+    return [r[2] for r in rows if len(r) == 3 and int(r[0]) == pgid and not r[1].startswith("Z")]
+
+
+def _actor_parents() -> set[int]:
+    """The parent processes (raylets) of the running ClientApp actors."""
+    ps = subprocess.run(["ps", "-ww", "-eo", "ppid=,cmd="], capture_output=True, text=True)
+    return {int(line.split()[0]) for line in ps.stdout.splitlines() if "ClientAppActor" in line}
+
+
+def _raylet(pgid: int) -> int:
+    ps = subprocess.run(["ps", "-ww", "-eo", "pid=,pgid=,cmd="], capture_output=True, text=True)
+    for line in ps.stdout.splitlines():
+        pid, group, cmd = line.split(None, 2)
+        if int(group) == pgid and "/raylet " in f"{cmd} ":
+            return int(pid)
+    raise AssertionError(f"no raylet in process group {pgid}")
+
+
+@pytest.fixture
+def ray_cluster(tmp_path):
+    """A head and a second node, one CPU each, on 127.0.0.1; both stopped afterwards."""
+    if shutil.which("ray") is None:
+        pytest.fail("the `ray` command (installed with flwr[simulation]) is missing")
+    port = _free_port()
+    head = _ray_start(
+        tmp_path / "head.log",
+        "--head",
+        f"--port={port}",
+        "--include-dashboard=false",
+        f"--ray-client-server-port={_free_port()}",
+    )
+    nodes = [head]
+    try:
+        _wait_until_up(head, tmp_path / "head.log")
+        nodes.append(_ray_start(tmp_path / "node.log", f"--address=127.0.0.1:{port}"))
+        _wait_until_up(nodes[1], tmp_path / "node.log")
+        yield f"127.0.0.1:{port}", [_raylet(n.pid) for n in nodes]
+    finally:
+        for node in nodes:
+            os.killpg(node.pid, signal.SIGTERM)
+        for node in nodes:
+            node.wait(timeout=60)
+        deadline = time.monotonic() + 30
+        while any(_group_alive(n.pid) for n in nodes) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        left = [cmd for n in nodes for cmd in _group_alive(n.pid)]
+        assert left == [], f"Ray processes left behind: {left}"
+
+
+def _wait_until_up(proc: subprocess.Popen, log: Path) -> None:
+    """Until ``ray start --block`` says it has started everything (its port opens earlier)."""
+    deadline = time.monotonic() + 120
+    while "will now block" not in log.read_text():
+        assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-2000:]
+        time.sleep(0.5)
+
+
+@pytest.mark.slow  # a two-node Ray cluster and one command-line run: ~1.5 min
+def test_a_run_on_an_existing_ray_cluster_uses_both_nodes_and_equals_a_local_run(
+    ray_cluster, run, tmp_path, cache
+):
+    address, raylets = ray_cluster
+    out = tmp_path / "run"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "fl_ondevice.simulate", f"backend.address={address}", *OVERRIDES]
+        + [f"cache_dir={cache}", f"hydra.run.dir={out}"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    parents: set[int] = set()
+    while proc.poll() is None:
+        parents |= _actor_parents()
+        time.sleep(0.2)
+    output = proc.communicate()[0]
+
+    assert proc.returncode == 0, output[-3000:]
+    assert set(raylets) <= parents, f"actors ran under {parents}, the nodes are {raylets}"
+    assert stable_rows(out) == stable_rows(run(*OVERRIDES))  # same numbers as a local engine
+
+
+def test_an_address_where_no_ray_head_answers_is_named_before_anything_runs(tmp_path, no_engine):
+    from fl_ondevice.simulate import simulate
+
+    cfg = compose_config(tmp_path, f"backend.address=127.0.0.1:{_free_port()}")
+
+    with pytest.raises(ConfigError, match=r"backend.address='127.0.0.1:\d+': no Ray head answers"):
+        simulate(cfg)
+
+
+def test_a_malformed_address_is_a_config_error(tmp_path):
+    with pytest.raises(ConfigError, match=r"backend.address='headnode' is invalid: must be HOST"):
+        compose_config(tmp_path, "backend.address=headnode")
