@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -17,6 +16,8 @@ from conftest import compose_config, stable_rows
 from fl_ondevice.errors import ConfigError
 
 OVERRIDES = ("num_rounds=30", "num_clients=10")  # long enough to see both nodes' actors
+# Ray's CLI, installed next to this interpreter with flwr[simulation] (PATH may lack that dir).
+RAY = str(Path(sys.executable).with_name("ray"))
 
 
 def _free_port() -> int:
@@ -33,7 +34,7 @@ def _ray_start(log: Path, *args: str) -> subprocess.Popen:
         f"--metrics-export-port={_free_port()}",
     ]
     return subprocess.Popen(
-        ["ray", "start", "--num-cpus=1", "--node-ip-address=127.0.0.1", *ports, *args]
+        [RAY, "start", "--num-cpus=1", "--node-ip-address=127.0.0.1", *ports, *args]
         + ["--block", "--disable-usage-stats"],
         stdout=log.open("w"),
         stderr=subprocess.STDOUT,
@@ -65,8 +66,8 @@ def _raylet(pgid: int) -> int:
 @pytest.fixture
 def ray_cluster(tmp_path):
     """A head and a second node, one CPU each, on 127.0.0.1; both stopped afterwards."""
-    if shutil.which("ray") is None:
-        pytest.fail("the `ray` command (installed with flwr[simulation]) is missing")
+    if not Path(RAY).is_file():
+        pytest.fail(f"{RAY} (Ray's CLI, installed with flwr[simulation]) is missing")
     port = _free_port()
     head = _ray_start(
         tmp_path / "head.log",
