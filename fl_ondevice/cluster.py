@@ -46,7 +46,24 @@ def workers(cfg: Config) -> int:
     ``backend.address``) divided by ``client.num_cpus``."""
     if cfg.backend.address is None:
         return cfg.workers
-    import ray
+    return max(1, int(_cpus(cfg) // cfg.client.num_cpus))
 
-    cpus = ray.cluster_resources().get("CPU", 1.0) if ray.is_initialized() else os.cpu_count()
-    return max(1, int((cpus or 1) // cfg.client.num_cpus))
+
+def check_cpus(cfg: Config) -> None:
+    """``ConfigError`` if no client fits on the engine (Flower's engine would crash on it)."""
+    cpus = _cpus(cfg)
+    if cfg.client.num_cpus > cpus:
+        where = "this machine" if cfg.backend.address is None else "the Ray cluster"
+        raise ConfigError(
+            f"client.num_cpus={cfg.client.num_cpus:g} is more than the {cpus:g} CPUs of {where}, "
+            "so no client could run; use at most that many"
+        )
+
+
+def _cpus(cfg: Config) -> float:
+    if cfg.backend.address is not None:
+        import ray
+
+        if ray.is_initialized():
+            return float(ray.cluster_resources().get("CPU", 0.0))
+    return float(os.cpu_count() or 1)

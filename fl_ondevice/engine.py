@@ -20,6 +20,7 @@ from flwr.app import Context
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
+from fl_ondevice.errors import EngineError
 from fl_ondevice.server import Prepared, run_server
 
 log = logging.getLogger(__name__)
@@ -74,7 +75,7 @@ class Engine:
         self._jobs.put(job)
         while not job.done.wait(0.2):
             if self._stopped.is_set():
-                raise RuntimeError(
+                raise EngineError(
                     f"the simulation engine stopped during the run ({self._error!r}); the log "
                     "above has its error"
                 )

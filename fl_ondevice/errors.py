@@ -35,3 +35,7 @@ class RuntimeUnsupportedError(FlOnDeviceError):
 
 class ResumeError(FlOnDeviceError):
     """A run directory cannot be resumed (no completed round, or its files disagree)."""
+
+
+class EngineError(FlOnDeviceError):
+    """The simulation engine (Flower's, on Ray) stopped during a run; its log has the cause."""

@@ -26,7 +26,7 @@ from hydra.types import RunMode  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
 from fl_ondevice.config import Config, parse_config  # noqa: E402
-from fl_ondevice.errors import FlOnDeviceError  # noqa: E402
+from fl_ondevice.errors import EngineError, FlOnDeviceError  # noqa: E402
 from fl_ondevice.results import record_error  # noqa: E402
 
 if TYPE_CHECKING:
@@ -89,7 +89,7 @@ def simulate(
     ``client_app`` replaces fl_ondevice's ClientApp (e.g. a misbehaving device in a test).
     """
     from fl_ondevice.client_app import app as default_client_app
-    from fl_ondevice.cluster import connect
+    from fl_ondevice.cluster import check_cpus, connect
     from fl_ondevice.console import native_stderr_to_log, quiet_libraries
     from fl_ondevice.engine import abandon_engine, close_engine, engine_for
     from fl_ondevice.server import prepare
@@ -98,6 +98,7 @@ def simulate(
         prep = prepare(cfg)
     quiet_libraries()
     connect(cfg)  # backend.address: join the Ray cluster now, or say why not
+    check_cpus(cfg)
     engine = engine_for(engine_nodes(prep), backend_config(cfg), client_app or default_client_app)
     try:
         summary = engine.run(prep, overrides)
@@ -148,6 +149,9 @@ def main(dcfg: DictConfig) -> float | None:
             cfg = resumed_config(cfg.resume)
         run_dir = cfg.output_dir
         summary = simulate(cfg, overrides, keep_engine=hc.mode == RunMode.MULTIRUN)
+    except EngineError as err:  # its threads would hold the process at exit: leave at once
+        log.error("%s; the run directory keeps each completed round (resume=%s)", err, run_dir)
+        _exit_now(1)
     except FlOnDeviceError as err:
         log.error("%s", err)
         if hc.mode == RunMode.MULTIRUN:
@@ -193,6 +197,12 @@ def _stop(run_dir: str, signum: int) -> NoReturn:
         )
     else:
         log.warning("%s: stopped before the first round was complete (%s)", name, run_dir)
+    _exit_now(128 + signum)
+
+
+def _exit_now(code: int) -> NoReturn:
+    """Stop Ray (at most ``RAY_SHUTDOWN_SECONDS``) and exit without waiting for the engine's
+    threads."""
     for name in ["flwr", "ray", *logging.root.manager.loggerDict]:
         if name.split(".")[0] in ("flwr", "ray"):  # the engine's threads report what Ray drops
             logging.getLogger(name).disabled = True
@@ -202,7 +212,7 @@ def _stop(run_dir: str, signum: int) -> NoReturn:
     logging.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()
-    os._exit(128 + signum)
+    os._exit(code)
 
 
 RAY_SHUTDOWN_SECONDS = 5.0  # then exit anyway: Ray's own processes end with their driver

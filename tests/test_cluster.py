@@ -138,3 +138,14 @@ def test_an_address_where_no_ray_head_answers_is_named_before_anything_runs(tmp_
 def test_a_malformed_address_is_a_config_error(tmp_path):
     with pytest.raises(ConfigError, match=r"backend.address='headnode' is invalid: must be HOST"):
         compose_config(tmp_path, "backend.address=headnode")
+
+
+def test_more_cpus_per_client_than_the_machine_has_is_named_before_anything_runs(
+    tmp_path, no_engine
+):
+    from fl_ondevice.simulate import simulate
+
+    cfg = compose_config(tmp_path, f"client.num_cpus={2 * (os.cpu_count() or 1)}")
+
+    with pytest.raises(ConfigError, match=r"client.num_cpus=\d+ is more than the \d+ CPUs of this"):
+        simulate(cfg)
