@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -65,14 +67,21 @@ def _raylet(pgid: int) -> int:
 
 @pytest.fixture
 def ray_cluster(tmp_path):
-    """A head and a second node, one CPU each, on 127.0.0.1; both stopped afterwards."""
+    """A head and a second node, one CPU each, on 127.0.0.1; both stopped afterwards.
+
+    The head keeps its files (and the "current cluster" address that a later ``ray.init()``
+    without an address would connect to) in a temporary directory of its own, short enough
+    for Ray's socket paths, and removed afterwards.
+    """
     if not Path(RAY).is_file():
         pytest.fail(f"{RAY} (Ray's CLI, installed with flwr[simulation]) is missing")
     port = _free_port()
+    temp_dir = tempfile.mkdtemp(prefix="ray-", dir="/tmp")
     head = _ray_start(
         tmp_path / "head.log",
         "--head",
         f"--port={port}",
+        f"--temp-dir={temp_dir}",
         "--include-dashboard=false",
         f"--ray-client-server-port={_free_port()}",
     )
@@ -91,6 +100,11 @@ def ray_cluster(tmp_path):
         while any(_group_alive(n.pid) for n in nodes) and time.monotonic() < deadline:
             time.sleep(0.5)
         left = [cmd for n in nodes for cmd in _group_alive(n.pid)]
+        shutil.rmtree(temp_dir, ignore_errors=True)
+        default = Path("/tmp/ray/ray_current_cluster")
+        assert not default.is_file() or str(port) not in default.read_text(), (
+            f"{default} still names the stopped cluster: the next ray.init() would hang on it"
+        )
         assert left == [], f"Ray processes left behind: {left}"
 
 
