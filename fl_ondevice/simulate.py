@@ -178,13 +178,13 @@ def _stop(run_dir: str, signum: int) -> NoReturn:
     moment is safe because every file of a round is written aside and renamed, ``state.json``
     last (``fl_ondevice.resume``).
     """
-    from fl_ondevice.resume import SAVING
+    from fl_ondevice.resume import SAVING, STATE_JSON
 
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, signal.SIG_IGN)  # a second Ctrl-C while stopping changes nothing
     SAVING.acquire(timeout=RAY_SHUTDOWN_SECONDS)  # no round is saved after this one is read
     try:
-        done = json.loads((Path(run_dir) / "state.json").read_text())["round"]
+        done = json.loads((Path(run_dir) / STATE_JSON).read_text())["round"]
     except (OSError, ValueError, KeyError, TypeError):
         done = None
     name = signal.Signals(signum).name

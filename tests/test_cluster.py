@@ -10,6 +10,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -44,24 +45,37 @@ def _ray_start(log: Path, *args: str) -> subprocess.Popen:
     )
 
 
+@dataclass(frozen=True)
+class _Process:
+    pid: int
+    ppid: int
+    pgid: int
+    state: str
+    cmd: str
+
+
+def _processes() -> list[_Process]:
+    """Every process, with its full command line (``-ww``: ps cuts it to $COLUMNS otherwise)."""
+    ps = subprocess.run(
+        ["ps", "-ww", "-eo", "pid=,ppid=,pgid=,stat=,cmd="], capture_output=True, text=True
+    )
+    rows = [line.split(None, 4) for line in ps.stdout.splitlines()]
+    return [_Process(int(r[0]), int(r[1]), int(r[2]), r[3], r[4]) for r in rows if len(r) == 5]
+
+
 def _group_alive(pgid: int) -> list[str]:
-    ps = subprocess.run(["ps", "-ww", "-eo", "pgid=,stat=,cmd="], capture_output=True, text=True)
-    rows = [line.split(None, 2) for line in ps.stdout.splitlines()]
-    return [r[2] for r in rows if len(r) == 3 and int(r[0]) == pgid and not r[1].startswith("Z")]
+    return [p.cmd for p in _processes() if p.pgid == pgid and not p.state.startswith("Z")]
 
 
 def _actor_parents() -> set[int]:
     """The parent processes (raylets) of the running ClientApp actors."""
-    ps = subprocess.run(["ps", "-ww", "-eo", "ppid=,cmd="], capture_output=True, text=True)
-    return {int(line.split()[0]) for line in ps.stdout.splitlines() if "ClientAppActor" in line}
+    return {p.ppid for p in _processes() if "ClientAppActor" in p.cmd}
 
 
 def _raylet(pgid: int) -> int:
-    ps = subprocess.run(["ps", "-ww", "-eo", "pid=,pgid=,cmd="], capture_output=True, text=True)
-    for line in ps.stdout.splitlines():
-        pid, group, cmd = line.split(None, 2)
-        if int(group) == pgid and "/raylet " in f"{cmd} ":
-            return int(pid)
+    for p in _processes():
+        if p.pgid == pgid and "/raylet " in f"{p.cmd} ":
+            return p.pid
     raise AssertionError(f"no raylet in process group {pgid}")
 
 
