@@ -12,15 +12,28 @@ from fl_ondevice.errors import ConfigError
 CONNECT_SECONDS = 5.0  # a head that does not accept a TCP connection by then is not there
 
 
+_JOINED: list[str | None] = [None]  # the cluster this process joined; None: a local Ray or none
+
+
 def connect(cfg: Config) -> None:
     """Join the Ray cluster at ``cfg.backend.address`` (before the engine starts), or say why
-    not. Flower's engine then uses this connection instead of starting Ray itself."""
+    not. Flower's engine then uses this connection instead of starting Ray itself.
+
+    Ray already running in this process for another backend (a sweep's earlier job, local or on
+    another cluster) is stopped first, with its engine: Flower's engine would reuse it.
+    """
     address = cfg.backend.address
-    if address is None:
-        return
     import ray
 
     if ray.is_initialized():
+        if _JOINED[0] == address:
+            return
+        from fl_ondevice.engine import close_engine
+
+        close_engine()
+        ray.shutdown()
+        _JOINED[0] = None
+    if address is None:
         return
     if address != "auto":  # Ray itself would retry a dead address for minutes
         host, _, port = address.rpartition(":")
@@ -34,6 +47,7 @@ def connect(cfg: Config) -> None:
             ) from None
     try:
         ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING)
+        _JOINED[0] = address
     except (ConnectionError, RuntimeError, ValueError) as err:
         raise ConfigError(
             f"backend.address={address!r}: cannot join that Ray cluster "
@@ -44,8 +58,6 @@ def connect(cfg: Config) -> None:
 def workers(cfg: Config) -> int:
     """Clients the engine trains at once: the cluster's CPUs (this machine's without
     ``backend.address``) divided by ``client.num_cpus``."""
-    if cfg.backend.address is None:
-        return cfg.workers
     return max(1, int(_cpus(cfg) // cfg.client.num_cpus))
 
 
