@@ -3,20 +3,23 @@
 The engine delivers a message for several clients (``fl_ondevice.message``). For each of them
 the ClientApp builds the message a Flower client would get (the strategy's records alone) and
 the context its own SuperNode would give it (``node_config`` with Flower's ``partition-id`` and
-``num-partitions``; the run config), and runs it through :func:`client_app`: the configured
-``client.mods`` around the train/evaluate handlers below, which translate to
-``fl_ondevice.client``. The replies go back together in one reply.
+``num-partitions``, the node's settings and its copy of the model; the run config), and runs it
+through :func:`client_app`: the configured ``client.mods`` around the train/evaluate handlers
+below, which translate to ``fl_ondevice.client``. The replies go back together in one reply.
+
+The model comes by content and the data from the node's own settings (``fl_ondevice.node``).
+A ``query`` answers with the partition the node's config gives it (a deployed SuperNode).
 """
 
 from __future__ import annotations
 
 import functools
 import random
-from collections.abc import Mapping
+from dataclasses import replace
 from typing import Any, cast
 
 import numpy as np
-from flwr.app import Context, Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.app.metadata import Metadata
 from flwr.clientapp import ClientApp
 from hydra.utils import instantiate
@@ -38,6 +41,7 @@ from fl_ondevice.message import (
     EVAL_LOSS,
     METRICS,
     MODEL_FILE,
+    MODEL_MISSING,
     NUM_EXAMPLES,
     NUM_PARTITIONS,
     PARTITION_ID,
@@ -50,6 +54,7 @@ from fl_ondevice.message import (
     to_arrays,
     unpack,
 )
+from fl_ondevice.node import ModelMissing, NodeSettings, node_settings, received_model
 
 _MOD_STREAM = 4  # the global generators a client's mods draw from (e.g. LocalDpMod's noise)
 
@@ -68,10 +73,30 @@ def evaluate(msg: Message, context: Context) -> Message:
     return _serve(msg, context)
 
 
+@app.query()
+def query(msg: Message, context: Context) -> Message:
+    """The partition this node owns: ``partition-id`` and ``num-partitions`` of its config."""
+    own = {k: context.node_config.get(k) for k in (PARTITION_ID, NUM_PARTITIONS)}
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in own.values()):
+        reason = (
+            f"this SuperNode's node config has {PARTITION_ID}={own[PARTITION_ID]!r} and "
+            f"{NUM_PARTITIONS}={own[NUM_PARTITIONS]!r}; start it with --node-config "
+            f"'{PARTITION_ID}=P {NUM_PARTITIONS}=N' (integers, N the run's num-clients)"
+        )
+        return Message(Error(code=1, reason=reason), reply_to=msg)
+    return Message(RecordDict({CONFIG: ConfigRecord(own)}), reply_to=msg)  # type: ignore[arg-type]
+
+
 def _serve(msg: Message, context: Context) -> Message:
     group = unpack(msg.content)
-    cfg, chain = _setup(tuple(sorted(group.run_config.items())))
-    run_config = {**group.run_config, MODEL_FILE: group.model_file}
+    node = node_settings(context.node_config)
+    try:
+        model_file = received_model(group.model_sha256, group.model_bytes, node.cache_dir)
+    except ModelMissing:
+        reason = f"model {group.model_sha256} is not on this node; send its bytes"
+        return Message(Error(code=MODEL_MISSING, reason=reason), reply_to=msg)
+    cfg, chain = _setup(tuple(sorted(group.run_config.items())), node)
+    node_config = {**node.as_node_config(), MODEL_FILE: model_file, NUM_PARTITIONS: cfg.num_clients}
     replies: list[tuple[int, RecordDict | str]] = []
     for client in group.clients:
         content = RecordDict(dict(group.content.items()))  # the strategy's records only
@@ -79,9 +104,9 @@ def _serve(msg: Message, context: Context) -> Message:
         ctx = Context(
             run_id=context.run_id,
             node_id=context.node_id,
-            node_config={PARTITION_ID: client, NUM_PARTITIONS: cfg.num_clients},
+            node_config={**node_config, PARTITION_ID: client},
             state=RecordDict(),
-            run_config=run_config,  # type: ignore[arg-type]
+            run_config=group.run_config,  # one object for the message's clients
         )
         replies.append((client, _run(chain, own, ctx, cfg, client)))
     return Message(pack_replies(replies), reply_to=msg)
@@ -125,9 +150,13 @@ def _copy(metadata: Metadata) -> Metadata:
 
 
 @functools.lru_cache(maxsize=4)
-def _setup(items: tuple[tuple[str, Any], ...]) -> tuple[Config, ClientApp]:
+def _setup(items: tuple[tuple[str, Any], ...], node: NodeSettings) -> tuple[Config, ClientApp]:
     # Per run (its run config), once per worker process: the config and the handler chain.
+    # The run config's paths and switches are the server's; the node's own settings replace
+    # them (a client never acts on a path it was sent).
     cfg = from_run_config(dict(items))
+    dataset = replace(cfg.dataset, data_dir=node.data_dir, download=node.download)
+    cfg = replace(cfg, dataset=dataset, cache_dir=node.cache_dir)
     return cfg, client_app(cfg)
 
 
@@ -147,23 +176,22 @@ def client_app(cfg: Config) -> ClientApp:
 
 
 _STAGED = StagedWeights()  # one per process: the weights the current message's clients share
-_RUN: list[tuple[object, Config, str]] = []  # the run config the current message's clients share
+_RUN: list[tuple[object, Config]] = []  # the run config the current message's clients share
 
 
-def _run_of(run_config: Mapping[str, Any]) -> tuple[Config, str]:
-    # The Config and model file of a client's context; the clients of a message share one
-    # run_config object, so it is parsed (and sorted, hashed) once per message, not per client.
-    if not _RUN or _RUN[0][0] is not run_config:
-        items = dict(run_config)
-        model_file = str(items.pop(MODEL_FILE))
-        cfg, _ = _setup(tuple(sorted(items.items())))
-        _RUN[:] = [(run_config, cfg, model_file)]  # holds run_config: its id is not reused
-    return _RUN[0][1], _RUN[0][2]
+def _run_of(context: Context) -> Config:
+    # The Config of a client's context; the clients of a message share one run_config object,
+    # so it is parsed (and sorted, hashed) once per message, not per client.
+    if not _RUN or _RUN[0][0] is not context.run_config:
+        node = node_settings(context.node_config)
+        cfg, _ = _setup(tuple(sorted(context.run_config.items())), node)
+        _RUN[:] = [(context.run_config, cfg)]  # holds run_config: its id is not reused
+    return _RUN[0][1]
 
 
 def _unpack(msg: Message, context: Context) -> tuple[Config, Any, int, int, tuple]:
-    cfg, model_file = _run_of(context.run_config)
-    model = pooled_model(model_file, cfg.client.num_threads)
+    cfg = _run_of(context)
+    model = pooled_model(str(context.node_config[MODEL_FILE]), cfg.client.num_threads)
     arrays = msg.content.array_records[ARRAYS]
     staged = _STAGED.get(model, arrays, lambda: from_arrays(arrays))
     client = int(cast(int, context.node_config[PARTITION_ID]))

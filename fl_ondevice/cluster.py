@@ -8,11 +8,13 @@ import socket
 
 from fl_ondevice.config import Config
 from fl_ondevice.errors import ConfigError
+from fl_ondevice.node import ENV, simulated_node_config
 
 CONNECT_SECONDS = 5.0  # a head that does not accept a TCP connection by then is not there
 
 
-_JOINED: list[str | None] = [None]  # the cluster this process joined; None: a local Ray or none
+# The cluster this process joined and the node config its workers got; None: local Ray or none.
+_JOINED: list[tuple[str, str] | None] = [None]
 
 
 def connect(cfg: Config) -> None:
@@ -23,10 +25,12 @@ def connect(cfg: Config) -> None:
     another cluster) is stopped first, with its engine: Flower's engine would reuse it.
     """
     address = cfg.backend.address
+    node_config = simulated_node_config(cfg)  # the workers' environment: per job, not per node
+    joined = None if address is None else (address, node_config)
     import ray
 
     if ray.is_initialized():
-        if _JOINED[0] == address:
+        if _JOINED[0] == joined:
             return
         from fl_ondevice.engine import close_engine
 
@@ -46,8 +50,13 @@ def connect(cfg: Config) -> None:
                 "backend.address null to run Ray on this machine"
             ) from None
     try:
-        ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING)
-        _JOINED[0] = address
+        ray.init(
+            address=address,
+            log_to_driver=False,
+            logging_level=logging.WARNING,
+            runtime_env={"env_vars": {ENV: node_config}},
+        )
+        _JOINED[0] = joined
     except (ConnectionError, RuntimeError, ValueError) as err:
         raise ConfigError(
             f"backend.address={address!r}: cannot join that Ray cluster "

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import atexit
 import logging
+import os
 import queue
 import threading
 from dataclasses import dataclass, field
@@ -21,6 +22,7 @@ from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
 from fl_ondevice.errors import EngineError
+from fl_ondevice.node import BACKEND_KEY, ENV
 from fl_ondevice.server import Prepared, run_server
 
 log = logging.getLogger(__name__)
@@ -43,7 +45,9 @@ class Engine:
     nodes
         Simulated nodes: at least the engine messages of a run's largest round.
     backend_config
-        Flower's backend config (Ray resources per client, ``ray.init`` arguments).
+        Flower's backend config (Ray resources per client, ``ray.init`` arguments), plus
+        ``node_config``: the settings of every simulated node (``fl_ondevice.node``), which
+        the workers of a Ray started here inherit from this process's environment.
     client_app
         The ClientApp every node runs.
     """
@@ -93,6 +97,7 @@ class Engine:
     def _simulate(self, server_app: ServerApp) -> None:
         from flwr.simulation import run_simulation
 
+        os.environ[ENV] = self.backend_config.get(BACKEND_KEY, "")
         try:
             run_simulation(
                 server_app=server_app,

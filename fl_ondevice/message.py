@@ -3,9 +3,17 @@
 A strategy talks to one node per client. Beneath it, fl_ondevice sends one *engine message* to
 a worker for several clients that got the same content: the strategy's records, plus
 
-- ``fl-ondevice.group`` (ConfigRecord): ``clients`` (their ids), ``model-file``;
+- ``fl-ondevice.group`` (ConfigRecord): ``clients`` (their ids, i.e. partitions) and
+  ``model-sha256``, the name of the ``.tflite`` they train;
+- ``fl-ondevice.model`` (ConfigRecord, ``tflite``: bytes): the model itself, in the first
+  message a node gets in a run, and again whenever a node answers ``MODEL_MISSING``; a node
+  keeps it by its SHA-256 (``fl_ondevice.node``), so no client ever opens a path it was sent;
 - ``fl-ondevice.run`` (ConfigRecord): the run config (``config.to_run_config``), from which a
-  worker rebuilds the data, partitions and model of the run.
+  worker rebuilds the data, partitions and model of the run. Its paths and switches are not
+  used on the node: those are the node's own settings (``fl_ondevice.node``).
+
+A deployed SuperNode owns one partition: before it gets work, the server asks it (a ``query``
+message) for the ``partition-id`` and ``num-partitions`` of its node config.
 
 The worker passes each client a message of the strategy's records alone, and answers with one
 *reply* whose records are those of each client's reply under ``<client>:<key>``, or, for a
@@ -38,7 +46,11 @@ EVAL_ACCURACY = "eval-accuracy"
 GROUP = "fl-ondevice.group"
 RUN = "fl-ondevice.run"
 CLIENTS = "clients"
-MODEL_FILE = "model-file"  # the .tflite every client loads (resolved by the server)
+MODEL = "fl-ondevice.model"
+MODEL_SHA256 = "model-sha256"
+TFLITE = "tflite"
+MODEL_FILE = "model-file"  # a client's context: the node's own copy of the model
+MODEL_MISSING = 2  # Error code of a node that has no copy of the model and was not sent it
 ERROR = "error"
 REASON = "reason"
 # Flower's node_config keys of a node that owns one partition; each simulated client's handler
@@ -55,16 +67,24 @@ class Group:
 
     content: RecordDict  # the strategy's records, shared by the clients
     clients: list[int]
-    model_file: str
+    model_sha256: str
+    model_bytes: bytes | None  # None: the node should have it already
     run_config: dict[str, int | float | str | bool]
 
 
 def pack(
-    content: RecordDict, clients: Iterable[int], model_file: str, run_config: ConfigRecord
+    content: RecordDict,
+    clients: Iterable[int],
+    model: tuple[str, bytes | None],
+    run_config: ConfigRecord,
 ) -> RecordDict:
-    """One engine message's content for ``clients`` that all got ``content``."""
+    """One engine message's content for ``clients`` that all got ``content``; ``model`` is
+    ``(sha256, bytes)``, with the bytes None once the node has them."""
+    sha256, data = model
     packed = RecordDict(dict(content.items()))
-    packed[GROUP] = ConfigRecord({CLIENTS: [int(c) for c in clients], MODEL_FILE: model_file})
+    packed[GROUP] = ConfigRecord({CLIENTS: [int(c) for c in clients], MODEL_SHA256: sha256})
+    if data is not None:
+        packed[MODEL] = ConfigRecord({TFLITE: data})
     packed[RUN] = run_config
     return packed
 
@@ -72,11 +92,13 @@ def pack(
 def unpack(packed: RecordDict) -> Group:
     """The inverse of :func:`pack`."""
     group = packed.config_records[GROUP]
-    content = RecordDict({k: v for k, v in packed.items() if k not in (GROUP, RUN)})
+    model = packed.config_records.get(MODEL)
+    content = RecordDict({k: v for k, v in packed.items() if k not in (GROUP, MODEL, RUN)})
     return Group(
         content=content,
         clients=[int(c) for c in cast(list, group[CLIENTS])],
-        model_file=str(group[MODEL_FILE]),
+        model_sha256=str(group[MODEL_SHA256]),
+        model_bytes=None if model is None else cast(bytes, model[TFLITE]),
         run_config=dict(packed.config_records[RUN]),  # type: ignore[arg-type]
     )
 

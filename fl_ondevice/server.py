@@ -27,6 +27,7 @@ from fl_ondevice.data import Dataset, load_dataset
 from fl_ondevice.device import OnDeviceModel, evaluate_split
 from fl_ondevice.export import bake, build_tflite
 from fl_ondevice.message import EVAL_ACCURACY, TRAIN_LOSS, from_arrays, to_arrays
+from fl_ondevice.node import model_sha256
 from fl_ondevice.partition import Partition, make_partitions, write_partition_report
 from fl_ondevice.results import (
     ACCURACY_PNG,
@@ -127,9 +128,17 @@ def check_output_dir(out: Path, need_mib: float = 64.0) -> None:
         )
 
 
-def run_server(grid: Grid, prep: Prepared, overrides: dict[str, Any] | None = None) -> dict:
+def run_server(
+    grid: Grid,
+    prep: Prepared,
+    overrides: dict[str, Any] | None = None,
+    nodes_own_data: bool = False,
+) -> dict:
     """Run the configured strategy for ``cfg.num_rounds`` rounds over ``grid``'s nodes, write
     the run's outputs, and return its summary.
+
+    ``nodes_own_data``: ``grid``'s nodes are SuperNodes, each owning the partition its node
+    config names (``flwr run``); else they train the clients the server names (the simulation).
 
     A resumed run (``cfg.resume``) continues after its last completed round, with the global
     weights, the strategy's state and the metrics that round left on disk.
@@ -138,18 +147,20 @@ def run_server(grid: Grid, prep: Prepared, overrides: dict[str, Any] | None = No
     if resumed:
         restore_strategy_state(prep.strategy, resumed.strategy_state)
     metrics = _start_outputs(prep, overrides, resumed)
+    tflite = prep.model_file.read_bytes()
     clients = ClientGrid(
         grid,
         num_clients=cfg.num_clients,
         seed=cfg.seed,
         weight_spec=prep.server_model.weight_spec,
-        model_file=str(prep.model_file),
+        model=(model_sha256(tflite), tflite),
         run_config=ConfigRecord(to_run_config(cfg)),  # type: ignore[arg-type]
         workers=cluster.workers(cfg),
         clients_per_message=cfg.client.clients_per_message,
         client_sizes=[len(p.train_indices) for p in prep.partitions],
         dropout_rate=cfg.client.dropout_rate,
         pull_seconds=pull_seconds(grid),
+        nodes_own_data=nodes_own_data,
     )
     recorder = RoundRecorder(prep, clients, metrics)
     if resumed:

@@ -1,4 +1,8 @@
-"""Flower ServerApp for ``flwr run``: the run config (pyproject.toml) is the configuration."""
+"""Flower ServerApp for ``flwr run``: the run config (pyproject.toml) is the configuration.
+
+The nodes are SuperNodes (or ``flwr run``'s simulated ones), each owning the partition its node
+config names (Flower's ``partition-id`` and ``num-partitions``).
+"""
 
 from __future__ import annotations
 
@@ -14,4 +18,4 @@ app = ServerApp()
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     """One run of the configured strategy on the nodes ``grid`` reaches."""
-    run_server(grid, prepare(from_run_config(dict(context.run_config))))
+    run_server(grid, prepare(from_run_config(dict(context.run_config))), nodes_own_data=True)

@@ -39,7 +39,10 @@ log = logging.getLogger("fl_ondevice")
 
 def backend_config(cfg: Config) -> dict[str, Any]:
     """Ray settings: one actor per ``client.num_cpus`` of the machine's cores, or of the
-    cluster's at ``backend.address``."""
+    cluster's at ``backend.address``; and the node config of the simulated nodes
+    (``fl_ondevice.node``), which the engine gives its workers."""
+    from fl_ondevice.node import BACKEND_KEY, simulated_node_config
+
     init: dict[str, Any] = {"log_to_driver": False, "logging_level": logging.WARNING}
     if cfg.backend.address is None:  # "local": a new instance even if `ray start` ran here
         init.update(address="local", num_cpus=os.cpu_count() or 1, include_dashboard=False)
@@ -48,6 +51,7 @@ def backend_config(cfg: Config) -> dict[str, Any]:
     return {
         "client_resources": {"num_cpus": cfg.client.num_cpus, "num_gpus": 0.0},
         "init_args": init,
+        BACKEND_KEY: simulated_node_config(cfg),
     }
 
 

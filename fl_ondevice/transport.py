@@ -9,6 +9,13 @@ costs are per message (Flower's in-memory link state scans every stored message 
 on each poll; Ray ships the ClientApp with each message), so one message per client made them
 dominate small models in large rounds.
 
+A deployed SuperNode owns its data: the server asks each node that connects which partition
+its node config gives it (a ``query``), and sends that client's messages to that node only.
+
+The model goes by content (``fl_ondevice.message``): its bytes with a node's first message of
+the run, then its SHA-256 alone; a node that answers ``MODEL_MISSING`` (another machine's
+worker of a Ray cluster, a cleared cache) is sent the bytes again.
+
 On the way back every update is checked (``fl_ondevice.updates``): a crash, a rejected update or
 a missing client reaches the strategy as an error reply, which every Flower strategy skips.
 """
@@ -28,9 +35,14 @@ from flwr.serverapp import Grid
 from flwr.supercore.run import Run
 
 from fl_ondevice.checkpoint import WeightSpec
+from fl_ondevice.errors import ConfigError
 from fl_ondevice.message import (
     CLIENT_SECONDS,
+    CONFIG,
+    MODEL_MISSING,
     NUM_EXAMPLES,
+    NUM_PARTITIONS,
+    PARTITION_ID,
     TRAIN_SECONDS,
     num_bytes,
     pack,
@@ -45,6 +57,7 @@ MESSAGES_PER_WORKER = 4  # few messages per round, enough to balance the workers
 ONE_PER_MESSAGE_UP_TO = 16  # clients per worker: up to this, each client gets its own message
 ERROR_CODE = 1  # Flower's Error code for a client that failed or sent a rejected update
 _DROPOUT_STREAM = 2  # keeps dropout draws apart from the other seeded draws of a round
+QUERY_SECONDS = 60.0  # how long a new SuperNode may take to say which partition it owns
 
 
 @dataclass
@@ -74,6 +87,14 @@ class _Sent:
     message: Message  # the strategy's message to this client
 
 
+@dataclass
+class _Pushed:
+    virtual_ids: list[str]  # the strategy's messages it carries
+    node: int
+    clients: list[int]
+    with_model: bool  # it carried the model's bytes
+
+
 class ClientGrid(Grid):
     """A Grid with one node per client over the engine's ``grid``.
 
@@ -85,8 +106,9 @@ class ClientGrid(Grid):
         The clients (nodes to the strategy) and the run seed.
     weight_spec
         The global model's tensors: a train reply must match them.
-    model_file, run_config
-        What every engine message carries for the worker.
+    model, run_config
+        What every engine message carries for the worker: the model as ``(sha256, bytes)``
+        and the run config.
     workers, clients_per_message, client_sizes
         How many clients train at once, clients per engine message (None: see
         :func:`messages_per_round`) and each client's training examples, by which clients are
@@ -96,6 +118,10 @@ class ClientGrid(Grid):
         and client): the phone downloaded the model and went offline.
     pull_seconds
         How often ``send_and_receive`` asks the engine for replies.
+    nodes_own_data
+        The engine's nodes are SuperNodes that own one partition each (their node config's
+        ``partition-id`` of ``num-partitions`` = ``num_clients``); else they are executors
+        that train whichever clients a message names (the simulation).
     """
 
     def __init__(
@@ -104,35 +130,75 @@ class ClientGrid(Grid):
         num_clients: int,
         seed: int,
         weight_spec: WeightSpec,
-        model_file: str,
+        model: tuple[str, bytes],
         run_config: ConfigRecord,
         workers: int = 1,
         clients_per_message: int | None = None,
         client_sizes: Sequence[int] | None = None,
         dropout_rate: float = 0.0,
         pull_seconds: float = 0.005,
+        nodes_own_data: bool = False,
     ) -> None:
         self.grid = grid
         self.num_clients = num_clients
         self.seed = seed
         self.weight_spec = weight_spec
-        self.model_file = model_file
+        self.model = model
         self.run_config = run_config
         self.workers = workers
         self.clients_per_message = clients_per_message
         self.client_sizes = client_sizes
         self.dropout_rate = dropout_rate
         self.pull_seconds = pull_seconds
+        self.nodes_own_data = nodes_own_data
         self.round = 0  # set by the round loop: faults and traffic are counted per round
         self.traffic: dict[int, RoundTraffic] = {}
         self._sent: dict[str, _Sent] = {}  # virtual message id -> its client
-        self._groups: dict[str, list[str]] = {}  # engine message id -> virtual message ids
+        self._groups: dict[str, _Pushed] = {}  # engine message id -> what it carries
         self._ready: dict[str, Message] = {}  # per-client replies not yet pulled
+        self._have_model: set[int] = set()  # engine nodes sent the model's bytes
+        self._node_of: dict[int, int] = {}  # nodes_own_data: client -> the node that owns it
+        self._live: set[int] = set()  # nodes_own_data: the nodes connected at the last look
 
     # -- what the strategy sees ---------------------------------------------------------------
     def get_node_ids(self) -> Iterable[int]:
-        """One node per client."""
-        return range(FIRST_NODE_ID, FIRST_NODE_ID + self.num_clients)
+        """One node per client (with ``nodes_own_data``: per client whose node is connected)."""
+        if not self.nodes_own_data:
+            return range(FIRST_NODE_ID, FIRST_NODE_ID + self.num_clients)
+        self._discover()
+        owned = sorted(c for c, n in self._node_of.items() if n in self._live)
+        return [FIRST_NODE_ID + c for c in owned]
+
+    def _discover(self) -> None:
+        # Ask each node not seen before which partition it owns. A node that comes back after
+        # a crash registers with a new id and takes its partition over from the old one.
+        self._live = set(self.grid.get_node_ids())
+        known = set(self._node_of.values())
+        new = sorted(self._live - known)
+        if not new:
+            return
+        queries = [
+            self.grid.create_message(RecordDict(), MessageType.QUERY, n, group_id="partition")
+            for n in new
+        ]
+        for reply in self.grid.send_and_receive(queries, timeout=QUERY_SECONDS):
+            node = reply.metadata.src_node_id
+            if reply.has_error():
+                raise ConfigError(f"SuperNode {node}: {reply.error.reason}")
+            own = reply.content.config_records[CONFIG]
+            client, parts = cast(int, own[PARTITION_ID]), cast(int, own[NUM_PARTITIONS])
+            if parts != self.num_clients or not 0 <= client < self.num_clients:
+                raise ConfigError(
+                    f"SuperNode {node} has {PARTITION_ID}={client} {NUM_PARTITIONS}={parts} "
+                    f"but the run has num_clients={self.num_clients}: start every SuperNode "
+                    f"with {NUM_PARTITIONS}={self.num_clients} and its own {PARTITION_ID} in "
+                    f"0..{self.num_clients - 1}"
+                )
+            old = self._node_of.get(client)
+            if old is not None and old in self._live and old != node:
+                log.warning("SuperNodes %d and %d both own partition %s", old, node, client)
+            self._node_of[client] = node
+            log.info("SuperNode %d owns partition %s", node, client)
 
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
         """Send the strategy's per-client messages, grouped into engine messages; return the
@@ -198,35 +264,55 @@ class ClientGrid(Grid):
         # Past the timeout: forget these clients, and the engine messages that only they are in.
         for i in ids:
             self._sent.pop(i, None)
-        for engine_id, virtual_ids in list(self._groups.items()):
-            if not set(virtual_ids) - ids:
+        for engine_id, pushed in list(self._groups.items()):
+            if not set(pushed.virtual_ids) - ids:
                 del self._groups[engine_id]
 
     # -- beneath the strategy: engine messages ------------------------------------------------
     def _push_group(self, ids: list[str]) -> None:
-        first = self._sent[ids[0]].message
         clients = [self._sent[i].client for i in ids]
-        nodes = _nodes_in_order(self.grid)
-        wanted = messages_per_round(len(clients), self.workers, self.clients_per_message)
-        groups = group_clients(clients, min(len(nodes), wanted), self.client_sizes)
+        if self.nodes_own_data:
+            targets = [(self._node_of[c], [c]) for c in sorted(clients)]
+        else:
+            nodes = _nodes_in_order(self.grid)
+            wanted = messages_per_round(len(clients), self.workers, self.clients_per_message)
+            groups = group_clients(clients, min(len(nodes), wanted), self.client_sizes)
+            targets = list(zip(nodes, groups, strict=False))
         id_of = {self._sent[i].client: i for i in ids}
-        engine_msgs = []
-        for node, group in zip(nodes, groups, strict=False):
-            content = pack(first.content, group, self.model_file, self.run_config)
-            msg = self.grid.create_message(
-                content, first.metadata.message_type, node, group_id=str(self.round)
+        self._push(
+            [_Pushed([id_of[c] for c in group], node, group, False) for node, group in targets]
+        )
+
+    def _push(self, engine_msgs: list[_Pushed]) -> None:
+        messages = []
+        for pushed in engine_msgs:
+            first = self._sent[pushed.virtual_ids[0]].message
+            pushed.with_model = pushed.with_model or pushed.node not in self._have_model
+            self._have_model.add(pushed.node)
+            sha256, data = self.model
+            model = (sha256, data if pushed.with_model else None)
+            content = pack(first.content, pushed.clients, model, self.run_config)
+            messages.append(
+                self.grid.create_message(
+                    content, first.metadata.message_type, pushed.node, group_id=str(self.round)
+                )
             )
-            engine_msgs.append((msg, [id_of[c] for c in group]))
-        pushed = list(self.grid.push_messages([m for m, _ in engine_msgs]))
-        for engine_id, (_, virtual_ids) in zip(pushed, engine_msgs, strict=True):
-            self._groups[engine_id] = virtual_ids
+        for engine_id, pushed in zip(self.grid.push_messages(messages), engine_msgs, strict=True):
+            self._groups[engine_id] = pushed
 
     def _pull_engine(self) -> None:
         if not self._groups:
             return
+        resend = []
         for reply in self.grid.pull_messages(list(self._groups)):
-            virtual_ids = self._groups.pop(reply.metadata.reply_to_message_id, [])
+            pushed = self._groups.pop(reply.metadata.reply_to_message_id, None)
+            virtual_ids = [] if pushed is None else pushed.virtual_ids
             clients = [self._sent[i].client for i in virtual_ids if i in self._sent]
+            if pushed and reply.has_error() and reply.error.code == MODEL_MISSING:
+                if not pushed.with_model and len(clients) == len(virtual_ids):
+                    pushed.with_model = True
+                    resend.append(pushed)
+                    continue
             if reply.has_error():  # the whole message failed (e.g. the worker died)
                 parts: dict[int, RecordDict | str] = {
                     c: client_error(reply.error.reason or "", c, self.round) for c in clients
@@ -237,6 +323,8 @@ class ClientGrid(Grid):
                 sent = self._sent.pop(i, None)
                 if sent is not None:  # None: given up on at a timeout
                     self._ready[i] = self._client_reply(sent, parts[sent.client])
+        if resend:
+            self._push(resend)
 
     def _client_reply(self, sent: _Sent, part: RecordDict | str) -> Message:
         training = self._train(sent.message)

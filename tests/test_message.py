@@ -13,14 +13,17 @@ def test_a_group_message_round_trips_and_hides_its_transport_records():
     content = RecordDict(
         {"arrays": to_arrays({"w": np.ones(3, np.float32)}), "config": ConfigRecord({"a": 1})}
     )
-    packed = pack(content, [3, 7], "m.tflite", ConfigRecord({"seed": 4}))
+    packed = pack(content, [3, 7], ("ab" * 32, b"tflite bytes"), ConfigRecord({"seed": 4}))
 
     group = unpack(packed)
 
-    assert group.clients == [3, 7] and group.model_file == "m.tflite"
+    assert group.clients == [3, 7]
+    assert (group.model_sha256, group.model_bytes) == ("ab" * 32, b"tflite bytes")
     assert group.run_config == {"seed": 4}
     assert sorted(group.content.keys()) == ["arrays", "config"]  # what a client's handler sees
     assert group.content["arrays"] is content["arrays"]  # shared, not copied
+    later = unpack(pack(content, [3], ("ab" * 32, None), ConfigRecord()))
+    assert later.model_bytes is None and later.model_sha256 == "ab" * 32
 
 
 def test_replies_of_a_group_come_apart_per_client():

@@ -47,7 +47,8 @@ def _clients_send(updates: dict[int, tuple[np.ndarray, int]]) -> ClientGrid:
         return pack_replies(parts)
 
     spec = WeightSpec.of({"w": np.zeros(4, np.float32)})
-    grid = ClientGrid(ScriptedEngine(answer), len(updates), 0, spec, "m", ConfigRecord())
+    model = ("0" * 64, b"")
+    grid = ClientGrid(ScriptedEngine(answer), len(updates), 0, spec, model, ConfigRecord())
     grid.round = 1
     return grid
 

@@ -5,14 +5,18 @@ from __future__ import annotations
 import time
 
 import numpy as np
-from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
+import pytest
+from flwr.app import ConfigRecord, Error, Message, MetricRecord, RecordDict
 from scripted_engine import ScriptedEngine, meta
 
 from fl_ondevice.checkpoint import WeightSpec
-from fl_ondevice.message import pack_replies, to_arrays
+from fl_ondevice.errors import ConfigError
+from fl_ondevice.message import MODEL_MISSING, pack_replies, to_arrays
+from fl_ondevice.node import model_sha256
 from fl_ondevice.transport import FIRST_NODE_ID, ClientGrid, group_clients
 
 SPEC = WeightSpec.of({"w": np.zeros(3, np.float32)})
+MODEL = (model_sha256(b"tflite"), b"tflite")
 
 
 def _update(value: float, examples: int = 5) -> RecordDict:
@@ -25,7 +29,7 @@ def _update(value: float, examples: int = 5) -> RecordDict:
 
 
 def _grid(engine, **kw) -> ClientGrid:
-    grid = ClientGrid(engine, 6, 0, SPEC, "m.tflite", ConfigRecord({"seed": 0}), **kw)
+    grid = ClientGrid(engine, 6, 0, SPEC, MODEL, ConfigRecord({"seed": 0}), **kw)
     grid.round = 1
     return grid
 
@@ -157,3 +161,79 @@ def test_clients_are_split_into_consecutive_runs_of_near_equal_work():
     assert group_clients([5, 2, 9], 8) == [[2], [5], [9]]  # never an empty message
     assert [len(g) for g in group_clients(range(10), 4)] == [3, 2, 3, 2]
     assert sum(group_clients(range(1000), 8), []) == list(range(1000))
+
+
+def _answer_all(clients):
+    return pack_replies([(c, _update(c)) for c in clients])
+
+
+def test_a_node_gets_the_model_bytes_once_then_only_their_name():
+    engine = ScriptedEngine(_answer_all, nodes=2)
+    grid = _grid(engine, workers=1, clients_per_message=1)
+
+    list(grid.send_and_receive(_messages([0, 1, 2]), timeout=5))  # to nodes 2, 1 (order)
+    grid.round = 2
+    list(grid.send_and_receive(_messages([0, 1, 2]), timeout=5))
+
+    assert engine.destinations == [2, 1, 2, 1]  # 2 nodes: the third client waits a message
+    assert engine.with_model == [True, True, False, False]
+
+
+def test_a_node_that_lost_the_model_is_sent_its_bytes_again_and_its_clients_still_reply():
+    asked = []
+
+    def answer(clients):
+        asked.append(engine.with_model[len(asked)])
+        if not asked[-1]:  # the node's cache was cleared
+            return Error(code=MODEL_MISSING, reason="model not on this node")
+        return _answer_all(clients)
+
+    engine = ScriptedEngine(answer, nodes=1)
+    grid = _grid(engine, workers=1, clients_per_message=6)
+    list(grid.send_and_receive(_messages([0, 1]), timeout=5))
+    grid.round = 2
+
+    replies = list(grid.send_and_receive(_messages([0, 1]), timeout=5))
+
+    assert engine.with_model == [True, False, True]
+    assert [_client(r) for r in replies] == [0, 1] and not any(r.has_error() for r in replies)
+    assert grid.traffic[2].failed == 0
+
+
+def test_supernodes_that_own_their_data_each_get_their_own_clients_messages():
+    # Nodes 1..3 own partitions 2, 0, 1 (their node configs); the strategy sees clients.
+    engine = ScriptedEngine(_answer_all, nodes=3, partitions={1: (2, 3), 2: (0, 3), 3: (1, 3)})
+    grid = ClientGrid(engine, 3, 0, SPEC, MODEL, ConfigRecord(), nodes_own_data=True)
+    grid.round = 1
+
+    nodes = list(grid.get_node_ids())
+    replies = list(grid.send_and_receive(_messages([2, 0, 1]), timeout=5))
+
+    assert nodes == [FIRST_NODE_ID + c for c in (0, 1, 2)]
+    assert [cs for _, cs, _ in engine.pushed] == [[0], [1], [2]]
+    assert engine.destinations == [2, 3, 1]
+    assert [_client(r) for r in replies] == [0, 1, 2]
+    list(grid.get_node_ids())
+    assert sorted(engine.queried) == [1, 2, 3]  # each node asked once
+
+
+def test_a_node_gone_offline_takes_its_client_out_of_the_sample_until_it_is_back():
+    engine = ScriptedEngine(_answer_all, nodes=2, partitions={1: (0, 2), 2: (1, 2), 3: (1, 2)})
+    grid = ClientGrid(engine, 2, 0, SPEC, MODEL, ConfigRecord(), nodes_own_data=True)
+    assert list(grid.get_node_ids()) == [FIRST_NODE_ID, FIRST_NODE_ID + 1]
+
+    engine.get_node_ids = lambda: [1]  # node 2 crashed
+    assert list(grid.get_node_ids()) == [FIRST_NODE_ID]
+    engine.get_node_ids = lambda: [1, 3]  # it came back, registered as node 3
+    assert list(grid.get_node_ids()) == [FIRST_NODE_ID, FIRST_NODE_ID + 1]
+    grid.round = 1
+    list(grid.send_and_receive(_messages([1]), timeout=5))
+    assert engine.destinations == [3]
+
+
+def test_a_supernode_with_another_num_partitions_stops_the_run_with_the_fix():
+    engine = ScriptedEngine(_answer_all, nodes=1, partitions={1: (0, 2)})
+    grid = ClientGrid(engine, 4, 0, SPEC, MODEL, ConfigRecord(), nodes_own_data=True)
+
+    with pytest.raises(ConfigError, match="num-partitions=2 but the run has num_clients=4"):
+        list(grid.get_node_ids())
