@@ -8,7 +8,7 @@ import socket
 
 from fl_ondevice.config import Config
 from fl_ondevice.errors import ConfigError
-from fl_ondevice.node import ENV, simulated_node_config
+from fl_ondevice.node import ENV, local_node_config
 
 CONNECT_SECONDS = 5.0  # a head that does not accept a TCP connection by then is not there
 
@@ -25,7 +25,7 @@ def connect(cfg: Config) -> None:
     another cluster) is stopped first, with its engine: Flower's engine would reuse it.
     """
     address = cfg.backend.address
-    node_config = simulated_node_config(cfg)  # the workers' environment: per job, not per node
+    node_config = local_node_config(cfg)  # the workers' environment: per job, not per node
     joined = None if address is None else (address, node_config)
     import ray
 

@@ -241,6 +241,20 @@ class Config:
         return max(1, int((os.cpu_count() or 1) // self.client.num_cpus))
 
 
+@dataclass
+class DeployConfig(Config):
+    """``python -m fl_ondevice.deploy``: a run on one SuperLink and ``num_nodes`` SuperNodes
+    started on this machine. Each SuperNode owns one partition: ``num_clients`` is
+    ``num_nodes``."""
+
+    num_nodes: int = 4
+    insecure: bool = False  # no TLS and no SuperNode authentication (Flower's --insecure)
+
+    def __post_init__(self) -> None:
+        _require(self.num_nodes >= 1, "num_nodes", self.num_nodes, "must be >= 1")
+        super().__post_init__()
+
+
 def parse_config(node: DictConfig | Mapping[str, Any]) -> Config:
     """Validate a composed Hydra config; every bad value raises ``ConfigError`` naming its key."""
     if isinstance(node, DictConfig):
@@ -334,6 +348,7 @@ __all__ = [
     "ClientConfig",
     "Config",
     "DatasetConfig",
+    "DeployConfig",
     "ModelConfig",
     "PartitionConfig",
     "from_run_config",

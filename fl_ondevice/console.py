@@ -66,6 +66,22 @@ def quiet_libraries() -> None:
     logging.getLogger("alembic").setLevel(logging.WARNING)
 
 
+LINE_FORMAT = "[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"  # Hydra's, ours
+
+
+def ours_to_stderr() -> None:
+    """In a process nobody set logging up for (the ServerApp that Flower's SuperLink starts),
+    write fl_ondevice's INFO lines to stderr, which Flower streams to ``flwr log`` (and
+    ``fl_ondevice.deploy`` shows)."""
+    ours = logging.getLogger("fl_ondevice")
+    if logging.getLogger().handlers or ours.handlers:
+        return
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter(LINE_FORMAT))
+    ours.addHandler(handler)
+    ours.setLevel(logging.INFO)
+
+
 def log_file() -> str | None:
     """The file the root logger writes to (Hydra's ``simulate.log``), if any."""
     for handler in logging.getLogger().handlers:

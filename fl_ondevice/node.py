@@ -69,8 +69,9 @@ def node_settings(node_config: Mapping[str, Any]) -> NodeSettings:
     )
 
 
-def simulated_node_config(cfg: Config) -> str:
-    """The node config the simulation gives its workers: the run's data and cache settings."""
+def local_node_config(cfg: Config) -> str:
+    """The node config of the nodes a run starts on this machine (the simulation's workers,
+    ``deploy``'s SuperNodes): the run's data and cache settings."""
     items = {DOWNLOAD: "true" if cfg.dataset.download else "false", CACHE_DIR: cfg.cache_dir}
     if cfg.dataset.data_dir:
         items[DATA_DIR] = cfg.dataset.data_dir

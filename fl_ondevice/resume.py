@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 import threading
 import zipfile
 from dataclasses import dataclass
@@ -219,6 +220,30 @@ def _resume_point(
             raise ResumeError(f"the strategy state {str(npz)!r} cannot be read ({err})") from None
     log.info("resuming %s after round %d", out, r)
     return ResumePoint(r, weights, kept, strategy)
+
+
+def completed_round(run_dir: str | os.PathLike[str]) -> int | None:
+    """The last round ``run_dir`` keeps complete, or None (none yet, or unreadable)."""
+    try:
+        return int(json.loads((Path(run_dir) / STATE_JSON).read_text())["round"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def log_stopped(signum: int, run_dir: str, command: str) -> None:
+    """The one line after Ctrl-C or SIGTERM: the round the run directory keeps, and how to go
+    on with ``python -m COMMAND``."""
+    name, done = signal.Signals(signum).name, completed_round(run_dir)
+    if done is None:
+        log.warning("%s: stopped before the first round was complete (%s)", name, run_dir)
+    else:
+        log.warning(
+            "%s: stopped after round %d; continue with: python -m %s resume=%s",
+            name,
+            done,
+            command,
+            run_dir,
+        )
 
 
 def state_file(out: Path) -> Path:

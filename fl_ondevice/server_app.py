@@ -10,6 +10,7 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from fl_ondevice.config import from_run_config
+from fl_ondevice.console import ours_to_stderr
 from fl_ondevice.server import prepare, run_server
 
 app = ServerApp()
@@ -18,4 +19,5 @@ app = ServerApp()
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     """One run of the configured strategy on the nodes ``grid`` reaches."""
+    ours_to_stderr()
     run_server(grid, prepare(from_run_config(dict(context.run_config))), nodes_own_data=True)

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import signal
 import sys
 import threading
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
 # Before flwr is imported: no usage telemetry from research runs.
@@ -41,7 +39,7 @@ def backend_config(cfg: Config) -> dict[str, Any]:
     """Ray settings: one actor per ``client.num_cpus`` of the machine's cores, or of the
     cluster's at ``backend.address``; and the node config of the simulated nodes
     (``fl_ondevice.node``), which the engine gives its workers."""
-    from fl_ondevice.node import BACKEND_KEY, simulated_node_config
+    from fl_ondevice.node import BACKEND_KEY, local_node_config
 
     init: dict[str, Any] = {"log_to_driver": False, "logging_level": logging.WARNING}
     if cfg.backend.address is None:  # "local": a new instance even if `ray start` ran here
@@ -51,7 +49,7 @@ def backend_config(cfg: Config) -> dict[str, Any]:
     return {
         "client_resources": {"num_cpus": cfg.client.num_cpus, "num_gpus": 0.0},
         "init_args": init,
-        BACKEND_KEY: simulated_node_config(cfg),
+        BACKEND_KEY: local_node_config(cfg),
     }
 
 
@@ -182,25 +180,12 @@ def _stop(run_dir: str, signum: int) -> NoReturn:
     moment is safe because every file of a round is written aside and renamed, ``state.json``
     last (``fl_ondevice.resume``).
     """
-    from fl_ondevice.resume import SAVING, STATE_JSON
+    from fl_ondevice.resume import SAVING, log_stopped
 
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, signal.SIG_IGN)  # a second Ctrl-C while stopping changes nothing
     SAVING.acquire(timeout=RAY_SHUTDOWN_SECONDS)  # no round is saved after this one is read
-    try:
-        done = json.loads((Path(run_dir) / STATE_JSON).read_text())["round"]
-    except (OSError, ValueError, KeyError, TypeError):
-        done = None
-    name = signal.Signals(signum).name
-    if done is not None:
-        log.warning(
-            "%s: stopped after round %d; continue with: python -m fl_ondevice.simulate resume=%s",
-            name,
-            done,
-            run_dir,
-        )
-    else:
-        log.warning("%s: stopped before the first round was complete (%s)", name, run_dir)
+    log_stopped(signum, run_dir, "fl_ondevice.simulate")
     _exit_now(128 + signum)
 
 

@@ -20,10 +20,10 @@ from fl_ondevice.node import (
     ENV,
     ModelMissing,
     NodeSettings,
+    local_node_config,
     model_sha256,
     node_settings,
     received_model,
-    simulated_node_config,
 )
 
 
@@ -43,7 +43,7 @@ def test_the_simulation_gives_its_workers_the_runs_data_and_cache_settings(tmp_p
     cfg = compose_config(
         tmp_path, "dataset=fashion_mnist", 'dataset.data_dir="/d/it\'s"', "dataset.download=false"
     )
-    monkeypatch.setenv(ENV, simulated_node_config(cfg))
+    monkeypatch.setenv(ENV, local_node_config(cfg))
 
     assert node_settings({}) == NodeSettings("/d/it's", False, cfg.cache_dir)
 
