@@ -90,7 +90,9 @@ class Federation:
     nodes: list[Node] = field(default_factory=list)
     _superlink: subprocess.Popen | None = None
     _port: int = 0
-    _seen: set[int] = field(default_factory=set)  # every process of the tree, ever
+    # Every process of the trees we started, ever: pid -> its start time (a reused pid is not
+    # ours).
+    _seen: dict[int, int] = field(default_factory=dict)
 
     # -- starting -------------------------------------------------------------------------------
     def start(self) -> None:
@@ -309,28 +311,35 @@ class Federation:
 
     def _stop(self) -> None:
         self._snapshot()
-        started = [n.process for n in self.nodes if n.process] + [self._superlink]
+        started = self._started()
         for proc in started:
-            if proc is not None and proc.poll() is None:
+            if proc.poll() is None:
                 _signal_group(proc.pid, signal.SIGTERM)
         deadline = time.monotonic() + STOP_SECONDS
         for proc in started:
-            if proc is None:
-                continue
             try:
                 proc.wait(timeout=max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
                 _signal_group(proc.pid, signal.SIGKILL)
                 proc.wait(timeout=STOP_SECONDS)
-        self._snapshot()  # orphans of the stopped processes are now our children
-        for pid in self._seen:
-            if _running(pid):
+        self._snapshot()
+        for pid, started_at in self._seen.items():
+            if _running(pid, started_at):
                 _signal_group(pid, signal.SIGKILL)
-        _reap(self._seen)
+        _reap(set(self._seen))
 
     def _snapshot(self) -> None:
-        # Every descendant of this process, remembered so that stop() reaches them all.
-        self._seen |= _descendants(os.getpid())
+        # The processes we started and their descendants, remembered so that stop() reaches
+        # them after their parents are gone. Only these: this process may run others (Ray).
+        roots = {proc.pid for proc in self._started()}
+        table = process_table()
+        for pid in roots | descendants(roots, table):
+            if pid in table:
+                self._seen.setdefault(pid, table[pid][1])
+
+    def _started(self) -> list[subprocess.Popen]:
+        nodes = [n.process for n in self.nodes if n.process is not None]
+        return nodes + ([self._superlink] if self._superlink is not None else [])
 
     def __enter__(self) -> Federation:
         return self
@@ -349,7 +358,7 @@ class Federation:
                 cwd=self.workdir,
                 start_new_session=True,  # Ctrl-C reaches us alone; we stop them in order
             )
-        self._seen.add(proc.pid)
+        self._snapshot()
         return proc
 
 
@@ -409,35 +418,38 @@ def become_subreaper() -> None:
         pass
 
 
-def _parents() -> dict[int, int]:
-    out: dict[int, int] = {}
+def process_table() -> dict[int, tuple[int, int, str]]:
+    """pid -> (parent pid, start time in clock ticks, state) of every process."""
+    table: dict[int, tuple[int, int, str]] = {}
     for entry in os.listdir("/proc"):
         if entry.isdigit():
             try:
                 stat = Path("/proc", entry, "stat").read_text()
             except OSError:
                 continue
-            out[int(entry)] = int(stat[stat.rindex(")") + 2 :].split()[1])
-    return out
+            fields = stat[stat.rindex(")") + 2 :].split()
+            table[int(entry)] = (int(fields[1]), int(fields[19]), fields[0])
+    return table
 
 
-def _descendants(pid: int) -> set[int]:
-    parents = _parents()
+def descendants(roots: set[int], table: dict[int, tuple[int, int, str]]) -> set[int]:
+    """The children of ``roots``, their children, and so on (``table``: ``process_table()``)."""
     found: set[int] = set()
-    frontier = {pid}
+    frontier = set(roots)
     while frontier:
-        frontier = {c for c, p in parents.items() if p in frontier} - found
+        frontier = {pid for pid, row in table.items() if row[0] in frontier} - found
         found |= frontier
     return found
 
 
-def _running(pid: int) -> bool:
-    """Whether ``pid`` exists and is not a zombie."""
+def _running(pid: int, started_at: int) -> bool:
+    """Whether ``pid`` is the process that started at ``started_at`` and is not a zombie."""
     try:
         stat = Path("/proc", str(pid), "stat").read_text()
     except OSError:
         return False
-    return stat[stat.rindex(")") + 2] != "Z"
+    fields = stat[stat.rindex(")") + 2 :].split()
+    return fields[0] != "Z" and int(fields[19]) == started_at
 
 
 def _signal_group(pid: int, sig: int) -> None:

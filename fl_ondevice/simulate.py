@@ -6,7 +6,6 @@ import logging
 import os
 import signal
 import sys
-import threading
 from typing import TYPE_CHECKING, Any, NoReturn
 
 # Before flwr is imported: no usage telemetry from research runs.
@@ -190,28 +189,41 @@ def _stop(run_dir: str, signum: int) -> NoReturn:
 
 
 def _exit_now(code: int) -> NoReturn:
-    """Stop Ray (at most ``RAY_SHUTDOWN_SECONDS``) and exit without waiting for the engine's
+    """Stop the Ray processes this process started and exit without waiting for the engine's
     threads."""
     for name in ["flwr", "ray", *logging.root.manager.loggerDict]:
         if name.split(".")[0] in ("flwr", "ray"):  # the engine's threads report what Ray drops
             logging.getLogger(name).disabled = True
-    ray_down = threading.Thread(target=_shutdown_ray, daemon=True)
-    ray_down.start()
-    ray_down.join(timeout=RAY_SHUTDOWN_SECONDS)
+    _stop_local_ray()
     logging.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
 
 
-RAY_SHUTDOWN_SECONDS = 5.0  # then exit anyway: Ray's own processes end with their driver
+RAY_SHUTDOWN_SECONDS = 5.0  # the longest a stop waits for a round being saved
 
 
-def _shutdown_ray() -> None:
-    if "ray" in sys.modules:
-        import ray
+def _stop_local_ray() -> None:
+    # SIGTERM to the processes of a Ray instance this process started and their children (a
+    # cluster it joined keeps running). Not ray.shutdown(): it shuts this process's
+    # Ray worker down first, and an engine thread that submits a client meanwhile makes Ray
+    # end the process with exit code 1 instead of ours.
+    if "ray" not in sys.modules:
+        return
+    import ray
 
-        ray.shutdown()
+    node = getattr(ray._private.worker, "_global_node", None)
+    if node is None or not node.is_head():
+        return
+    from fl_ondevice.federation import descendants, process_table
+
+    started = {info.process.pid for infos in node.all_processes.values() for info in infos}
+    for pid in started | descendants(started, process_table()):  # the agents of the raylet
+        try:
+            os.kill(pid, signal.SIGTERM)
+        except OSError:
+            pass
 
 
 if __name__ == "__main__":
