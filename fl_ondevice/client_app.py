@@ -96,6 +96,7 @@ def _serve(msg: Message, context: Context) -> Message:
         reason = f"model {group.model_sha256} is not on this node; send its bytes"
         return Message(Error(code=MODEL_MISSING, reason=reason), reply_to=msg)
     cfg, chain = _setup(tuple(sorted(group.run_config.items())), node)
+    _RUN[:] = [(group.run_config, cfg)]  # what _run_of finds for each of the clients below
     node_config = {**node.as_node_config(), MODEL_FILE: model_file, NUM_PARTITIONS: cfg.num_clients}
     replies: list[tuple[int, RecordDict | str]] = []
     for client in group.clients:

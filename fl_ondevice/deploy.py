@@ -99,7 +99,6 @@ def deploy(cfg: Config, insecure: bool = False) -> dict[str, Any]:
         prepare(cfg)  # bad input fails here, before any process starts; warms the model cache
     out = Path(cfg.output_dir)
     work = out / "deploy"
-    shutil.rmtree(work / "cli", ignore_errors=True)
     app = write_app(work / "app", cfg)
     with Federation(work, cfg.num_clients, insecure, local_node_config(cfg)) as fed:
         fed.start()

@@ -122,6 +122,11 @@ class Federation:
         )
         self._wait_online()
 
+    @property
+    def ca_file(self) -> Path:
+        """The CA certificate SuperNodes and the CLI verify the SuperLink with."""
+        return self.workdir / "certs" / "ca.crt"
+
     def key(self, i: int | str) -> Path:
         """The private key of SuperNode ``i`` (created on first use); ``.pub`` beside it."""
         path = self.workdir / "keys" / f"node-{i}"
@@ -142,7 +147,7 @@ class Federation:
             if self.insecure
             else [
                 "--root-certificates",
-                str(self.workdir / "certs" / "ca.crt"),
+                str(self.ca_file),
                 "--auth-supernode-private-key",
                 str(private_key or self.key(i)),
             ]
@@ -178,7 +183,7 @@ class Federation:
             if self.insecure
             else [
                 "--ssl-ca-certfile",
-                str(self.workdir / "certs" / "ca.crt"),
+                str(self.ca_file),
                 "--ssl-certfile",
                 str(self.workdir / "certs" / "server.pem"),
                 "--ssl-keyfile",
@@ -212,11 +217,7 @@ class Federation:
 
     def _healthy(self) -> bool:
         scheme = "http" if self.insecure else "https"
-        context = (
-            None
-            if self.insecure
-            else ssl.create_default_context(cafile=str(self.workdir / "certs" / "ca.crt"))
-        )
+        context = None if self.insecure else ssl.create_default_context(cafile=str(self.ca_file))
         try:
             url = f"{scheme}://127.0.0.1:{self._port}/health"
             with urllib.request.urlopen(url, context=context, timeout=2) as answer:
@@ -227,11 +228,7 @@ class Federation:
     def _write_cli_config(self) -> None:
         home = self.workdir / "cli"
         home.mkdir(parents=True, exist_ok=True)
-        security = (
-            "insecure = true"
-            if self.insecure
-            else f'root-certificates = "{self.workdir / "certs" / "ca.crt"}"'
-        )
+        security = "insecure = true" if self.insecure else f'root-certificates = "{self.ca_file}"'
         (home / "config.toml").write_text(
             f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\n'
             f'address = "127.0.0.1:{self._port}"\n{security}\n'
@@ -322,7 +319,6 @@ class Federation:
             except subprocess.TimeoutExpired:
                 _signal_group(proc.pid, signal.SIGKILL)
                 proc.wait(timeout=STOP_SECONDS)
-        self._snapshot()
         for pid, started_at in self._seen.items():
             if _running(pid, started_at):
                 _signal_group(pid, signal.SIGKILL)
@@ -358,7 +354,6 @@ class Federation:
                 cwd=self.workdir,
                 start_new_session=True,  # Ctrl-C reaches us alone; we stop them in order
             )
-        self._snapshot()
         return proc
 
 

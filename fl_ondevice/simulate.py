@@ -183,7 +183,7 @@ def _stop(run_dir: str, signum: int) -> NoReturn:
 
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, signal.SIG_IGN)  # a second Ctrl-C while stopping changes nothing
-    SAVING.acquire(timeout=RAY_SHUTDOWN_SECONDS)  # no round is saved after this one is read
+    SAVING.acquire(timeout=SAVE_WAIT_SECONDS)  # no round is saved after this one is read
     log_stopped(signum, run_dir, "fl_ondevice.simulate")
     _exit_now(128 + signum)
 
@@ -201,7 +201,7 @@ def _exit_now(code: int) -> NoReturn:
     os._exit(code)
 
 
-RAY_SHUTDOWN_SECONDS = 5.0  # the longest a stop waits for a round being saved
+SAVE_WAIT_SECONDS = 5.0  # the longest a stop waits for a round being saved
 
 
 def _stop_local_ray() -> None:

@@ -91,7 +91,6 @@ class _Sent:
 class _Pushed:
     virtual_ids: list[str]  # the strategy's messages it carries
     node: int
-    clients: list[int]
     with_model: bool  # it carried the model's bytes
 
 
@@ -279,9 +278,7 @@ class ClientGrid(Grid):
             groups = group_clients(clients, min(len(nodes), wanted), self.client_sizes)
             targets = list(zip(nodes, groups, strict=False))
         id_of = {self._sent[i].client: i for i in ids}
-        self._push(
-            [_Pushed([id_of[c] for c in group], node, group, False) for node, group in targets]
-        )
+        self._push([_Pushed([id_of[c] for c in group], node, False) for node, group in targets])
 
     def _push(self, engine_msgs: list[_Pushed]) -> None:
         messages = []
@@ -291,7 +288,8 @@ class ClientGrid(Grid):
             self._have_model.add(pushed.node)
             sha256, data = self.model
             model = (sha256, data if pushed.with_model else None)
-            content = pack(first.content, pushed.clients, model, self.run_config)
+            clients = [self._sent[i].client for i in pushed.virtual_ids]
+            content = pack(first.content, clients, model, self.run_config)
             messages.append(
                 self.grid.create_message(
                     content, first.metadata.message_type, pushed.node, group_id=str(self.round)
