@@ -204,6 +204,85 @@ class ClientConfig:
 
 
 @dataclass
+class DeviceClassConfig:
+    """One class of phones: how fast it trains, its network, and when it is online."""
+
+    share: float = 1.0  # share of the clients in this class (shares are normalized)
+    # Train-step time on this phone / the host's measured interpreter time (the calibration).
+    compute_factor: float = 1.0
+    down_mbps: float = 50.0  # download bandwidth, Mbit/s
+    up_mbps: float = 10.0  # upload bandwidth, Mbit/s
+    latency_ms: float = 50.0  # round-trip time; paid once for the download, once for the upload
+    # Hours a day the phone may train (e.g. while charging overnight), one window per client at
+    # a seeded time of day; 24 = always online.
+    online_hours: float = 24.0
+
+    def check(self, key: str) -> None:
+        """Raise ``ConfigError`` naming ``key`` for a bad value."""
+        _require(self.share >= 0, f"{key}.share", self.share, "must be >= 0")
+        for name in ("compute_factor", "down_mbps", "up_mbps"):
+            value = getattr(self, name)
+            _require(value > 0, f"{key}.{name}", value, "must be > 0")
+        _require(self.latency_ms >= 0, f"{key}.latency_ms", self.latency_ms, "must be >= 0")
+        _require(
+            0 < self.online_hours <= 24, f"{key}.online_hours", self.online_hours, "in (0, 24]"
+        )
+
+
+@dataclass
+class DeviceConfig:
+    """The phones the clients run on: a simulated clock per round (``fl_ondevice.clock``).
+
+    No classes (``device=none``, the default) means no device clock: the simulated-time
+    columns stay empty.
+    """
+
+    name: str = "none"  # the profile, for titles and tables
+    classes: dict[str, DeviceClassConfig] = field(default_factory=dict)
+    # A CSV file whose rows replace ``classes``: a ``name`` column plus DeviceClassConfig's keys.
+    table: str | None = None
+    # A calibration.json (a run directory's) whose step times to use; None = measure this model
+    # on this machine (cached in cache_dir).
+    calibration: str | None = None
+
+    def __post_init__(self) -> None:
+        for name, cls in self.classes.items():
+            cls.check(f"device.classes.{name}")
+        _require(
+            not self.classes or sum(c.share for c in self.classes.values()) > 0,
+            "device.classes",
+            {k: c.share for k, c in self.classes.items()},
+            "the shares must not all be 0",
+        )
+
+    @property
+    def enabled(self) -> bool:
+        """Whether the run has a device clock."""
+        return bool(self.classes or self.table)
+
+
+@dataclass
+class RoundConfig:
+    """When the server closes a training round, on the simulated clock (needs a device)."""
+
+    # Sample ceil(K x overcommit) clients and aggregate the first K to finish, K being the
+    # strategy's sample; 1 = off. FedScale's default is 1.3 (arXiv:2105.11367).
+    overcommit: float = 1.0
+    # Updates that arrive later than this many simulated seconds after the round started are
+    # stragglers: counted, not aggregated. None = wait for every sampled client.
+    deadline_s: float | None = None
+
+    def __post_init__(self) -> None:
+        _require(self.overcommit >= 1.0, "round.overcommit", self.overcommit, "must be >= 1")
+        _require(
+            self.deadline_s is None or self.deadline_s > 0,
+            "round.deadline_s",
+            self.deadline_s,
+            "must be > 0 seconds, or null to wait for every client",
+        )
+
+
+@dataclass
 class Config:
     """One run: every group plus the top-level keys."""
 
@@ -215,6 +294,8 @@ class Config:
     strategy: dict[str, Any] = field(default_factory=dict)
     client: ClientConfig = field(default_factory=ClientConfig)
     backend: BackendConfig = field(default_factory=BackendConfig)
+    device: DeviceConfig = field(default_factory=DeviceConfig)
+    round: RoundConfig = field(default_factory=RoundConfig)
     seed: int = 0  # one seed: initial weights, partitions, sampling, shuffling, faults
     num_clients: int = 10
     num_rounds: int = 50  # digits + mlp reach >= 90% central accuracy well before this
@@ -234,6 +315,13 @@ class Config:
             "must be in (0, 1] or null",
         )
         _require(self.eval_batch_size >= 1, "eval_batch_size", self.eval_batch_size, ">= 1")
+        _require(
+            self.device.enabled or (self.round.overcommit == 1.0 and self.round.deadline_s is None),
+            "round",
+            asdict(self.round),
+            "over-commitment and deadlines act on the simulated clock: choose phones with "
+            "device=NAME (conf/device/*.yaml) or drop round.overcommit/round.deadline_s",
+        )
 
     @property
     def workers(self) -> int:
@@ -271,6 +359,8 @@ _GROUPS: dict[str, type] = {
     "partition": PartitionConfig,
     "client": ClientConfig,
     "backend": BackendConfig,
+    "device": DeviceConfig,
+    "round": RoundConfig,
 }
 
 
@@ -349,8 +439,11 @@ __all__ = [
     "Config",
     "DatasetConfig",
     "DeployConfig",
+    "DeviceClassConfig",
+    "DeviceConfig",
     "ModelConfig",
     "PartitionConfig",
+    "RoundConfig",
     "from_run_config",
     "parse_config",
     "to_dataclass",

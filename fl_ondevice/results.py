@@ -33,10 +33,12 @@ COLUMNS = (
     "train_loss",  # clients' mean local training loss, weighted by num-examples
     "client_eval_accuracy",  # clients' local-test accuracy (when strategy.fraction_evaluate > 0)
     "clients_sampled",
-    "clients_dropped",  # sampled, never replied (client.dropout_rate)
+    "clients_dropped",  # sampled, never replied (client.dropout_rate; a phone gone offline)
     "clients_replied",  # replies received, crashes included
     "clients_failed",  # replies reporting a crash
     "clients_rejected",  # updates that failed validation (names, shapes, dtypes, NaN, examples)
+    "clients_stragglers",  # phones whose update came after the round closed (round.*)
+    "clients_unavailable",  # phones offline when the round started (device online_hours)
     "skipped",  # 1 if fewer than strategy.min_train_nodes valid updates: global model kept
     "examples",  # training examples behind this round's aggregate
     "bytes_down",  # global weights sent to the sampled clients
@@ -47,6 +49,10 @@ COLUMNS = (
     "eval_seconds",  # of which the server's central evaluation
     "elapsed_seconds",
     "rss_mib",  # resident memory of the whole simulation (driver, Ray, workers)
+    # With phones (device=...): simulated seconds of the round (waiting for phones to come
+    # online, then until the round closed) and since the run started; empty without.
+    "sim_round_seconds",
+    "sim_elapsed_seconds",
 )
 # Columns that differ between two runs of one seed (timings, memory); all others must not.
 TIME_COLUMNS = frozenset(
@@ -118,6 +124,7 @@ def summarize(rows: Sequence[Mapping[str, Any]], run_info: Mapping[str, Any]) ->
     reached = next(
         (r["round"] for r in trained if target and (r["accuracy"] or 0.0) >= target), None
     )
+    sim_hours = [_hours(r.get("sim_elapsed_seconds")) for r in rows]
     return {
         "rounds": len(trained),
         "final_accuracy": rows[-1]["accuracy"] if rows else None,
@@ -134,7 +141,18 @@ def summarize(rows: Sequence[Mapping[str, Any]], run_info: Mapping[str, Any]) ->
             trained[-1]["bytes_down"] / max(trained[-1]["clients_sampled"], 1) if trained else None
         ),
         "upload_bytes_per_client": _upload_per_client(trained[-1]) if trained else None,
+        # With phones: simulated hours of the whole run, and until the target was reached.
+        "sim_hours": sim_hours[-1] if rows else None,
+        "sim_hours_to_target": (
+            sim_hours[[r["round"] for r in rows].index(reached)] if reached else None
+        ),
     }
+
+
+def _hours(seconds: Any) -> float | None:
+    if not isinstance(seconds, int | float) or math.isnan(seconds):
+        return None
+    return float(seconds) / 3600.0
 
 
 def _upload_per_client(row: Mapping[str, Any]) -> float | None:

@@ -22,6 +22,7 @@ from fl_ondevice.strategy import (
     AGGREGATE_TRAIN,
     CONFIGURE_EVALUATE,
     CONFIGURE_TRAIN,
+    nodes_needed,
     seeded,
     setting,
 )
@@ -54,8 +55,9 @@ def run_rounds(
 ) -> ArrayRecord:
     """Train, aggregate, evaluate on clients, aggregate, for each of ``rounds``; call
     ``after_round`` with each round's result; return the final global arrays."""
+    needed = nodes_needed(strategy)
     for r in rounds:
-        grid.round = r
+        grid.begin_round(r, needed)
         new, train_metrics = train_round(strategy, grid, r, arrays, config, seed)
         arrays = arrays if new is None else new
         evaluate_metrics = evaluate_round(strategy, grid, r, arrays, config, seed)

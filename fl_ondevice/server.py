@@ -19,8 +19,17 @@ from flwr.superlink.grid import InMemoryGrid
 from omegaconf import OmegaConf
 
 from fl_ondevice import cluster
+from fl_ondevice.calibration import (
+    CALIBRATION_JSON,
+    Calibration,
+    batch_sizes_needed,
+    load_or_measure,
+    read_calibration,
+    write_calibration,
+)
 from fl_ondevice.checkpoint import Weights, write_checkpoint
 from fl_ondevice.client_app import client_app
+from fl_ondevice.clock import DeviceClock, device_classes
 from fl_ondevice.config import Config, ConfigError, to_run_config
 from fl_ondevice.console import native_stderr_to_log
 from fl_ondevice.data import Dataset, load_dataset
@@ -45,7 +54,7 @@ from fl_ondevice.resume import (
     state_file,
 )
 from fl_ondevice.rounds import RoundResult, run_rounds
-from fl_ondevice.strategy import layers, make_strategy, setting
+from fl_ondevice.strategy import layers, make_strategy, nodes_needed, setting
 from fl_ondevice.transport import ClientGrid, RoundTraffic
 
 log = logging.getLogger(__name__)
@@ -69,6 +78,7 @@ class Prepared:
     server_model: OnDeviceModel
     strategy: Strategy
     resumed: ResumePoint | None  # where an interrupted run (``cfg.resume``) continues
+    clock: DeviceClock | None  # the phones' simulated clock (``device``), None without phones
 
 
 def prepare(cfg: Config) -> Prepared:
@@ -105,7 +115,64 @@ def prepare(cfg: Config) -> Prepared:
         )
     model.check_proximal(float(setting(strategy, "proximal_mu", 0.0)))
     resumed = load_resume_point(Path(cfg.resume), model.weight_spec) if cfg.resume else None
-    return Prepared(cfg, dataset, partitions, model_file, model, strategy, resumed)
+    clock = _device_clock(cfg, dataset, partitions, model_file, strategy)
+    if clock is not None and resumed is not None and resumed.rows:
+        clock.now = float(resumed.rows[-1].get("sim_elapsed_seconds") or 0.0)
+    return Prepared(cfg, dataset, partitions, model_file, model, strategy, resumed, clock)
+
+
+def model_key(cfg: Config, dataset: Dataset, model_file: Path) -> str:
+    """What a calibration is valid for: the architecture, optimizer and data shapes of a built
+    model (its file differs by a few bytes between conversions), a user's file by content."""
+    if cfg.model.name == "tflite":
+        return f"tflite {model_sha256(model_file.read_bytes())[:16]}"
+    shape = "x".join(str(d) for d in dataset.input_shape)
+    return f"{cfg.model.name} {cfg.model.optimizer} {shape} -> {dataset.num_classes}"
+
+
+def _device_clock(
+    cfg: Config,
+    dataset: Dataset,
+    partitions: list[Partition],
+    model_file: Path,
+    strategy: Strategy,
+) -> DeviceClock | None:
+    # The phones' clock, with the step times this run uses: the resumed run's own, a given
+    # file's, or this host's (measured once per model and machine, then cached).
+    if not cfg.device.enabled:
+        return None
+    classes = device_classes(cfg.device)
+    key = model_key(cfg, dataset, model_file)
+    sizes = [len(p.train_indices) for p in partitions]
+    own = Path(cfg.resume) / CALIBRATION_JSON if cfg.resume else None
+    calibration: Calibration
+    if own is not None and own.is_file():
+        calibration = read_calibration(own, key)
+    elif cfg.device.calibration:
+        calibration = read_calibration(Path(cfg.device.calibration).expanduser(), key)
+    else:
+        with native_stderr_to_log():
+            calibration = load_or_measure(
+                os.path.expanduser(cfg.cache_dir),
+                key,
+                model_file,
+                dataset.x_train,
+                dataset.y_train,
+                batch_sizes_needed(cfg.client.batch_size, sizes),
+                cfg.client.num_threads,
+            )
+    clock = DeviceClock(
+        classes,
+        cfg.num_clients,
+        cfg.seed,
+        calibration,
+        sizes,
+        cfg.client.batch_size,
+        cfg.client.local_epochs,
+    )
+    clock.wait_for(nodes_needed(strategy))  # fails now if too few phones are ever online
+    clock.now = 0.0
+    return clock
 
 
 def check_output_dir(out: Path, need_mib: float = 64.0) -> None:
@@ -161,6 +228,10 @@ def run_server(
         dropout_rate=cfg.client.dropout_rate,
         pull_seconds=pull_seconds(grid),
         nodes_own_data=nodes_own_data,
+        clock=prep.clock,
+        bytes_up=prep.server_model.weight_spec.num_bytes,
+        overcommit=cfg.round.overcommit,
+        deadline_s=cfg.round.deadline_s,
     )
     recorder = RoundRecorder(prep, clients, metrics)
     if resumed:
@@ -191,6 +262,8 @@ def _start_outputs(
 ) -> MetricsLog:
     cfg, out = prep.cfg, Path(prep.cfg.output_dir)
     (out / RESOLVED_CONFIG).write_text(OmegaConf.to_yaml(asdict(cfg)))
+    if prep.clock is not None:
+        write_calibration(prep.clock.calibration, out / CALIBRATION_JSON)
     write_partition_report(
         prep.partitions,
         prep.dataset.y_train,
@@ -264,6 +337,7 @@ class RoundRecorder:
             "eval_seconds": now - t_eval,
             "elapsed_seconds": now - self.t_start,
             "rss_mib": process_tree_rss_mib(),
+            **_sim_columns(traffic, self.prep.clock),
         }
         save_round(Path(cfg.output_dir), r, weights, self.prep.strategy, self.metrics, row)
         self.t_last = time.perf_counter()
@@ -280,12 +354,24 @@ def _client_columns(traffic: RoundTraffic, result: RoundResult | None) -> dict[s
         "clients_replied": traffic.replied,
         "clients_failed": traffic.failed,
         "clients_rejected": traffic.rejected,
+        "clients_stragglers": traffic.stragglers,
+        "clients_unavailable": traffic.unavailable,
         "skipped": int(skipped),
         "examples": 0 if skipped else traffic.examples,
         "bytes_down": traffic.bytes_down,
         "bytes_up": traffic.bytes_up,
         "client_seconds": _median(traffic.client_seconds),
         "train_seconds": _median(traffic.train_seconds),
+    }
+
+
+def _sim_columns(traffic: RoundTraffic, clock: DeviceClock | None) -> dict[str, Any]:
+    if clock is None:
+        return {"sim_round_seconds": float("nan"), "sim_elapsed_seconds": float("nan")}
+    seconds = traffic.sim_seconds
+    return {
+        "sim_round_seconds": 0.0 if math.isnan(seconds) else seconds,
+        "sim_elapsed_seconds": clock.now,
     }
 
 

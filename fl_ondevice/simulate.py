@@ -119,10 +119,13 @@ def summary_line(summary: dict[str, Any], out_dir: str) -> str:
         f"{summary['rounds']} rounds",
         f"{summary['seconds_per_round']:.2f} s/round",
     ]
+    if summary.get("sim_hours") is not None:
+        parts.append(f"{summary['sim_hours']:.2f} simulated hours")
     if summary.get("target_accuracy"):
-        reached = summary["rounds_to_target"]
+        reached, hours = summary["rounds_to_target"], summary.get("sim_hours_to_target")
         parts.append(
             f"target {summary['target_accuracy']} reached in round {reached}"
+            + (f" after {hours:.2f} simulated hours" if hours is not None else "")
             if reached
             else f"target {summary['target_accuracy']} not reached"
         )

@@ -96,6 +96,17 @@ def setting(strategy: Strategy, name: str, default: Any = None) -> Any:
     return next((getattr(s, name) for _, s in layers(strategy) if hasattr(s, name)), default)
 
 
+def nodes_needed(strategy: Strategy) -> int:
+    """How many nodes the strategy waits for before it samples (Flower's ``sample_nodes``
+    waits, polling once a second, until at least this many are connected)."""
+    needed = 1
+    for _, s in layers(strategy):
+        needed = max(needed, getattr(s, "min_available_nodes", 1), getattr(s, "min_train_nodes", 1))
+        if getattr(s, "fraction_evaluate", 0.0) > 0.0:
+            needed = max(needed, getattr(s, "min_evaluate_nodes", 1))
+    return int(needed)
+
+
 def check_sampling(strategy: Strategy, cfg: Config) -> None:
     """Raise ``ConfigError`` for sampling settings the run cannot satisfy."""
     n = cfg.num_clients

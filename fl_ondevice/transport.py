@@ -16,6 +16,11 @@ The model goes by content (``fl_ondevice.message``): its bytes with a node's fir
 the run, then its SHA-256 alone; a node that answers ``MODEL_MISSING`` (another machine's
 worker of a Ray cluster, a cleared cache) is sent the bytes again.
 
+With phones (``fl_ondevice.clock``), the clients the strategy sees are those online when the
+round starts; a round's train messages go only to the clients whose updates would reach the
+server before the round closes on the simulated clock (over-commitment adds clients the strategy
+did not sample; later updates are stragglers, not trained at all: the phone's work is lost).
+
 On the way back every update is checked (``fl_ondevice.updates``): a crash, a rejected update or
 a missing client reaches the strategy as an error reply, which every Flower strategy skips.
 """
@@ -23,6 +28,7 @@ a missing client reaches the strategy as an error reply, which every Flower stra
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -35,6 +41,7 @@ from flwr.serverapp import Grid
 from flwr.supercore.run import Run
 
 from fl_ondevice.checkpoint import WeightSpec
+from fl_ondevice.clock import OVERCOMMIT_STREAM, DeviceClock, close_round
 from fl_ondevice.errors import ConfigError
 from fl_ondevice.message import (
     CLIENT_SECONDS,
@@ -65,7 +72,10 @@ class RoundTraffic:
     """What crossed the wire in one training round, counted as it happens."""
 
     sampled: int = 0
-    dropped: int = 0  # sampled but never replied (client.dropout_rate)
+    dropped: int = 0  # sampled but never replied (client.dropout_rate, or went offline)
+    stragglers: int = 0  # their update would have arrived after the round closed
+    unavailable: int = 0  # offline when the round started: could not be sampled
+    sim_seconds: float = math.nan  # simulated: waiting for phones, then the round itself
     replied: int = 0  # replies received, crashes included
     failed: int = 0  # replied with an error (the client crashed)
     rejected: int = 0  # replied with an update that failed validation
@@ -121,6 +131,9 @@ class ClientGrid(Grid):
         The engine's nodes are SuperNodes that own one partition each (their node config's
         ``partition-id`` of ``num-partitions`` = ``num_clients``); else they are executors
         that train whichever clients a message names (the simulation).
+    clock, bytes_up, overcommit, deadline_s
+        The phones' simulated clock (None: no device time), the bytes of one client's update
+        as it is sent, and when a round closes (``fl_ondevice.config.RoundConfig``).
     """
 
     def __init__(
@@ -137,6 +150,10 @@ class ClientGrid(Grid):
         dropout_rate: float = 0.0,
         pull_seconds: float = 0.005,
         nodes_own_data: bool = False,
+        clock: DeviceClock | None = None,
+        bytes_up: int = 0,
+        overcommit: float = 1.0,
+        deadline_s: float | None = None,
     ) -> None:
         self.grid = grid
         self.num_clients = num_clients
@@ -150,7 +167,11 @@ class ClientGrid(Grid):
         self.dropout_rate = dropout_rate
         self.pull_seconds = pull_seconds
         self.nodes_own_data = nodes_own_data
+        self.clock, self.bytes_up = clock, bytes_up
+        self.overcommit, self.deadline_s = overcommit, deadline_s
         self.round = 0  # set by the round loop: faults and traffic are counted per round
+        self._round_start = 0.0  # with a clock: when the round started, simulated seconds
+        self._online: set[int] = set()  # with a clock: the clients online at the round's start
         self.traffic: dict[int, RoundTraffic] = {}
         self._sent: dict[str, _Sent] = {}  # virtual message id -> its client
         self._groups: dict[str, _Pushed] = {}  # engine message id -> what it carries
@@ -160,13 +181,29 @@ class ClientGrid(Grid):
         self._live: set[int] = set()  # nodes_own_data: the nodes connected at the last look
 
     # -- what the strategy sees ---------------------------------------------------------------
+    def begin_round(self, r: int, needed: int) -> None:
+        """Start round ``r``; with phones, wait on the simulated clock until ``needed`` are
+        online."""
+        self.round = r
+        if self.clock is None:
+            return
+        traffic = self.traffic.setdefault(r, RoundTraffic())
+        traffic.sim_seconds = self.clock.wait_for(needed)
+        self._round_start = self.clock.now
+        self._online = set(self.clock.online())
+        traffic.unavailable = self.num_clients - len(self._online)
+
     def get_node_ids(self) -> Iterable[int]:
-        """One node per client (with ``nodes_own_data``: per client whose node is connected)."""
+        """One node per client (with ``nodes_own_data``: per client whose node is connected;
+        with phones: per client online when the round started)."""
         if not self.nodes_own_data:
-            return range(FIRST_NODE_ID, FIRST_NODE_ID + self.num_clients)
-        self._discover()
-        owned = sorted(c for c, n in self._node_of.items() if n in self._live)
-        return [FIRST_NODE_ID + c for c in owned]
+            clients: Iterable[int] = range(self.num_clients)
+        else:
+            self._discover()
+            clients = sorted(c for c, n in self._node_of.items() if n in self._live)
+        if self.clock is not None:
+            clients = [c for c in clients if c in self._online]
+        return [FIRST_NODE_ID + c for c in clients]
 
     def _discover(self) -> None:
         # Ask each node not seen before which partition it owns. A node that comes back after
@@ -201,24 +238,81 @@ class ClientGrid(Grid):
 
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
         """Send the strategy's per-client messages, grouped into engine messages; return the
-        ids of those sent (a dropped-out client's message is lost on the way)."""
-        sent: list[str] = []
+        ids of those sent (a dropped-out client's message is lost on the way, a straggler's
+        is never trained)."""
+        batch = [self._accept(msg) for msg in messages]
+        train = [s for s in batch if self._train(s.message)]
+        extra = self._overcommitted(train) if train and self.clock is not None else []
+        going = [s for s in batch if not self._train(s.message)]
+        delivering = []
+        for sent in train + extra:
+            self._count_download(sent.client, sent.message)
+            if not self._drops_out(sent.client):
+                delivering.append(sent)
+        if train and self.clock is not None:
+            delivering = self._in_time(delivering, len(train) + len(extra), keep=len(train))
         by_content: dict[tuple, list[str]] = {}
-        for msg in messages:
-            client = msg.metadata.dst_node_id - FIRST_NODE_ID
-            if not 0 <= client < self.num_clients:
-                raise ValueError(f"message for node {msg.metadata.dst_node_id}: not a client")
-            msg.metadata.__dict__["_message_id"] = str(uuid4())  # as Flower's grids do
-            if self._train(msg):
-                self._count_download(client, msg)
-                if self._drops_out(client):
-                    continue
-            self._sent[msg.metadata.message_id] = _Sent(client, msg)
-            by_content.setdefault(_content_key(msg), []).append(msg.metadata.message_id)
-            sent.append(msg.metadata.message_id)
+        for sent in going + delivering:
+            self._sent[sent.message.metadata.message_id] = sent
+            by_content.setdefault(_content_key(sent.message), []).append(
+                sent.message.metadata.message_id
+            )
         for ids in by_content.values():
             self._push_group(ids)
-        return sent
+        return [s.message.metadata.message_id for s in going + delivering]
+
+    def _accept(self, msg: Message) -> _Sent:
+        client = msg.metadata.dst_node_id - FIRST_NODE_ID
+        if not 0 <= client < self.num_clients:
+            raise ValueError(f"message for node {msg.metadata.dst_node_id}: not a client")
+        msg.metadata.__dict__["_message_id"] = str(uuid4())  # as Flower's grids do
+        return _Sent(client, msg)
+
+    def _overcommitted(self, train: list[_Sent]) -> list[_Sent]:
+        # Over-commitment: ceil(K x factor) - K more online clients that the strategy did not
+        # sample, drawn from the round's seed, sent the content of the strategy's first message.
+        if self.overcommit <= 1.0:
+            return []
+        sampled = {s.client for s in train}
+        spare = sorted(self._online - sampled)
+        more = min(len(spare), math.ceil(len(train) * self.overcommit) - len(train))
+        rng = np.random.default_rng([self.seed, self.round, OVERCOMMIT_STREAM])
+        first = train[0].message
+        return [
+            self._accept(
+                Message(
+                    first.content,
+                    FIRST_NODE_ID + int(c),
+                    first.metadata.message_type,
+                    group_id=first.metadata.group_id,
+                )
+            )
+            for c in sorted(rng.choice(spare, size=more, replace=False))
+        ]
+
+    def _in_time(self, delivering: list[_Sent], sampled: int, keep: int) -> list[_Sent]:
+        # The simulated round: who uploads when, when the round closes, whose update counts.
+        assert self.clock is not None
+        traffic = self.traffic[self.round]
+        start, finish = self._round_start, {}
+        for sent in delivering:
+            down = sum(num_bytes(r) for r in sent.message.content.array_records.values())
+            seconds = self.clock.client_time(sent.client, down, self.bytes_up).total
+            if self.clock.online_until(sent.client, start) < start + seconds:
+                traffic.dropped += 1  # its window closed before it had uploaded
+            else:
+                finish[sent.client] = seconds
+        closed = close_round(
+            finish,
+            missing=sampled - len(finish),
+            keep=keep if self.overcommit > 1.0 else None,
+            deadline=self.deadline_s,
+        )
+        traffic.stragglers += len(closed.stragglers)
+        traffic.sim_seconds += closed.seconds
+        self.clock.now = start + closed.seconds
+        kept = set(closed.kept)
+        return [s for s in delivering if s.client in kept]
 
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
         """The per-client replies to ``message_ids`` that have arrived."""
