@@ -137,6 +137,7 @@ class Table:
     markdown: str
     csv_rows: list[dict[str, Any]]
     panels: dict[str, list[tuple[str, Run]]]  # panel title -> (curve label, run)
+    x_axis: str = "round"  # or "sim_minutes": the phones' simulated time
 
 
 def ondevice_fmnist(runs: list[Run]) -> Table:
@@ -369,16 +370,90 @@ def _csv_row(run: Run, targets: Sequence[float]) -> dict[str, Any]:
     }
 
 
+DEVICE_TIME_TARGET = 0.75  # conf/experiment/device_time.yaml
+DEVICE_TIME_SETTINGS = {
+    "a_fast_phones": "(a) identical fast phones, always online",
+    "b_wait_for_all": "(b) phone mix, wait for all",
+    "c_overcommit_1.3": "(c) phone mix, over-commit 1.3",
+    "d_deadline": "(d) phone mix, deadline",
+    "e_float16": "(e) phone mix, float16 updates",
+    "e_int8": "(e) phone mix, int8 updates",
+}
+
+
+def device_time(runs: list[Run]) -> Table:
+    """FedAvg on phones: rounds, simulated time and bytes to the target per fleet and policy."""
+    runs = sorted(runs, key=lambda r: (r.config["model"]["name"] != "mlp", r.path.name))
+    header = [
+        "model",
+        "setting",
+        "rounds to 75%",
+        "simulated min to 75%",
+        "MiB to 75% (down + up)",
+        "median simulated s / round",
+        "stragglers / dropped per round",
+        "KiB up per client",
+        "final acc.",
+    ]
+    rows, csv_rows = [], []
+    panels: dict[str, list[tuple[str, Run]]] = {}
+    for run in runs:
+        model = run.config["model"]["name"]
+        reached = run.rounds_to(DEVICE_TIME_TARGET)
+        until = [r for r in run.trained if reached is None or r["round"] <= reached]
+        minutes = until[-1]["sim_elapsed_seconds"] / 60
+        mib = sum(r["bytes_down"] + r["bytes_up"] for r in until) / 2**20
+        late = statistics.mean(r["clients_stragglers"] for r in run.trained)
+        dropped = statistics.mean(r["clients_dropped"] for r in run.trained)
+        up = statistics.median(r["bytes_up"] / max(r["clients_replied"], 1) for r in run.trained)
+        per_round = statistics.median(r["sim_round_seconds"] for r in run.trained)
+        prefix = "" if reached is not None else ">"
+        setting = DEVICE_TIME_SETTINGS.get(run.path.name, run.path.name)
+        if run.config["round"]["deadline_s"] is not None:
+            setting += f" {run.config['round']['deadline_s']:g} s"
+        rows.append(
+            [
+                model,
+                setting,
+                _rounds_cell(run, DEVICE_TIME_TARGET),
+                f"{prefix}{minutes:.1f}",
+                f"{prefix}{mib:,.0f}",
+                f"{per_round:.1f}",
+                f"{late:.1f} / {dropped:.1f}",
+                f"{up / 1024:,.0f}",
+                f"{run.final_accuracy:.4f}",
+            ]
+        )
+        csv_rows.append(
+            {
+                **_csv_row(run, (DEVICE_TIME_TARGET,)),
+                "setting": setting,
+                "sim_minutes_to_target": minutes if reached is not None else None,
+                "mib_to_target": mib if reached is not None else None,
+                "median_sim_round_seconds": per_round,
+                "stragglers_per_round": late,
+                "update_encoding": run.config["client"].get("update_encoding", "float32"),
+            }
+        )
+        panels.setdefault(f"{model}: accuracy over simulated time", []).append(
+            (setting.split(")")[0] + ")", run)
+        )
+    return Table(markdown(header, rows), csv_rows, panels, x_axis="sim_minutes")
+
+
 EXPERIMENTS: dict[str, Callable[[list[Run]], Table]] = {
     "ondevice_fmnist": ondevice_fmnist,
     "mcmahan2017": mcmahan2017,
     "niid_bench": niid_bench,
+    "device_time": device_time,
 }
 
 
 # -- outputs --------------------------------------------------------------------------------------
-def plot(panels: dict[str, list[tuple[str, Run]]], path: Path, title: str) -> None:
-    """Central test accuracy against round, one panel per group of runs."""
+def plot(
+    panels: dict[str, list[tuple[str, Run]]], path: Path, title: str, x_axis: str = "round"
+) -> None:
+    """Central test accuracy against round (or simulated minutes), one panel per group."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -396,7 +471,7 @@ def plot(panels: dict[str, list[tuple[str, Run]]], path: Path, title: str) -> No
     for ax, (name, curves) in zip(axes.flat, panels.items(), strict=False):
         for label, run in curves:
             ax.plot(
-                [r["round"] for r in run.rounds],
+                [_x(r, x_axis) for r in run.rounds],
                 [r["accuracy"] for r in run.rounds],
                 marker="o" if len(run.rounds) <= 30 else None,
                 ms=2.5,
@@ -404,7 +479,7 @@ def plot(panels: dict[str, list[tuple[str, Run]]], path: Path, title: str) -> No
                 label=label,
             )
         ax.set_title(name, fontsize=10)
-        ax.set_xlabel("round")
+        ax.set_xlabel("simulated minutes on the phones" if x_axis == "sim_minutes" else "round")
         ax.set_ylabel("central test accuracy")
         ax.set_ylim(0, 1)
         ax.grid(alpha=0.3)
@@ -414,6 +489,10 @@ def plot(panels: dict[str, list[tuple[str, Run]]], path: Path, title: str) -> No
     fig.suptitle(title)
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def _x(row: dict[str, Any], x_axis: str) -> float:
+    return row["sim_elapsed_seconds"] / 60 if x_axis == "sim_minutes" else row["round"]
 
 
 def write_csv(rows: list[dict[str, Any]], path: Path) -> None:
@@ -449,7 +528,7 @@ def build(name: str, root: Path) -> str:
         row["run"] = str(Path(row["run"]).relative_to(root.parent))
     (folder / RESULTS_MD).write_text(table.markdown + "\n")
     write_csv(table.csv_rows, folder / RESULTS_CSV)
-    plot(table.panels, folder / ACCURACY_PNG, name)
+    plot(table.panels, folder / ACCURACY_PNG, name, table.x_axis)
     embed(folder / "README.md", table.markdown)
     return table.markdown
 

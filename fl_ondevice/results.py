@@ -23,6 +23,7 @@ METRICS_JSON = "metrics.json"
 ACCURACY_PNG = "accuracy.png"
 SUMMARY_CSV = "summary.csv"
 SUMMARY_PNG = "summary.png"
+SIM_HOURS_PNG = "accuracy_vs_sim_hours.png"  # a sweep with phones: accuracy over device time
 ERROR_JSON = "error.json"  # a sweep job that stopped on bad input
 
 # One row per round (round 0 = the initial global model, before any training).
@@ -193,13 +194,14 @@ def sweep_summary(sweep_dir: str | os.PathLike[str]) -> list[dict[str, Any]]:
     final accuracy and seconds per round against the first swept key.
     """
     sweep = Path(sweep_dir)
-    rows = []
+    rows, curves = [], {}
     jobs = sorted((p for p in sweep.iterdir() if p.is_dir()), key=_job_order)
     for job in jobs:
         if (job / METRICS_JSON).is_file():
             doc = json.loads((job / METRICS_JSON).read_text())
             summary = summarize(doc["rounds"], doc)
             rows.append({"job": job.name, **doc.get("overrides", {}), **summary})
+            curves[job.name] = doc["rounds"]
         elif (job / ERROR_JSON).is_file():
             doc = json.loads((job / ERROR_JSON).read_text())
             rows.append({"job": job.name, **doc["overrides"], "error": doc["error"]})
@@ -210,8 +212,37 @@ def sweep_summary(sweep_dir: str | os.PathLike[str]) -> list[dict[str, Any]]:
     _write_csv(sweep / SUMMARY_CSV, columns, rows)
     swept = _override_keys(rows)
     _plot_sweep(rows, swept, sweep / SUMMARY_PNG)
+    if any(row.get("sim_hours") is not None for row in rows):
+        labels = {row["job"]: _label(row, swept) for row in rows}
+        plot_sim_hours({labels[job]: r for job, r in curves.items()}, sweep / SIM_HOURS_PNG)
     log.info("sweep summary: %s", sweep / SUMMARY_CSV)
     return rows
+
+
+def _label(row: Mapping[str, Any], swept: Sequence[str]) -> str:
+    return ", ".join(f"{k}={row.get(k)}" for k in swept) or str(row["job"])
+
+
+def plot_sim_hours(curves: Mapping[str, Sequence[Mapping[str, Any]]], path: Path) -> None:
+    """Central accuracy against simulated hours on the phones, one curve per run."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4), layout="constrained")
+    for label, rows in curves.items():
+        points = [(_hours(r.get("sim_elapsed_seconds")), r["accuracy"]) for r in rows]
+        points = [(h, a) for h, a in points if h is not None and a is not None]
+        if points:
+            ax.plot(*zip(*points, strict=True), "o-", ms=2, label=label)
+    ax.set_xlabel("simulated hours on the phones")
+    ax.set_ylabel("central test accuracy")
+    ax.set_ylim(0, 1)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def record_error(
@@ -242,7 +273,7 @@ def _plot_sweep(rows: Sequence[Mapping[str, Any]], swept: Sequence[str], path: P
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    labels = [", ".join(f"{k}={row.get(k)}" for k in swept) or row["job"] for row in rows]
+    labels = [_label(row, swept) for row in rows]
     x = range(len(rows))
     panels = [
         ("final_accuracy", "final central accuracy"),

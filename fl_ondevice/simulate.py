@@ -120,16 +120,21 @@ def summary_line(summary: dict[str, Any], out_dir: str) -> str:
         f"{summary['seconds_per_round']:.2f} s/round",
     ]
     if summary.get("sim_hours") is not None:
-        parts.append(f"{summary['sim_hours']:.2f} simulated hours")
+        parts.append(f"{sim_time(summary['sim_hours'])} on the phones")
     if summary.get("target_accuracy"):
         reached, hours = summary["rounds_to_target"], summary.get("sim_hours_to_target")
         parts.append(
             f"target {summary['target_accuracy']} reached in round {reached}"
-            + (f" after {hours:.2f} simulated hours" if hours is not None else "")
+            + (f" after {sim_time(hours)}" if hours is not None else "")
             if reached
             else f"target {summary['target_accuracy']} not reached"
         )
     return f"fl_ondevice: {', '.join(parts)} -> {out_dir}"
+
+
+def sim_time(hours: float) -> str:
+    """Simulated time for a reader: ``2.41 h`` or, under an hour, ``12.3 min``."""
+    return f"{hours:.2f} h" if hours >= 1.0 else f"{hours * 60:.1f} min"
 
 
 @hydra.main(config_path="../conf", config_name="config", version_base=None)

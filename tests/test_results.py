@@ -82,6 +82,21 @@ def test_sweep_summary_lists_finished_and_failed_jobs_in_job_order(tmp_path):
     assert (tmp_path / "summary.png").stat().st_size > 0
 
 
+def test_summary_and_sweep_with_phones_give_simulated_hours(tmp_path):
+    # Rounds of 0.5 h, 1 h and 1.5 h of device time: the target is reached after round 2.
+    for job, scale in [("0", 1.0), ("1", 2.0)]:
+        log = MetricsLog(tmp_path / job, {"overrides": {"x": job}, "target_accuracy": 0.85})
+        for r, acc, hours in [(0, 0.1, 0.0), (1, 0.6, 0.5), (2, 0.9, 1.5), (3, 0.8, 3.0)]:
+            log.append(_row(r, acc) | {"sim_elapsed_seconds": hours * 3600 * scale})
+
+    rows = sweep_summary(tmp_path)
+
+    assert [(r["sim_hours_to_target"], r["sim_hours"]) for r in rows] == [(1.5, 3.0), (3.0, 6.0)]
+    assert (tmp_path / "accuracy_vs_sim_hours.png").stat().st_size > 0
+    without = summarize([_row(0, 0.1), _row(1, 0.9)], {"target_accuracy": 0.85})
+    assert without["sim_hours"] is None and without["sim_hours_to_target"] is None
+
+
 def test_process_tree_rss_counts_every_process_while_threads_come_and_go():
     # metrics.csv's rss_mib walks /proc/<pid>/task/*/children. A thread that ends during the
     # walk (evaluation threads do, at the end of every round) used to drop its whole process,
