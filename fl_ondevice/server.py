@@ -161,6 +161,7 @@ def run_server(
         dropout_rate=cfg.client.dropout_rate,
         pull_seconds=pull_seconds(grid),
         nodes_own_data=nodes_own_data,
+        update_encoding=cfg.client.update_encoding,
     )
     recorder = RoundRecorder(prep, clients, metrics)
     if resumed:

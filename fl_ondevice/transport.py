@@ -16,8 +16,10 @@ The model goes by content (``fl_ondevice.message``): its bytes with a node's fir
 the run, then its SHA-256 alone; a node that answers ``MODEL_MISSING`` (another machine's
 worker of a Ray cluster, a cleared cache) is sent the bytes again.
 
-On the way back every update is checked (``fl_ondevice.updates``): a crash, a rejected update or
-a missing client reaches the strategy as an error reply, which every Flower strategy skips.
+On the way back an encoded update (``client.update_encoding``) is decoded to float32 weights
+against the global weights the strategy sent that client, and every update is checked
+(``fl_ondevice.updates``): a crash, a rejected update or a missing client reaches the strategy
+as an error reply, which every Flower strategy skips.
 """
 
 from __future__ import annotations
@@ -35,8 +37,10 @@ from flwr.serverapp import Grid
 from flwr.supercore.run import Run
 
 from fl_ondevice.checkpoint import WeightSpec
+from fl_ondevice.encoding import ENCODINGS, FLOAT32, decode_update
 from fl_ondevice.errors import ConfigError
 from fl_ondevice.message import (
+    ARRAYS,
     CLIENT_SECONDS,
     CONFIG,
     MODEL_MISSING,
@@ -44,8 +48,10 @@ from fl_ondevice.message import (
     NUM_PARTITIONS,
     PARTITION_ID,
     TRAIN_SECONDS,
+    array_view,
     num_bytes,
     pack,
+    to_arrays,
     unpack_replies,
 )
 from fl_ondevice.updates import checked_update, client_error
@@ -70,7 +76,7 @@ class RoundTraffic:
     failed: int = 0  # replied with an error (the client crashed)
     rejected: int = 0  # replied with an update that failed validation
     bytes_down: int = 0
-    bytes_up: int = 0
+    bytes_up: int = 0  # valid updates, as sent (encoded: before decoding)
     examples: int = 0
     client_seconds: list[float] = field(default_factory=list)
     train_seconds: list[float] = field(default_factory=list)
@@ -121,6 +127,12 @@ class ClientGrid(Grid):
         The engine's nodes are SuperNodes that own one partition each (their node config's
         ``partition-id`` of ``num-partitions`` = ``num_clients``); else they are executors
         that train whichever clients a message names (the simulation).
+    update_encoding
+        How clients encode their train replies (``client.update_encoding``, see
+        ``fl_ondevice.encoding``). Other than ``float32``, each reply is decoded against the
+        global weights the strategy sent that client (its ``arrays`` record) before it is
+        checked, so a strategy only sees float32 weights; ``bytes_up`` counts what was sent.
+        A reply that does not decode is rejected, as one that fails the check.
     """
 
     def __init__(
@@ -137,7 +149,12 @@ class ClientGrid(Grid):
         dropout_rate: float = 0.0,
         pull_seconds: float = 0.005,
         nodes_own_data: bool = False,
+        update_encoding: str = FLOAT32,
     ) -> None:
+        if update_encoding not in ENCODINGS:  # a typo would otherwise stop the run mid-round
+            raise ValueError(
+                f"update_encoding={update_encoding!r} is invalid: choose one of {ENCODINGS}"
+            )
         self.grid = grid
         self.num_clients = num_clients
         self.seed = seed
@@ -150,6 +167,7 @@ class ClientGrid(Grid):
         self.dropout_rate = dropout_rate
         self.pull_seconds = pull_seconds
         self.nodes_own_data = nodes_own_data
+        self.update_encoding = update_encoding
         self.round = 0  # set by the round loop: faults and traffic are counted per round
         self.traffic: dict[int, RoundTraffic] = {}
         self._sent: dict[str, _Sent] = {}  # virtual message id -> its client
@@ -334,15 +352,18 @@ class ClientGrid(Grid):
             return Message(Error(ERROR_CODE, part), reply_to=sent.message)
         if not training:
             return Message(part, reply_to=sent.message)
+        sent_part = part  # what crossed the wire: bytes_up counts it
+        if self.update_encoding != FLOAT32:
+            decoded = self._decoded(sent, part)
+            if isinstance(decoded, str):
+                return self._rejected(sent, traffic, decoded)
+            part = decoded
         checked = checked_update(part, self.weight_spec, NUM_EXAMPLES)
         if isinstance(checked, str):
-            traffic.rejected += 1
-            reason = f"update of client {sent.client} rejected: {checked}"
-            log.warning("round %d: %s", self.round, reason)
-            return Message(Error(ERROR_CODE, reason), reply_to=sent.message)
+            return self._rejected(sent, traffic, checked)
         metrics = next(iter(part.metric_records.values()))
         traffic.examples += int(checked[0])
-        traffic.bytes_up += num_bytes(next(iter(part.array_records.values())))
+        traffic.bytes_up += num_bytes(next(iter(sent_part.array_records.values())))
         for key, values in (
             (CLIENT_SECONDS, traffic.client_seconds),
             (TRAIN_SECONDS, traffic.train_seconds),
@@ -350,6 +371,32 @@ class ClientGrid(Grid):
             if isinstance(metrics.get(key), int | float):
                 values.append(float(cast(float, metrics[key])))
         return Message(part, reply_to=sent.message)
+
+    def _rejected(self, sent: _Sent, traffic: RoundTraffic, why: str) -> Message:
+        traffic.rejected += 1
+        reason = f"update of client {sent.client} rejected: {why}"
+        log.warning("round %d: %s", self.round, reason)
+        return Message(Error(ERROR_CODE, reason), reply_to=sent.message)
+
+    def _decoded(self, sent: _Sent, part: RecordDict) -> RecordDict | str:
+        # The reply with its encoded ArrayRecord replaced by the float32 weights g + d, under
+        # the same key, with g what the strategy sent this client; or why it does not decode.
+        if len(part.array_records) != 1:
+            return "expected one ArrayRecord"
+        received = sent.message.content.array_records.get(ARRAYS)
+        if received is None:
+            return f"the strategy sent no '{ARRAYS}' ArrayRecord to decode the update against"
+        key, record = next(iter(part.array_records.items()))
+        decoded = decode_update(
+            {name: array_view(a) for name, a in record.items()},
+            {name: array_view(a) for name, a in received.items()},
+            self.update_encoding,
+        )
+        if isinstance(decoded, str):
+            return decoded
+        content = RecordDict(dict(part.items()))
+        content[key] = to_arrays(decoded)
+        return content
 
     # -- faults and accounting ----------------------------------------------------------------
     def _train(self, msg: Message) -> bool:
