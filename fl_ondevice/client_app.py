@@ -5,7 +5,9 @@ the ClientApp builds the message a Flower client would get (the strategy's recor
 the context its own SuperNode would give it (``node_config`` with Flower's ``partition-id`` and
 ``num-partitions``, the node's settings and its copy of the model; the run config), and runs it
 through :func:`client_app`: the configured ``client.mods`` around the train/evaluate handlers
-below, which translate to ``fl_ondevice.client``. The replies go back together in one reply.
+below, which translate to ``fl_ondevice.client``. A train reply leaves in
+``client.update_encoding`` (``fl_ondevice.encoding``), encoded after the mods. The replies go
+back together in one reply.
 
 The model comes by content and the data from the node's own settings (``fl_ondevice.node``).
 A ``query`` answers with the partition the node's config gives it (a deployed SuperNode).
@@ -19,7 +21,16 @@ from dataclasses import replace
 from typing import Any, cast
 
 import numpy as np
-from flwr.app import ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
+from flwr.app import (
+    ArrayRecord,
+    ConfigRecord,
+    Context,
+    Error,
+    Message,
+    MessageType,
+    MetricRecord,
+    RecordDict,
+)
 from flwr.app.metadata import Metadata
 from flwr.clientapp import ClientApp
 from hydra.utils import instantiate
@@ -32,6 +43,7 @@ from fl_ondevice.client import (
 )
 from fl_ondevice.config import Config, from_run_config
 from fl_ondevice.device import pooled_model
+from fl_ondevice.encoding import FLOAT32, encode_update
 from fl_ondevice.errors import ConfigError, FlOnDeviceError
 from fl_ondevice.message import (
     ARRAYS,
@@ -49,6 +61,7 @@ from fl_ondevice.message import (
     SERVER_ROUND,
     TRAIN_LOSS,
     TRAIN_SECONDS,
+    array_view,
     from_arrays,
     pack_replies,
     to_arrays,
@@ -57,6 +70,7 @@ from fl_ondevice.message import (
 from fl_ondevice.node import ModelMissing, NodeSettings, node_settings, received_model
 
 _MOD_STREAM = 4  # the global generators a client's mods draw from (e.g. LocalDpMod's noise)
+_ENCODING_STREAM = 5  # int8 stochastic rounding: independent of shuffling and the mods' draws
 
 app = ClientApp()
 
@@ -126,13 +140,33 @@ def _run(
         ).generate_state(2)
         random.seed(int(py_seed))
         np.random.seed(int(np_seed))
+    received = msg.content.array_records.get(ARRAYS)  # before any mod can replace it
     try:
         reply = chain(msg, ctx)
+        if reply.has_error():  # a mod answered with an error instead of calling the handler
+            return f"client {client}, round {r}, {what}: {reply.error.reason}"
+        if what != MessageType.TRAIN or cfg.client.update_encoding == FLOAT32:
+            return reply.content
+        return _encoded(reply.content, received, cfg, r, client)
     except Exception as err:  # noqa: BLE001 - one client's failure, reported to the server
         return _failure(err, what, client, r)
-    if reply.has_error():  # a mod answered with an error instead of calling the handler
-        return f"client {client}, round {r}, {what}: {reply.error.reason}"
-    return reply.content
+
+
+def _encoded(
+    content: RecordDict, received: ArrayRecord | None, cfg: Config, r: int, client: int
+) -> RecordDict:
+    # The upload in client.update_encoding: encoded after the mods, as a phone compresses what
+    # it sends last, so a mod (fixedclipping_mod, LocalDpMod) works on weights, not on int8
+    # deltas; and against the weights the server sent, the ones it decodes with.
+    if ARRAYS not in content.array_records or received is None:
+        return content  # nothing to encode: the server rejects the reply as it stands
+    weights = {k: array_view(a) for k, a in content.array_records[ARRAYS].items()}
+    global_weights = {k: array_view(a) for k, a in received.items()}
+    seed = [cfg.seed, r, client, _ENCODING_STREAM]
+    encoded = encode_update(weights, global_weights, cfg.client.update_encoding, seed)
+    out = RecordDict(dict(content.items()))
+    out[ARRAYS] = to_arrays(encoded)
+    return out
 
 
 def _failure(err: Exception, what: str, client: int, r: int) -> str:

@@ -43,7 +43,7 @@ COLUMNS = (
     "skipped",  # 1 if fewer than strategy.min_train_nodes valid updates: global model kept
     "examples",  # training examples behind this round's aggregate
     "bytes_down",  # global weights sent to the sampled clients
-    "bytes_up",  # updates received
+    "bytes_up",  # valid updates received, as sent (in client.update_encoding)
     "client_seconds",  # median seconds of one client update (restore, train, save, I/O)
     "train_seconds",  # median seconds inside the train signature per client update
     "seconds",  # wall time of the round, central evaluation included

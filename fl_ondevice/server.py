@@ -228,8 +228,8 @@ def run_server(
         dropout_rate=cfg.client.dropout_rate,
         pull_seconds=pull_seconds(grid),
         nodes_own_data=nodes_own_data,
+        update_encoding=cfg.client.update_encoding,
         clock=prep.clock,
-        bytes_up=prep.server_model.weight_spec.num_bytes,
         overcommit=cfg.round.overcommit,
         deadline_s=cfg.round.deadline_s,
     )

@@ -21,8 +21,10 @@ round starts; a round's train messages go only to the clients whose updates woul
 server before the round closes on the simulated clock (over-commitment adds clients the strategy
 did not sample; later updates are stragglers, not trained at all: the phone's work is lost).
 
-On the way back every update is checked (``fl_ondevice.updates``): a crash, a rejected update or
-a missing client reaches the strategy as an error reply, which every Flower strategy skips.
+On the way back an encoded update (``client.update_encoding``) is decoded to float32 weights
+against the global weights the strategy sent that client, and every update is checked
+(``fl_ondevice.updates``): a crash, a rejected update or a missing client reaches the strategy
+as an error reply, which every Flower strategy skips.
 """
 
 from __future__ import annotations
@@ -42,8 +44,10 @@ from flwr.supercore.run import Run
 
 from fl_ondevice.checkpoint import WeightSpec
 from fl_ondevice.clock import OVERCOMMIT_STREAM, DeviceClock, close_round
+from fl_ondevice.encoding import ENCODINGS, FLOAT32, decode_update, encoded_bytes
 from fl_ondevice.errors import ConfigError
 from fl_ondevice.message import (
+    ARRAYS,
     CLIENT_SECONDS,
     CONFIG,
     MODEL_MISSING,
@@ -51,8 +55,10 @@ from fl_ondevice.message import (
     NUM_PARTITIONS,
     PARTITION_ID,
     TRAIN_SECONDS,
+    array_view,
     num_bytes,
     pack,
+    to_arrays,
     unpack_replies,
 )
 from fl_ondevice.updates import checked_update, client_error
@@ -80,7 +86,7 @@ class RoundTraffic:
     failed: int = 0  # replied with an error (the client crashed)
     rejected: int = 0  # replied with an update that failed validation
     bytes_down: int = 0
-    bytes_up: int = 0
+    bytes_up: int = 0  # valid updates, as sent (encoded: before decoding)
     examples: int = 0
     client_seconds: list[float] = field(default_factory=list)
     train_seconds: list[float] = field(default_factory=list)
@@ -131,9 +137,15 @@ class ClientGrid(Grid):
         The engine's nodes are SuperNodes that own one partition each (their node config's
         ``partition-id`` of ``num-partitions`` = ``num_clients``); else they are executors
         that train whichever clients a message names (the simulation).
-    clock, bytes_up, overcommit, deadline_s
-        The phones' simulated clock (None: no device time), the bytes of one client's update
-        as it is sent, and when a round closes (``fl_ondevice.config.RoundConfig``).
+    update_encoding
+        How clients encode their train replies (``client.update_encoding``, see
+        ``fl_ondevice.encoding``). Other than ``float32``, each reply is decoded against the
+        global weights the strategy sent that client (its ``arrays`` record) before it is
+        checked, so a strategy only sees float32 weights; ``bytes_up`` counts what was sent.
+        A reply that does not decode is rejected, as one that fails the check.
+    clock, overcommit, deadline_s
+        The phones' simulated clock (None: no device time) and when a round closes
+        (``fl_ondevice.config.RoundConfig``).
     """
 
     def __init__(
@@ -150,11 +162,15 @@ class ClientGrid(Grid):
         dropout_rate: float = 0.0,
         pull_seconds: float = 0.005,
         nodes_own_data: bool = False,
+        update_encoding: str = FLOAT32,
         clock: DeviceClock | None = None,
-        bytes_up: int = 0,
         overcommit: float = 1.0,
         deadline_s: float | None = None,
     ) -> None:
+        if update_encoding not in ENCODINGS:  # a typo would otherwise stop the run mid-round
+            raise ValueError(
+                f"update_encoding={update_encoding!r} is invalid: choose one of {ENCODINGS}"
+            )
         self.grid = grid
         self.num_clients = num_clients
         self.seed = seed
@@ -167,7 +183,8 @@ class ClientGrid(Grid):
         self.dropout_rate = dropout_rate
         self.pull_seconds = pull_seconds
         self.nodes_own_data = nodes_own_data
-        self.clock, self.bytes_up = clock, bytes_up
+        self.update_encoding = update_encoding
+        self.clock, self.bytes_up = clock, encoded_bytes(weight_spec, update_encoding)
         self.overcommit, self.deadline_s = overcommit, deadline_s
         self.round = 0  # set by the round loop: faults and traffic are counted per round
         self._round_start = 0.0  # with a clock: when the round started, simulated seconds
@@ -428,15 +445,18 @@ class ClientGrid(Grid):
             return Message(Error(ERROR_CODE, part), reply_to=sent.message)
         if not training:
             return Message(part, reply_to=sent.message)
+        sent_part = part  # what crossed the wire: bytes_up counts it
+        if self.update_encoding != FLOAT32:
+            decoded = self._decoded(sent, part)
+            if isinstance(decoded, str):
+                return self._rejected(sent, traffic, decoded)
+            part = decoded
         checked = checked_update(part, self.weight_spec, NUM_EXAMPLES)
         if isinstance(checked, str):
-            traffic.rejected += 1
-            reason = f"update of client {sent.client} rejected: {checked}"
-            log.warning("round %d: %s", self.round, reason)
-            return Message(Error(ERROR_CODE, reason), reply_to=sent.message)
+            return self._rejected(sent, traffic, checked)
         metrics = next(iter(part.metric_records.values()))
         traffic.examples += int(checked[0])
-        traffic.bytes_up += num_bytes(next(iter(part.array_records.values())))
+        traffic.bytes_up += num_bytes(next(iter(sent_part.array_records.values())))
         for key, values in (
             (CLIENT_SECONDS, traffic.client_seconds),
             (TRAIN_SECONDS, traffic.train_seconds),
@@ -444,6 +464,32 @@ class ClientGrid(Grid):
             if isinstance(metrics.get(key), int | float):
                 values.append(float(cast(float, metrics[key])))
         return Message(part, reply_to=sent.message)
+
+    def _rejected(self, sent: _Sent, traffic: RoundTraffic, why: str) -> Message:
+        traffic.rejected += 1
+        reason = f"update of client {sent.client} rejected: {why}"
+        log.warning("round %d: %s", self.round, reason)
+        return Message(Error(ERROR_CODE, reason), reply_to=sent.message)
+
+    def _decoded(self, sent: _Sent, part: RecordDict) -> RecordDict | str:
+        # The reply with its encoded ArrayRecord replaced by the float32 weights g + d, under
+        # the same key, with g what the strategy sent this client; or why it does not decode.
+        if len(part.array_records) != 1:
+            return "expected one ArrayRecord"
+        received = sent.message.content.array_records.get(ARRAYS)
+        if received is None:
+            return f"the strategy sent no '{ARRAYS}' ArrayRecord to decode the update against"
+        key, record = next(iter(part.array_records.items()))
+        decoded = decode_update(
+            {name: array_view(a) for name, a in record.items()},
+            {name: array_view(a) for name, a in received.items()},
+            self.update_encoding,
+        )
+        if isinstance(decoded, str):
+            return decoded
+        content = RecordDict(dict(part.items()))
+        content[key] = to_arrays(decoded)
+        return content
 
     # -- faults and accounting ----------------------------------------------------------------
     def _train(self, msg: Message) -> bool:

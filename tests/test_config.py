@@ -76,6 +76,15 @@ def test_an_unknown_key_is_refused_with_its_name():
         _default("+typo_key=3")
 
 
+def test_an_unknown_update_encoding_names_the_choices():
+    with pytest.raises(
+        ConfigError,
+        match=r"client.update_encoding='bf16' is invalid: choose one of "
+        r"\('float32', 'float16', 'int8'\)",
+    ):
+        _default("client.update_encoding=bf16")
+
+
 def test_a_bad_strategy_argument_names_what_the_class_takes():
     from fl_ondevice.strategy import make_strategy
 

@@ -10,6 +10,7 @@ from flwr.app import ConfigRecord, Error, Message, MetricRecord, RecordDict
 from scripted_engine import ScriptedEngine, meta
 
 from fl_ondevice.checkpoint import WeightSpec
+from fl_ondevice.encoding import encode_update
 from fl_ondevice.errors import ConfigError
 from fl_ondevice.message import MODEL_MISSING, pack_replies, to_arrays
 from fl_ondevice.node import model_sha256
@@ -34,10 +35,9 @@ def _grid(engine, **kw) -> ClientGrid:
     return grid
 
 
-def _messages(clients, kind: str = "train") -> list[Message]:
-    content = RecordDict(
-        {"arrays": to_arrays({"w": np.zeros(3, np.float32)}), "config": ConfigRecord()}
-    )
+def _messages(clients, kind: str = "train", g=None) -> list[Message]:
+    g = np.zeros(3, np.float32) if g is None else g
+    content = RecordDict({"arrays": to_arrays({"w": g}), "config": ConfigRecord()})
     return [Message(content, metadata=meta(FIRST_NODE_ID + c, kind)) for c in clients]
 
 
@@ -237,3 +237,61 @@ def test_a_supernode_with_another_num_partitions_stops_the_run_with_the_fix():
 
     with pytest.raises(ConfigError, match="num-partitions=2 but the run has num_clients=4"):
         list(grid.get_node_ids())
+
+
+# -- encoded updates (client.update_encoding) -----------------------------------------------------
+G = np.array([1.0, -2.0, 0.5], np.float32)  # the global weights the strategy sends
+
+
+def _encoded(client: int, encoding: str, drop: str | None = None) -> RecordDict:
+    w = {"w": G + np.array([0.1 * client, -0.03, 0.007], np.float32)}
+    arrays = encode_update(w, {"w": G}, encoding, seed=client)
+    if drop:
+        del arrays[drop]
+    metrics = MetricRecord({"num-examples": 5 + client, "client-seconds": 0.1})
+    return RecordDict({"arrays": to_arrays(arrays), "metrics": metrics})
+
+
+@pytest.mark.parametrize(("encoding", "bytes_per_update"), [("float16", 3 * 2), ("int8", 3 + 4)])
+def test_an_encoded_update_reaches_the_strategy_as_float32_weights(encoding, bytes_per_update):
+    sent = {c: _encoded(c, encoding) for c in range(3)}
+    engine = ScriptedEngine(lambda cs: pack_replies([(c, sent[c]) for c in cs]))
+    grid = _grid(engine, workers=1, update_encoding=encoding)
+
+    replies = list(grid.send_and_receive(_messages(range(3), g=G), timeout=5))
+
+    for c, r in enumerate(replies):
+        arrays = sent[c]["arrays"]
+        if encoding == "int8":  # g + q * s, from what the client sent
+            delta = arrays["w"].numpy().astype(np.float32) * arrays["w|scale"].numpy()
+        else:
+            delta = arrays["w"].numpy().astype(np.float32)
+        got = r.content["arrays"]
+        assert list(got) == ["w"] and got["w"].dtype == "float32"
+        assert np.array_equal(got["w"].numpy(), G + delta)
+        assert r.content["metrics"]["num-examples"] == 5 + c
+    t = grid.traffic[1]
+    assert (t.valid, t.rejected, t.examples) == (3, 0, 5 + 6 + 7)
+    assert (t.bytes_down, t.bytes_up) == (3 * 3 * 4, 3 * bytes_per_update)
+
+
+def test_an_update_that_does_not_decode_is_rejected_with_the_reason():
+    float32 = {"w": np.ones(3, np.float32), "w|scale": np.array(1.0, np.float32)}
+    sent = {0: _encoded(0, "int8", drop="w|scale"), 1: _encoded(1, "int8"), 2: _encoded(2, "int8")}
+    sent[1]["arrays"] = to_arrays(float32)  # a client that did not encode its update
+    engine = ScriptedEngine(lambda cs: pack_replies([(c, sent[c]) for c in cs]))
+    grid = _grid(engine, workers=1, update_encoding="int8")
+
+    replies = list(grid.send_and_receive(_messages(range(3), g=G), timeout=5))
+
+    assert replies[0].error.reason == (
+        "update of client 0 rejected: int8 update does not match the model: missing arrays "
+        "['w|scale'], unexpected arrays [] (an int8 tensor 'x' travels with its scale 'x|scale')"
+    )
+    assert replies[1].error.reason == (
+        "update of client 1 rejected: int8 update: tensor 'w' is float32 of shape (3,), "
+        "expected int8 of shape (3,) (the global model's)"
+    )
+    assert not replies[2].has_error()
+    t = grid.traffic[1]
+    assert (t.replied, t.rejected, t.valid, t.bytes_up) == (3, 2, 1, 3 + 4)
