@@ -274,7 +274,8 @@ class DeviceConfig:
 
 @dataclass
 class RoundConfig:
-    """When the server closes a training round, on the simulated clock (needs a device)."""
+    """When the server closes a training round (over-commitment and deadlines act on the
+    simulated clock: they need a device) and how many updates it needs."""
 
     # Sample ceil(K x overcommit) clients and aggregate the first K to finish, K being the
     # strategy's sample; 1 = off. FedScale's default is 1.3 (arXiv:2105.11367).
@@ -282,8 +283,17 @@ class RoundConfig:
     # Updates that arrive later than this many simulated seconds after the round started are
     # stragglers: counted, not aggregated. None = wait for every sampled client.
     deadline_s: float | None = None
+    # A round with fewer valid updates is abandoned: the global model is kept (production FL's
+    # minimum reporting count, arXiv:1902.01046). None = strategy.min_train_nodes.
+    min_updates: int | None = None
 
     def __post_init__(self) -> None:
+        _require(
+            self.min_updates is None or self.min_updates >= 1,
+            "round.min_updates",
+            self.min_updates,
+            "must be >= 1, or null for strategy.min_train_nodes",
+        )
         _require(self.overcommit >= 1.0, "round.overcommit", self.overcommit, "must be >= 1")
         _require(
             self.deadline_s is None or self.deadline_s > 0,

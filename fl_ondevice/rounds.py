@@ -52,13 +52,17 @@ def run_rounds(
     config: ConfigRecord,
     seed: int,
     after_round: Callable[[RoundResult], None],
+    min_updates: int | None = None,
 ) -> ArrayRecord:
     """Train, aggregate, evaluate on clients, aggregate, for each of ``rounds``; call
-    ``after_round`` with each round's result; return the final global arrays."""
+    ``after_round`` with each round's result; return the final global arrays.
+
+    ``min_updates``: a round with fewer valid updates keeps the global model (None: the
+    strategy's ``min_train_nodes``)."""
     needed = nodes_needed(strategy)
     for r in rounds:
         grid.begin_round(r, needed)
-        new, train_metrics = train_round(strategy, grid, r, arrays, config, seed)
+        new, train_metrics = train_round(strategy, grid, r, arrays, config, seed, min_updates)
         arrays = arrays if new is None else new
         evaluate_metrics = evaluate_round(strategy, grid, r, arrays, config, seed)
         after_round(RoundResult(r, arrays, new is None, train_metrics, evaluate_metrics))
@@ -72,17 +76,19 @@ def train_round(
     arrays: ArrayRecord,
     config: ConfigRecord,
     seed: int,
+    min_updates: int | None = None,
 ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-    """One round's training; ``(None, None)`` when the round is skipped.
+    """One round's training; ``(None, None)`` when the round is skipped: fewer valid updates
+    than ``min_updates`` (None: the strategy's ``min_train_nodes``).
 
     A strategy that aggregates as replies arrive (``aggregates_as_replies_arrive``) gets the
     replies as a stream; any other gets the list, which it would build anyway, and is not
-    asked to aggregate fewer than ``min_train_nodes`` valid updates.
+    asked to aggregate fewer than the minimum of valid updates.
     """
     with seeded(seed, r, CONFIGURE_TRAIN):
         messages = list(strategy.configure_train(r, arrays, ConfigRecord(dict(config)), grid))
     replies: Iterable[Message] = grid.send_and_receive(messages, timeout=REPLY_TIMEOUT_SECONDS)
-    minimum = int(setting(strategy, "min_train_nodes", 1))
+    minimum = int(setting(strategy, "min_train_nodes", 1) if min_updates is None else min_updates)
     if not getattr(strategy, "aggregates_as_replies_arrive", False):
         replies = list(replies)
         if _too_few(grid, r, minimum):
@@ -99,8 +105,8 @@ def _too_few(grid: ClientGrid, r: int, minimum: int) -> bool:
     if valid >= minimum:
         return False
     log.warning(
-        "round %d skipped: %d valid updates, strategy.min_train_nodes=%d; the global model is "
-        "unchanged",
+        "round %d skipped: %d valid updates, fewer than the %d required (round.min_updates, "
+        "else strategy.min_train_nodes); the global model is unchanged",
         r,
         valid,
         minimum,

@@ -247,6 +247,7 @@ def run_server(
         ConfigRecord(),  # what each strategy adds to it (server-round, proximal-mu, ...)
         cfg.seed,
         recorder.after_round,
+        min_updates=cfg.round.min_updates,
     )
     _finish_outputs(prep, from_arrays(final), metrics)
     return summarize(metrics.rows, metrics.run_info)

@@ -193,8 +193,11 @@ def _client_times(out: Path) -> list[float]:
     return [0.06 + down * 8 / 166e6 + steps.train_seconds(n, 32, 1) + up * 8 / 21e6 for n in sizes]
 
 
-def test_simulated_round_time_is_the_slowest_phones_time_from_the_recorded_calibration(run):
-    out = run(*FAST)
+@pytest.mark.parametrize("encoding", ["float32", "int8"])
+def test_simulated_round_time_is_the_slowest_phones_time_from_the_recorded_calibration(
+    run, encoding
+):
+    out = run(*FAST, *([f"client.update_encoding={encoding}"] if encoding != "float32" else []))
 
     rows = metrics_rows(out)
     assert float(rows[1]["sim_round_seconds"]) == pytest.approx(max(_client_times(out)), rel=1e-9)
@@ -219,6 +222,9 @@ def test_a_deadline_counts_stragglers_and_aggregates_only_the_punctual(run):
     assert (_int(r1, "clients_stragglers"), _int(r1, "clients_replied")) == (3, 3)
     assert _int(r1, "examples") < _int(metrics_rows(full)[1], "examples")
     assert float(r1["sim_round_seconds"]) == pytest.approx(deadline, rel=1e-12)
+    # Fewer valid updates than round.min_updates: the round is abandoned, the model kept.
+    strict = metrics_rows(run(*FAST, f"round.deadline_s={deadline!r}", "round.min_updates=4"))
+    assert strict[1]["skipped"] == "1" and strict[1]["accuracy"] == strict[0]["accuracy"]
 
 
 def test_overcommitment_samples_more_and_keeps_the_first_k(run):
