@@ -182,7 +182,7 @@ class DeviceClock:
         the seconds waited. Raises ``ConfigError`` if that never happens."""
         for t in [self.now, *self._openings()]:
             if len(self.online(t)) >= needed:
-                waited, self.now = t - self.now, float(t)
+                waited, self.now = float(t - self.now), float(t)
                 return waited
         raise ConfigError(
             f"at most {self.most_online()} clients are ever online at once, but the strategy "

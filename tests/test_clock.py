@@ -241,6 +241,8 @@ def test_phones_offline_cannot_be_sampled_and_the_clock_is_reproducible(run):
     b = run("num_clients=12", "num_rounds=3", "device=phones", "hydra.job.name=again")
 
     rows = metrics_rows(a)
+    elapsed = [float(r["sim_elapsed_seconds"]) for r in rows]  # plain numbers in the CSV
+    assert elapsed == sorted(elapsed) and elapsed[-1] > 0
     for row in rows[1:]:
         online = 12 - _int(row, "clients_unavailable")
         assert 0 < online < 12  # 8-hour windows: about a third online at a time
