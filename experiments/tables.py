@@ -382,63 +382,78 @@ DEVICE_TIME_SETTINGS = {
 
 
 def device_time(runs: list[Run]) -> Table:
-    """FedAvg on phones: rounds, simulated time and bytes to the target per fleet and policy."""
-    runs = sorted(runs, key=lambda r: (r.config["model"]["name"] != "mlp", r.path.name))
+    """FedAvg on phones: rounds, simulated time and bytes to the target per fleet and policy,
+    one value per seed."""
+    groups: dict[tuple[str, str], list[Run]] = {}
+    for run in sorted(runs, key=lambda r: (r.config["model"]["name"] != "mlp", str(r.path))):
+        groups.setdefault((run.config["model"]["name"], run.path.parent.name), []).append(run)
     header = [
         "model",
         "setting",
+        "seeds",
         "rounds to 75%",
         "simulated min to 75%",
         "MiB to 75% (down + up)",
-        "median simulated s / round",
-        "stragglers / dropped per round",
+        "simulated s / round (median)",
+        "stragglers per round",
         "KiB up per client",
-        "final acc.",
+        "final acc. (mean)",
     ]
     rows, csv_rows = [], []
     panels: dict[str, list[tuple[str, Run]]] = {}
-    for run in runs:
-        model = run.config["model"]["name"]
-        reached = run.rounds_to(DEVICE_TIME_TARGET)
-        until = [r for r in run.trained if reached is None or r["round"] <= reached]
-        minutes = until[-1]["sim_elapsed_seconds"] / 60
-        mib = sum(r["bytes_down"] + r["bytes_up"] for r in until) / 2**20
-        late = statistics.mean(r["clients_stragglers"] for r in run.trained)
-        dropped = statistics.mean(r["clients_dropped"] for r in run.trained)
-        up = statistics.median(r["bytes_up"] / max(r["clients_replied"], 1) for r in run.trained)
-        per_round = statistics.median(r["sim_round_seconds"] for r in run.trained)
-        prefix = "" if reached is not None else ">"
-        setting = DEVICE_TIME_SETTINGS.get(run.path.name, run.path.name)
-        if run.config["round"]["deadline_s"] is not None:
-            setting += f" {run.config['round']['deadline_s']:g} s"
+    for (model, name), group in groups.items():
+        setting = DEVICE_TIME_SETTINGS.get(name, name)
+        deadline = group[0].config["round"]["deadline_s"]
+        if deadline is not None:
+            setting += f" {deadline:g} s"
+        to_target = [_to_device_target(run) for run in group]
+        trained = [r for run in group for r in run.trained]
+        up = statistics.median(r["bytes_up"] / max(r["clients_replied"], 1) for r in trained)
         rows.append(
             [
                 model,
                 setting,
-                _rounds_cell(run, DEVICE_TIME_TARGET),
-                f"{prefix}{minutes:.1f}",
-                f"{prefix}{mib:,.0f}",
-                f"{per_round:.1f}",
-                f"{late:.1f} / {dropped:.1f}",
+                ", ".join(str(run.config["seed"]) for run in group),
+                " / ".join(_rounds_cell(run, DEVICE_TIME_TARGET) for run in group),
+                " / ".join(t["minutes"] for t in to_target),
+                " / ".join(t["mib"] for t in to_target),
+                f"{statistics.median(r['sim_round_seconds'] for r in trained):.1f}",
+                f"{statistics.mean(r['clients_stragglers'] for r in trained):.1f}",
                 f"{up / 1024:,.0f}",
-                f"{run.final_accuracy:.4f}",
+                f"{statistics.mean(run.final_accuracy for run in group):.4f}",
             ]
         )
-        csv_rows.append(
-            {
-                **_csv_row(run, (DEVICE_TIME_TARGET,)),
-                "setting": setting,
-                "sim_minutes_to_target": minutes if reached is not None else None,
-                "mib_to_target": mib if reached is not None else None,
-                "median_sim_round_seconds": per_round,
-                "stragglers_per_round": late,
-                "update_encoding": run.config["client"].get("update_encoding", "float32"),
-            }
-        )
-        panels.setdefault(f"{model}: accuracy over simulated time", []).append(
-            (setting.split(")")[0] + ")", run)
+        for run, target in zip(group, to_target, strict=True):
+            csv_rows.append(
+                {
+                    **_csv_row(run, (DEVICE_TIME_TARGET,)),
+                    "setting": setting,
+                    "sim_minutes_to_target": target["minutes_value"],
+                    "mib_to_target": target["mib_value"],
+                    "stragglers": sum(r["clients_stragglers"] for r in run.trained),
+                    "update_encoding": run.config["client"]["update_encoding"],
+                }
+            )
+        label = setting.split(")")[0] + ")"
+        panels.setdefault(f"{model}: accuracy over simulated time (seed 0)", []).append(
+            (label, group[0])
         )
     return Table(markdown(header, rows), csv_rows, panels, x_axis="sim_minutes")
+
+
+def _to_device_target(run: Run) -> dict[str, Any]:
+    # Simulated minutes and MiB until the round that reached the target ("> total" if none).
+    reached = run.rounds_to(DEVICE_TIME_TARGET)
+    until = [r for r in run.trained if reached is None or r["round"] <= reached]
+    minutes = until[-1]["sim_elapsed_seconds"] / 60
+    mib = sum(r["bytes_down"] + r["bytes_up"] for r in until) / 2**20
+    prefix = "" if reached is not None else ">"
+    return {
+        "minutes": f"{prefix}{minutes:.1f}",
+        "mib": f"{prefix}{mib:,.0f}",
+        "minutes_value": minutes if reached is not None else None,
+        "mib_value": mib if reached is not None else None,
+    }
 
 
 EXPERIMENTS: dict[str, Callable[[list[Run]], Table]] = {

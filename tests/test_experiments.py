@@ -153,3 +153,27 @@ def test_tables_count_rounds_to_target_and_speed_up_over_fedsgd(tmp_path):
     assert "2 (2.5x)" in rows["10"]  # 5 / 2 rounds
     assert ">2" in rows["50"]
     assert (tmp_path / "experiments" / "mcmahan2017" / "accuracy.png").stat().st_size > 0
+
+
+def test_device_time_table_gives_simulated_minutes_and_bytes_to_the_target(tmp_path):
+    from experiments import tables
+
+    runs = tmp_path / "experiments" / "device_time" / "runs" / "mlp" / "d_deadline"
+    for seed, accuracies in [(0, [0.1, 0.6, 0.76, 0.8]), (1, [0.1, 0.5, 0.6, 0.7])]:
+        _fake_run(runs / str(seed), 32, accuracies)
+        doc = json.loads((runs / str(seed) / "metrics.json").read_text())
+        doc["config"] |= {"seed": seed, "round": {"deadline_s": 1.5}}
+        doc["config"]["client"]["update_encoding"] = "float32"
+        for row in doc["rounds"]:  # 90 simulated seconds a round, 1 straggler, 9 replies
+            r = row["round"]
+            row |= {"sim_round_seconds": 90.0 * (r > 0), "sim_elapsed_seconds": 90.0 * r}
+            row |= {"clients_stragglers": 1 * (r > 0), "clients_replied": 9 * (r > 0)}
+        (runs / str(seed) / "metrics.json").write_text(json.dumps(doc))
+
+    text = tables.build("device_time", tmp_path / "experiments")
+
+    row = next(line for line in text.splitlines() if "deadline 1.5 s" in line)
+    cells = [c.strip() for c in row.split("|")[1:-1]]
+    # Seed 0 reaches 75% in round 2 (3 min, 2 x 200 B); seed 1 never does within 3 rounds.
+    assert cells[2:6] == ["0, 1", "2 / >3", "3.0 / >4.5", "0 / >0"]
+    assert cells[6:8] == ["90.0", "1.0"]

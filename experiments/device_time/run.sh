@@ -1,31 +1,36 @@
 #!/usr/bin/env bash
-# Every run of experiments/device_time/README.md, then its table: ~40 min on 2 cores.
-# Usage: bash experiments/device_time/run.sh [fleet|encoding|all]
+# Every run of experiments/device_time/README.md, then its table: ~60 min on 2 cores.
+# Usage: bash experiments/device_time/run.sh [fleet|encoding|all] [MODELS] [SETTINGS]
+# (e.g. `all cnn "c_overcommit_1.3 d_deadline"` reruns two settings of the cnn only)
 # The clock uses the step times recorded in calibration/<model>.json (measured on the machine
-# the README names), so a rerun anywhere gives the same simulated hours; drop
+# the README names), so a rerun anywhere gives the same simulated time; drop
 # device.calibration=... to measure your own machine instead.
 set -euo pipefail
 part=${1:-all}
+models=${2:-mlp cnn}
+only=${3:-}
 runs=experiments/device_time/runs
 # Deadlines between the mid and the low class's time for a median client (README).
 declare -A deadline=([mlp]=1.0 [cnn]=15.0)
-for model in mlp cnn; do
-  common=(experiment=device_time model=$model
-          device.calibration=experiments/device_time/calibration/$model.json)
+declare -A seeds=([mlp]=0,1,2 [cnn]=0)  # the cnn costs ~4 min a run
+for model in $models; do
+  run() {
+    local setting=$1
+    shift
+    [[ -z $only || " $only " == *" $setting "* ]] || return 0
+    python -m fl_ondevice.simulate -m experiment=device_time model=$model seed=${seeds[$model]} \
+      device.calibration=experiments/device_time/calibration/$model.json \
+      hydra.sweep.dir=$runs/$model/$setting "$@"
+  }
   if [[ $part == fleet || $part == all ]]; then
-    python -m fl_ondevice.simulate "${common[@]}" device=fast_phones \
-      hydra.run.dir=$runs/$model/a_fast_phones
-    python -m fl_ondevice.simulate "${common[@]}" hydra.run.dir=$runs/$model/b_wait_for_all
-    python -m fl_ondevice.simulate "${common[@]}" round.overcommit=1.3 \
-      hydra.run.dir=$runs/$model/c_overcommit_1.3
-    python -m fl_ondevice.simulate "${common[@]}" round.deadline_s=${deadline[$model]} \
-      hydra.run.dir=$runs/$model/d_deadline
+    run a_fast_phones device=fast_phones
+    run b_wait_for_all
+    run c_overcommit_1.3 round.overcommit=1.3
+    run d_deadline round.deadline_s=${deadline[$model]}
   fi
   if [[ $part == encoding || $part == all ]]; then
-    for enc in float16 int8; do
-      python -m fl_ondevice.simulate "${common[@]}" client.update_encoding=$enc \
-        hydra.run.dir=$runs/$model/e_$enc
-    done
+    run e_float16 client.update_encoding=float16
+    run e_int8 client.update_encoding=int8
   fi
 done
 python -m experiments.tables device_time
