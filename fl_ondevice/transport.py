@@ -291,7 +291,7 @@ class ClientGrid(Grid):
         if self.overcommit <= 1.0:
             return []
         sampled = {s.client for s in train}
-        spare = sorted(self._online - sampled)
+        spare = sorted({n - FIRST_NODE_ID for n in self.get_node_ids()} - sampled)
         more = min(len(spare), math.ceil(len(train) * self.overcommit) - len(train))
         rng = np.random.default_rng([self.seed, self.round, OVERCOMMIT_STREAM])
         first = train[0].message

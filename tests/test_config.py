@@ -27,6 +27,8 @@ def test_run_config_round_trip_keeps_every_value_including_nulls():
         "target_accuracy=0.9",
         "dataset.data_dir=/d",
         "strategy=dp_client_fixed",  # nested strategy and mods
+        "device=phones",  # a mapping of device classes
+        "round.deadline_s=30",
     )
     assert from_run_config(to_run_config(cfg)) == cfg
     assert to_run_config(cfg)["client.batch-size"] == ""
