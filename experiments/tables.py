@@ -137,7 +137,7 @@ class Table:
     markdown: str
     csv_rows: list[dict[str, Any]]
     panels: dict[str, list[tuple[str, Run]]]  # panel title -> (curve label, run)
-    x_axis: str = "round"  # or "sim_minutes": the phones' simulated time
+    x_axis: str = "round"  # or "sim_seconds": the phones' simulated time
 
 
 def ondevice_fmnist(runs: list[Run]) -> Table:
@@ -392,7 +392,7 @@ def device_time(runs: list[Run]) -> Table:
         "setting",
         "seeds",
         "rounds to 75%",
-        "simulated min to 75%",
+        "simulated s to 75%",
         "MiB to 75% (down + up)",
         "simulated s / round (median)",
         "stragglers per round",
@@ -415,7 +415,7 @@ def device_time(runs: list[Run]) -> Table:
                 setting,
                 ", ".join(str(run.config["seed"]) for run in group),
                 " / ".join(_rounds_cell(run, DEVICE_TIME_TARGET) for run in group),
-                " / ".join(t["minutes"] for t in to_target),
+                " / ".join(t["seconds"] for t in to_target),
                 " / ".join(t["mib"] for t in to_target),
                 f"{statistics.median(r['sim_round_seconds'] for r in trained):.1f}",
                 f"{statistics.mean(r['clients_stragglers'] for r in trained):.1f}",
@@ -428,7 +428,7 @@ def device_time(runs: list[Run]) -> Table:
                 {
                     **_csv_row(run, (DEVICE_TIME_TARGET,)),
                     "setting": setting,
-                    "sim_minutes_to_target": target["minutes_value"],
+                    "sim_seconds_to_target": target["seconds_value"],
                     "mib_to_target": target["mib_value"],
                     "stragglers": sum(r["clients_stragglers"] for r in run.trained),
                     "update_encoding": run.config["client"]["update_encoding"],
@@ -438,20 +438,20 @@ def device_time(runs: list[Run]) -> Table:
         panels.setdefault(f"{model}: accuracy over simulated time (seed 0)", []).append(
             (label, group[0])
         )
-    return Table(markdown(header, rows), csv_rows, panels, x_axis="sim_minutes")
+    return Table(markdown(header, rows), csv_rows, panels, x_axis="sim_seconds")
 
 
 def _to_device_target(run: Run) -> dict[str, Any]:
-    # Simulated minutes and MiB until the round that reached the target ("> total" if none).
+    # Simulated seconds and MiB until the round that reached the target ("> total" if none).
     reached = run.rounds_to(DEVICE_TIME_TARGET)
     until = [r for r in run.trained if reached is None or r["round"] <= reached]
-    minutes = until[-1]["sim_elapsed_seconds"] / 60
+    seconds = until[-1]["sim_elapsed_seconds"]
     mib = sum(r["bytes_down"] + r["bytes_up"] for r in until) / 2**20
     prefix = "" if reached is not None else ">"
     return {
-        "minutes": f"{prefix}{minutes:.1f}",
+        "seconds": f"{prefix}{seconds:,.0f}",
         "mib": f"{prefix}{mib:,.0f}",
-        "minutes_value": minutes if reached is not None else None,
+        "seconds_value": seconds if reached is not None else None,
         "mib_value": mib if reached is not None else None,
     }
 
@@ -468,7 +468,7 @@ EXPERIMENTS: dict[str, Callable[[list[Run]], Table]] = {
 def plot(
     panels: dict[str, list[tuple[str, Run]]], path: Path, title: str, x_axis: str = "round"
 ) -> None:
-    """Central test accuracy against round (or simulated minutes), one panel per group."""
+    """Central test accuracy against round (or simulated seconds), one panel per group."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -494,7 +494,7 @@ def plot(
                 label=label,
             )
         ax.set_title(name, fontsize=10)
-        ax.set_xlabel("simulated minutes on the phones" if x_axis == "sim_minutes" else "round")
+        ax.set_xlabel("simulated seconds on the phones" if x_axis == "sim_seconds" else "round")
         ax.set_ylabel("central test accuracy")
         ax.set_ylim(0, 1)
         ax.grid(alpha=0.3)
@@ -507,7 +507,7 @@ def plot(
 
 
 def _x(row: dict[str, Any], x_axis: str) -> float:
-    return row["sim_elapsed_seconds"] / 60 if x_axis == "sim_minutes" else row["round"]
+    return row["sim_elapsed_seconds"] if x_axis == "sim_seconds" else row["round"]
 
 
 def write_csv(rows: list[dict[str, Any]], path: Path) -> None:

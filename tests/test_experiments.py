@@ -174,6 +174,6 @@ def test_device_time_table_gives_simulated_minutes_and_bytes_to_the_target(tmp_p
 
     row = next(line for line in text.splitlines() if "deadline 1.5 s" in line)
     cells = [c.strip() for c in row.split("|")[1:-1]]
-    # Seed 0 reaches 75% in round 2 (3 min, 2 x 200 B); seed 1 never does within 3 rounds.
-    assert cells[2:6] == ["0, 1", "2 / >3", "3.0 / >4.5", "0 / >0"]
+    # Seed 0 reaches 75% in round 2 (180 s, 2 x 200 B); seed 1 never does within 3 rounds.
+    assert cells[2:6] == ["0, 1", "2 / >3", "180 / >270", "0 / >0"]
     assert cells[6:8] == ["90.0", "1.0"]
