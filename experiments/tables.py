@@ -434,9 +434,8 @@ def device_time(runs: list[Run]) -> Table:
                     "update_encoding": run.config["client"]["update_encoding"],
                 }
             )
-        label = setting.split(")")[0] + ")"
         panels.setdefault(f"{model}: accuracy over simulated time (seed 0)", []).append(
-            (label, group[0])
+            (name.replace("_", " "), group[0])
         )
     return Table(markdown(header, rows), csv_rows, panels, x_axis="sim_seconds")
 

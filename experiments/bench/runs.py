@@ -156,10 +156,19 @@ def run_job(
 
 
 def _ran_this_checkout(run_dir: Path) -> bool:
-    # This checkout's runs name their strategy class (strategy._target_); commits before the
-    # strategy layer was opened wrote strategy.name.
+    # This checkout's runs name their strategy class (strategy._target_; commits before the
+    # strategy layer was opened wrote strategy.name) and write every top-level key of this
+    # checkout's Config (a baseline without, e.g., `device` is older code).
+    from dataclasses import fields
+
+    from omegaconf import OmegaConf
+
+    from fl_ondevice.config import Config
+
     config = run_dir / "config.yaml"
-    return config.is_file() and "_target_" in config.read_text()
+    if not config.is_file() or "_target_" not in config.read_text():
+        return False
+    return set(OmegaConf.load(config)) == {f.name for f in fields(Config)}
 
 
 def _rounds_done(progress: Path) -> int:
