@@ -180,10 +180,16 @@ class DeviceClock:
     def wait_for(self, needed: int) -> float:
         """Advance the clock to the first moment at least ``needed`` clients are online; return
         the seconds waited. Raises ``ConfigError`` if that never happens."""
+        t = self.when_online(needed)
+        waited, self.now = t - self.now, t
+        return waited
+
+    def when_online(self, needed: int) -> float:
+        """The first moment from now at which at least ``needed`` clients are online. Raises
+        ``ConfigError`` if that never happens."""
         for t in [self.now, *self._openings()]:
             if len(self.online(t)) >= needed:
-                waited, self.now = float(t - self.now), float(t)
-                return waited
+                return float(t)
         raise ConfigError(
             f"at most {self.most_online()} clients are ever online at once, but the strategy "
             f"needs {needed}: raise the device classes' online_hours or num_clients, or lower "

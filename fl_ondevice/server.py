@@ -170,8 +170,7 @@ def _device_clock(
         cfg.client.batch_size,
         cfg.client.local_epochs,
     )
-    clock.wait_for(nodes_needed(strategy))  # fails now if too few phones are ever online
-    clock.now = 0.0
+    clock.when_online(nodes_needed(strategy))  # fails now if too few phones are ever online
     return clock
 
 
@@ -369,11 +368,7 @@ def _client_columns(traffic: RoundTraffic, result: RoundResult | None) -> dict[s
 def _sim_columns(traffic: RoundTraffic, clock: DeviceClock | None) -> dict[str, Any]:
     if clock is None:
         return {"sim_round_seconds": float("nan"), "sim_elapsed_seconds": float("nan")}
-    seconds = traffic.sim_seconds
-    return {
-        "sim_round_seconds": 0.0 if math.isnan(seconds) else seconds,
-        "sim_elapsed_seconds": clock.now,
-    }
+    return {"sim_round_seconds": traffic.sim_seconds, "sim_elapsed_seconds": clock.now}
 
 
 def _metric(record: Any, key: str) -> float:

@@ -44,7 +44,7 @@ from flwr.supercore.run import Run
 
 from fl_ondevice.checkpoint import WeightSpec
 from fl_ondevice.clock import OVERCOMMIT_STREAM, DeviceClock, close_round
-from fl_ondevice.encoding import ENCODINGS, FLOAT32, decode_update, encoded_bytes
+from fl_ondevice.encoding import FLOAT32, decode_update, encoded_bytes
 from fl_ondevice.errors import ConfigError
 from fl_ondevice.message import (
     ARRAYS,
@@ -81,7 +81,7 @@ class RoundTraffic:
     dropped: int = 0  # sampled but never replied (client.dropout_rate, or went offline)
     stragglers: int = 0  # their update would have arrived after the round closed
     unavailable: int = 0  # offline when the round started: could not be sampled
-    sim_seconds: float = math.nan  # simulated: waiting for phones, then the round itself
+    sim_seconds: float = 0.0  # simulated: waiting for phones, then the round itself
     replied: int = 0  # replies received, crashes included
     failed: int = 0  # replied with an error (the client crashed)
     rejected: int = 0  # replied with an update that failed validation
@@ -167,10 +167,6 @@ class ClientGrid(Grid):
         overcommit: float = 1.0,
         deadline_s: float | None = None,
     ) -> None:
-        if update_encoding not in ENCODINGS:  # a typo would otherwise stop the run mid-round
-            raise ValueError(
-                f"update_encoding={update_encoding!r} is invalid: choose one of {ENCODINGS}"
-            )
         self.grid = grid
         self.num_clients = num_clients
         self.seed = seed
@@ -184,7 +180,9 @@ class ClientGrid(Grid):
         self.pull_seconds = pull_seconds
         self.nodes_own_data = nodes_own_data
         self.update_encoding = update_encoding
-        self.clock, self.bytes_up = clock, encoded_bytes(weight_spec, update_encoding)
+        # One update's bytes as sent; raises for an unknown encoding before any round starts.
+        self.update_bytes = encoded_bytes(weight_spec, update_encoding)
+        self.clock = clock
         self.overcommit, self.deadline_s = overcommit, deadline_s
         self.round = 0  # set by the round loop: faults and traffic are counted per round
         self._round_start = 0.0  # with a clock: when the round started, simulated seconds
@@ -313,8 +311,8 @@ class ClientGrid(Grid):
         traffic = self.traffic[self.round]
         start, finish = self._round_start, {}
         for sent in delivering:
-            down = sum(num_bytes(r) for r in sent.message.content.array_records.values())
-            seconds = self.clock.client_time(sent.client, down, self.bytes_up).total
+            down = _download_bytes(sent.message)
+            seconds = self.clock.client_time(sent.client, down, self.update_bytes).total
             if self.clock.online_until(sent.client, start) < start + seconds:
                 traffic.dropped += 1  # its window closed before it had uploaded
             else:
@@ -498,8 +496,7 @@ class ClientGrid(Grid):
     def _count_download(self, client: int, msg: Message) -> None:
         traffic = self.traffic.setdefault(self.round, RoundTraffic())
         traffic.sampled += 1
-        # What a phone downloads: the arrays it is sent (dropouts downloaded them too).
-        traffic.bytes_down += sum(num_bytes(r) for r in msg.content.array_records.values())
+        traffic.bytes_down += _download_bytes(msg)  # dropouts downloaded them too
 
     def _drops_out(self, client: int) -> bool:
         if self.dropout_rate <= 0.0:
@@ -527,6 +524,11 @@ class ClientGrid(Grid):
         ttl: float | None = None,
     ) -> Message:
         return Message(content, dst_node_id, message_type, ttl=ttl, group_id=group_id)
+
+
+def _download_bytes(msg: Message) -> int:
+    # What a phone downloads: the tensor bytes of the arrays it is sent.
+    return sum(num_bytes(r) for r in msg.content.array_records.values())
 
 
 def _content_key(msg: Message) -> tuple:
