@@ -284,6 +284,7 @@ class Federation:
         except json.JSONDecodeError:
             out = {}
         if not out.get("success", False):
+            self.check()  # a dead SuperLink is the cause to report, not the command it broke
             detail = out.get("error-message") or (done.stdout + done.stderr).strip()[-500:]
             raise FederationError(f"`flwr {' '.join(args)}` failed: {detail}")
         return dict(out)
