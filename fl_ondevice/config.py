@@ -24,7 +24,10 @@ from fl_ondevice.errors import ConfigError
 
 DATASETS = ("digits", "fashion_mnist", "mnist")
 PARTITIONERS = ("iid", "dirichlet", "shards", "label_quantity")
-MODELS = ("mlp", "2nn", "cnn", "simple_cnn", "tflite")
+MODELS = ("mlp", "2nn", "cnn", "simple_cnn", "tflite", "transfer")
+# Classes per dataset, to check class lists before any data is loaded.
+DATASET_CLASSES = {"digits": 10, "fashion_mnist": 10, "mnist": 10}
+TRAINABLE = ("head", "all")
 OPTIMIZERS = ("sgd", "adam")
 ATTACKS = ("none", "sign_flip", "scale")
 
@@ -43,9 +46,14 @@ class DatasetConfig:
     download: bool = True
     # digits has no official split: this fraction, stratified and seeded, is the central test set.
     test_fraction: float = 0.2
+    # Keep only these classes (train and test), relabelled 0..k-1 in this order; None = all.
+    # model=transfer gives the clients classes its pretrained base has never seen.
+    classes: list[int] | None = None
 
     def __post_init__(self) -> None:
         _require(self.name in DATASETS, "dataset.name", self.name, f"choose one of {DATASETS}")
+        if self.classes is not None:
+            _check_classes("dataset.classes", self.classes, DATASET_CLASSES[self.name])
         _require(
             0.0 < self.test_fraction < 1.0,
             "dataset.test_fraction",
@@ -91,6 +99,19 @@ class ModelConfig:
     beta_2: float = 0.999  # adam only
     epsilon: float = 1e-7  # adam only (Keras' default)
     path: str | None = None  # model=tflite: the user's .tflite file
+    # model=transfer (fl_ondevice.transfer). `head`: the clients train a head on a frozen
+    # base, in TensorFlow's model_personalization layout (load/train/infer/save/restore/
+    # initialize), the on-device personalization use case; `all`: base and head are trained,
+    # in the guide layout, for comparing with full-model FL.
+    trainable: str = "head"
+    # Start from a base pretrained centrally on base_classes; false = a random base from the
+    # seed (with trainable=all: full-model FL from scratch).
+    pretrained: bool = True
+    # The classes the base is pretrained on; dataset.classes (the clients' task) must avoid
+    # them, so the head meets classes the base has never seen. Half of the 10 digits.
+    base_classes: list[int] = field(default_factory=lambda: [0, 1, 2, 3, 4])
+    pretrain_epochs: int = 5  # digits' base classes reach > 95% test accuracy in 5 epochs
+    pretrain_learning_rate: float = 0.05  # SGD with momentum 0.9, batch 32, for pretraining
 
     def __post_init__(self) -> None:
         _require(self.name in MODELS, "model.name", self.name, f"choose one of {MODELS}")
@@ -111,6 +132,42 @@ class ModelConfig:
             self.path,
             "model=tflite needs model.path=FILE pointing at a .tflite with "
             "train/infer/save/restore signatures",
+        )
+        _require(
+            self.trainable in TRAINABLE,
+            "model.trainable",
+            self.trainable,
+            f"choose one of {TRAINABLE}",
+        )
+        _check_classes("model.base_classes", self.base_classes, None)
+        _require(self.pretrain_epochs >= 1, "model.pretrain_epochs", self.pretrain_epochs, ">= 1")
+        _require(
+            self.pretrain_learning_rate > 0,
+            "model.pretrain_learning_rate",
+            self.pretrain_learning_rate,
+            "must be > 0",
+        )
+        if self.name == "transfer" and self.trainable == "head":
+            # The personalization layout has no `reset` signature: its optimizer has no state.
+            _require(
+                self.optimizer == "sgd" and self.momentum == 0.0,
+                "model.optimizer",
+                f"{self.optimizer} (momentum {self.momentum})",
+                "model=transfer with trainable=head trains its head with plain SGD: use "
+                "model.optimizer=sgd model.momentum=0, or model.trainable=all",
+            )
+
+
+def _check_classes(key: str, classes: list[int], num_classes: int | None) -> None:
+    _require(len(classes) >= 2, key, classes, "list at least 2 classes")
+    _require(len(set(classes)) == len(classes), key, classes, "list each class once")
+    _require(min(classes) >= 0, key, classes, "classes are label numbers >= 0")
+    if num_classes is not None:
+        _require(
+            max(classes) < num_classes,
+            key,
+            classes,
+            f"the dataset's classes are 0..{num_classes - 1}",
         )
 
 
@@ -343,6 +400,28 @@ class Config:
             "over-commitment and deadlines act on the simulated clock: choose phones with "
             "device=NAME (conf/device/*.yaml) or drop round.overcommit/round.deadline_s",
         )
+        if self.model.name == "transfer":
+            self._check_transfer()
+
+    def _check_transfer(self) -> None:
+        base, classes = self.model.base_classes, self.dataset.classes
+        _check_classes("model.base_classes", base, DATASET_CLASSES[self.dataset.name])
+        _require(
+            classes is not None,
+            "dataset.classes",
+            classes,
+            f"model=transfer needs the clients' classes, disjoint from model.base_classes={base}, "
+            "e.g. dataset.classes=[5,6,7,8,9]",
+        )
+        overlap = sorted(set(base) & set(classes or []))
+        _require(
+            not overlap,
+            "dataset.classes",
+            classes,
+            f"classes {overlap} are also in model.base_classes={base}: the pretrained base must "
+            "not have seen the clients' classes, or the transfer task measures nothing; make the "
+            "two lists disjoint",
+        )
 
     @property
     def workers(self) -> int:
@@ -388,7 +467,8 @@ _GROUPS: dict[str, type] = {
 def to_run_config(cfg: Config) -> dict[str, int | float | str | bool]:
     """The one translation to Flower's flat, kebab-case run config (``client.batch-size``).
 
-    Nulls become ``""`` (Flower's records hold no None); :func:`from_run_config` inverts this.
+    Nulls become ``""`` and lists of ints ``"5,6,7"`` (Flower's run config holds scalars only);
+    :func:`from_run_config` inverts this.
     """
     return {_kebab(k): v for k, v in flatten_dict(_no_nulls(asdict(cfg))).items()}
 
@@ -406,6 +486,8 @@ def _kebab(key: str) -> str:
 def _no_nulls(node: Any) -> Any:
     if isinstance(node, dict):
         return {k: _no_nulls(v) for k, v in node.items()}
+    if isinstance(node, list):
+        return ",".join(str(int(v)) for v in node)
     return "" if node is None else node
 
 
@@ -420,9 +502,15 @@ def _nulls(node: dict[str, Any], cls: type | None) -> dict[str, Any]:
             out[key] = _nulls(value, sub)
         elif value == "" and (cls is None or type(None) in get_args(hints.get(key))):
             out[key] = None
+        elif isinstance(value, str) and _is_int_list(hints.get(key)):
+            out[key] = [int(v) for v in value.split(",") if v]
         else:
             out[key] = value
     return out
+
+
+def _is_int_list(hint: Any) -> bool:
+    return hint == list[int] or list[int] in get_args(hint)
 
 
 def _dataclass_of(hint: Any) -> type | None:
@@ -452,9 +540,11 @@ register_schema()
 __all__ = [
     "ATTACKS",
     "DATASETS",
+    "DATASET_CLASSES",
     "MODELS",
     "OPTIMIZERS",
     "PARTITIONERS",
+    "TRAINABLE",
     "AttackConfig",
     "ClientConfig",
     "Config",

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fl_ondevice.config import DatasetConfig
+from fl_ondevice.config import DATASET_CLASSES, DatasetConfig
 from fl_ondevice.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -34,7 +34,7 @@ SYSTEM_DIRS = {
 # Where keras.datasets caches each dataset, relative to the Keras cache (`$KERAS_HOME/datasets`).
 KERAS_SUBDIRS = {"fashion_mnist": "fashion-mnist", "mnist": ""}
 KERAS_MNIST_NPZ = "mnist.npz"
-NUM_CLASSES = {"digits": 10, "fashion_mnist": 10, "mnist": 10}
+NUM_CLASSES = DATASET_CLASSES
 HOW_TO_GET = {
     "fashion_mnist": (
         "install Debian's package (`apt-get install dataset-fashion-mnist`, files land in "
@@ -94,7 +94,8 @@ def load_dataset(cfg: DatasetConfig, seed: int = 0) -> Dataset:
     ----------
     cfg : DatasetConfig
         ``name`` selects the dataset; ``data_dir`` and ``download`` steer the file lookup of
-        fashion_mnist and mnist; ``test_fraction`` is the held-out share of digits.
+        fashion_mnist and mnist; ``test_fraction`` is the held-out share of digits;
+        ``classes`` keeps only those classes (train and test), relabelled 0..k-1 in that order.
     seed : int
         Seed of the stratified train/test split of digits. fashion_mnist and mnist have an
         official split and ignore it.
@@ -102,7 +103,8 @@ def load_dataset(cfg: DatasetConfig, seed: int = 0) -> Dataset:
     Returns
     -------
     Dataset
-        Read-only arrays: images (N, H, W) float32 in [0, 1], labels (N,) int64.
+        Read-only arrays: images (N, H, W) float32 in [0, 1], labels (N,) int64;
+        ``num_classes`` is ``len(cfg.classes)`` when classes are selected.
 
     Raises
     ------
@@ -110,10 +112,11 @@ def load_dataset(cfg: DatasetConfig, seed: int = 0) -> Dataset:
         The files are missing (message lists every place looked and how to get them), corrupt, or
         the download failed.
     """
+    classes = tuple(int(c) for c in cfg.classes) if cfg.classes is not None else None
     if cfg.name == "digits":
-        return _load_cached(cfg.name, None, False, float(cfg.test_fraction), int(seed))
+        return _load_cached(cfg.name, None, False, float(cfg.test_fraction), int(seed), classes)
     # Official split: seed and test_fraction do not matter, keep them out of the cache key.
-    return _load_cached(cfg.name, cfg.data_dir, bool(cfg.download), 0.0, 0)
+    return _load_cached(cfg.name, cfg.data_dir, bool(cfg.download), 0.0, 0, classes)
 
 
 def clear_cache() -> None:
@@ -123,8 +126,16 @@ def clear_cache() -> None:
 
 @functools.lru_cache(maxsize=4)
 def _load_cached(
-    name: str, data_dir: str | None, download: bool, test_fraction: float, seed: int
+    name: str,
+    data_dir: str | None,
+    download: bool,
+    test_fraction: float,
+    seed: int,
+    classes: tuple[int, ...] | None = None,
 ) -> Dataset:
+    if classes is not None:
+        full = _load_cached(name, data_dir, download, test_fraction, seed)
+        return select_classes(full, classes)
     if name == "digits":
         dataset = _load_digits(test_fraction, seed)
     elif name in SYSTEM_DIRS:
@@ -152,6 +163,41 @@ def _load_digits(test_fraction: float, seed: int) -> Dataset:
         images, y.astype(np.int64), test_size=test_fraction, random_state=seed, stratify=y
     )
     return _make_dataset("digits", x_train, y_train, x_test, y_test, NUM_CLASSES["digits"])
+
+
+def select_classes(dataset: Dataset, classes: tuple[int, ...]) -> Dataset:
+    """The examples of ``classes`` only, train and test, relabelled 0..k-1 in the listed order.
+
+    Parameters
+    ----------
+    dataset : Dataset
+        The full dataset.
+    classes : tuple of int
+        Original labels to keep; ``classes[i]`` becomes label ``i``.
+
+    Returns
+    -------
+    Dataset
+        A new read-only dataset with ``num_classes == len(classes)``.
+    """
+    missing = [c for c in classes if not 0 <= c < dataset.num_classes]
+    if missing:
+        raise DataError(
+            f"dataset.classes={list(classes)}: {missing} are not classes of {dataset.name} "
+            f"(0..{dataset.num_classes - 1})"
+        )
+    # Old label -> new label; -1 for the classes left out.
+    relabel = np.full(dataset.num_classes, -1, np.int64)
+    relabel[list(classes)] = np.arange(len(classes))
+    train, test = (relabel[dataset.y_train] >= 0), (relabel[dataset.y_test] >= 0)
+    return _make_dataset(
+        dataset.name,
+        dataset.x_train[train],
+        relabel[dataset.y_train[train]],
+        dataset.x_test[test],
+        relabel[dataset.y_test[test]],
+        len(classes),
+    )
 
 
 def _make_dataset(
@@ -383,4 +429,5 @@ __all__ = [
     "keras_cache_dir",
     "load_dataset",
     "read_idx",
+    "select_classes",
 ]
