@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 import tensorflow as tf
 
 from fl_ondevice.config import ModelConfig
-from fl_ondevice.errors import ConfigError
+from fl_ondevice.errors import ConfigError, ModelError
 
 # The four signatures of TFLite on-device training, plus `reset`, which zeroes optimizer slots
 # and the step counter. Why a signature and not slots in the checkpoint: the checkpoint is what
@@ -37,7 +37,8 @@ class TrainableModel(tf.Module):
     Parameters
     ----------
     name
-        One of ``mlp``, ``2nn``, ``cnn``, ``simple_cnn``.
+        One of ``mlp``, ``2nn``, ``cnn``, ``simple_cnn``, ``transfer`` (the whole transfer
+        network, ``fl_ondevice.transfer``).
     input_shape
         Image shape ``(H, W)`` of one example.
     num_classes
@@ -46,6 +47,8 @@ class TrainableModel(tf.Module):
         Optimizer settings (``sgd`` with momentum, or ``adam``), baked into the ``train`` graph.
     seed
         Seed of the Glorot-uniform initial kernels (biases start at zero).
+    initial
+        Initial values by weight name that replace the seeded ones (a pretrained base).
     """
 
     def __init__(
@@ -55,6 +58,7 @@ class TrainableModel(tf.Module):
         num_classes: int,
         optimizer: ModelConfig,
         seed: int = 0,
+        initial: Mapping[str, np.ndarray] | None = None,
     ) -> None:
         super().__init__(name=name.replace("2nn", "two_nn"))
         self.arch = name
@@ -66,12 +70,19 @@ class TrainableModel(tf.Module):
         self._gradients = gradients
         rng = np.random.default_rng(seed)
         self.weight_names = [n for n, _ in layers]
-        initial = [_init(n, s, rng) for n, s in layers]
-        self.weights_ = [tf.Variable(v, name=n) for (n, _), v in zip(layers, initial, strict=True)]
+        values = [_init(n, s, rng) for n, s in layers]
+        for i, (n, s) in enumerate(layers):
+            if initial is not None and n in initial:
+                if tuple(initial[n].shape) != s:
+                    raise ModelError(
+                        f"initial value of {n!r} has shape {initial[n].shape}, the model {s}"
+                    )
+                values[i] = np.asarray(initial[n], np.float32)
+        self.weights_ = [tf.Variable(v, name=n) for (n, _), v in zip(layers, values, strict=True)]
         # The anchor of the proximal term. Same initial values as the weights: the converter
         # stores identical constants once, so the file grows by the extra signature only.
         self.global_weights = [
-            tf.Variable(v, name=f"global/{n}") for (n, _), v in zip(layers, initial, strict=True)
+            tf.Variable(v, name=f"global/{n}") for (n, _), v in zip(layers, values, strict=True)
         ]
         # Optimizer state: slots per weight and a step counter (Adam's bias correction).
         n_slots = 2 if optimizer.optimizer == "adam" else int(optimizer.momentum > 0)
@@ -249,23 +260,27 @@ def _mlp(hidden: Sequence[int]) -> Callable[[tuple[int, int], int], Architecture
 
 
 def _cnn(
-    convs: Sequence[int], dense: Sequence[int], padding: str
+    convs: Sequence[int], dense: Sequence[int], padding: str, kernel: int = 5
 ) -> Callable[[tuple[int, int], int], Architecture]:
-    """5x5 conv + ReLU + 2x2 max-pool blocks, then dense ReLU layers, then the output layer."""
+    """kxk conv + ReLU + 2x2 max-pool blocks, then dense ReLU layers, then the output layer."""
 
     def build(input_shape: tuple[int, int], num_classes: int) -> Architecture:
         h, w = input_shape
         layers: list[Layer] = []
         channels = 1
         for i, c in enumerate(convs):
-            layers += [(f"conv{i + 1}/kernel", (5, 5, channels, c)), (f"conv{i + 1}/bias", (c,))]
+            layers += [
+                (f"conv{i + 1}/kernel", (kernel, kernel, channels, c)),
+                (f"conv{i + 1}/bias", (c,)),
+            ]
             if padding == "VALID":
-                h, w = h - 4, w - 4
+                h, w = h - kernel + 1, w - kernel + 1
             h, w = (h + 1) // 2, (w + 1) // 2  # 2x2 pool, SAME padding
             channels = c
             if h < 1 or w < 1:
                 raise ConfigError(
-                    f"model has 5x5 '{padding.lower()}' convolutions that need larger images than "
+                    f"model has {kernel}x{kernel} '{padding.lower()}' convolutions that need "
+                    f"larger images than "
                     f"{input_shape}; use model=mlp, model=2nn or model=cnn for this dataset"
                 )
         names = [f"fc{i + 1}" for i in range(len(dense))] + ["output"]
@@ -303,7 +318,7 @@ def _cnn(
                 g = g * tf.sign(out)  # ReLU gradient: out > 0 exactly where relu's input is
                 g = _max_pool_grad(z, g)  # (batch, h, w, c)
                 conv_grads[:0] = [
-                    _conv_filter_grad(a_in, g, padding),
+                    _conv_filter_grad(a_in, g, padding, kernel),
                     tf.reduce_sum(g, [0, 1, 2]),
                 ]
                 if k > 0:  # input gradient (TRANSPOSE_CONV); not needed for the image
@@ -343,20 +358,22 @@ def _max_pool_grad(z: tf.Tensor, g: tf.Tensor) -> tf.Tensor:
     return grad[:, :h, :w] if h % 2 or w % 2 else grad
 
 
-def _conv_filter_grad(a: tf.Tensor, g: tf.Tensor, padding: str) -> tf.Tensor:
-    """Gradient of ``conv2d(a, kernel, 1, padding)`` w.r.t. its 5x5 kernel, given output grad g.
+def _conv_filter_grad(a: tf.Tensor, g: tf.Tensor, padding: str, kernel: int = 5) -> tf.Tensor:
+    """Gradient of ``conv2d(a, kernel, 1, padding)`` w.r.t. its kxk kernel (k odd), given output
+    grad g.
 
     The filter gradient is itself a convolution over the batch: kernel[i, j, ci, co] =
     sum_b,y,x a_pad[b, y+i, x+j, ci] * g[b, y, x, co], i.e. a VALID conv2d of a_pad as
-    (ci, H+4, W+4, batch) with g as a (y, x, batch, co) filter. Its filter has the dynamic batch
+    (ci, H+k-1, W+k-1, batch) with g as a (y, x, batch, co) filter. Its filter has the dynamic batch
     as input channels, so the converter keeps it a Flex Conv2D (TF's Eigen conv); in the
     interpreter that beats Flex Conv2DBackpropFilter for conv1 (B=32, single-op models: ~2.4 vs
     3.5 ms) and ties with it for the cnn's conv2 (~11.6 ms).
     """
-    if padding == "SAME":
-        a = tf.pad(a, [[0, 0], [2, 2], [2, 2], [0, 0]])
+    if padding == "SAME":  # odd k, stride 1: (k - 1) / 2 zeros on each side
+        half = (kernel - 1) // 2
+        a = tf.pad(a, [[0, 0], [half, half], [half, half], [0, 0]])
     k = tf.nn.conv2d(tf.transpose(a, [3, 1, 2, 0]), tf.transpose(g, [1, 2, 0, 3]), 1, "VALID")
-    return tf.transpose(k, [1, 2, 0, 3])  # (ci, 5, 5, co) -> (5, 5, ci, co)
+    return tf.transpose(k, [1, 2, 0, 3])  # (ci, k, k, co) -> (k, k, ci, co)
 
 
 _ARCHITECTURES = {
@@ -369,15 +386,23 @@ _ARCHITECTURES = {
     "cnn": _cnn([32, 64], [512], "SAME"),
     # NIID-Bench (Li et al., ICDE 2022): conv 6, pool, conv 16, pool, 120, 84, classes.
     "simple_cnn": _cnn([6, 16], [120, 84], "VALID"),
+    # fl_ondevice.transfer's whole network (trainable=all): its base (3x3 conv 16, pool,
+    # 3x3 conv 32, pool, dense 64 = the bottleneck) and its head (dense classes).
+    "transfer": _cnn([16, 32], [64], "SAME", kernel=3),
 }
 
 
 def build_model(
-    cfg: ModelConfig, input_shape: tuple[int, int], num_classes: int, seed: int = 0
+    cfg: ModelConfig,
+    input_shape: tuple[int, int],
+    num_classes: int,
+    seed: int = 0,
+    initial: Mapping[str, np.ndarray] | None = None,
 ) -> TrainableModel:
-    """Build the trainable model named by ``cfg.name`` for images of ``input_shape``."""
+    """Build the trainable model named by ``cfg.name`` for images of ``input_shape``; weights
+    named in ``initial`` start from those values instead of the seeded ones."""
     if cfg.name not in _ARCHITECTURES:
         raise ConfigError(
             f"model.name={cfg.name!r} cannot be built here; choose one of {sorted(_ARCHITECTURES)}"
         )
-    return TrainableModel(cfg.name, input_shape, num_classes, cfg, seed)
+    return TrainableModel(cfg.name, input_shape, num_classes, cfg, seed, initial)

@@ -69,7 +69,14 @@ def test_one_cnn_step_matches_tf(converted, name):
 
 @pytest.mark.parametrize(
     ("name", "shape"),
-    [("cnn", (28, 28)), ("simple_cnn", (28, 28)), ("cnn", (9, 11)), ("simple_cnn", (15, 14))],
+    [
+        ("cnn", (28, 28)),
+        ("simple_cnn", (28, 28)),
+        ("cnn", (9, 11)),
+        ("simple_cnn", (15, 14)),
+        ("transfer", (8, 8)),  # 3x3 kernels
+        ("transfer", (15, 14)),
+    ],
 )
 def test_hand_written_cnn_gradients_equal_the_tapes_with_ties(name, shape):
     # Prepare: ties whose position matters. Conv kernels keep only their centre tap, so equal
@@ -82,7 +89,8 @@ def test_hand_written_cnn_gradients_equal_the_tapes_with_ties(name, shape):
     for n, w in zip(module.weight_names, module.weights_, strict=True):
         if n.startswith("conv") and n.endswith("/kernel"):
             centre = np.zeros(w.shape, np.float32)
-            centre[2, 2] = 3.0 * w.numpy()[2, 2]
+            c = w.shape[0] // 2
+            centre[c, c] = 3.0 * w.numpy()[c, c]
             w.assign(centre)
         elif n.endswith("/bias"):
             w.assign(rng.normal(0.0, 0.1, w.shape).astype(np.float32))
