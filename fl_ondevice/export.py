@@ -7,13 +7,14 @@ import json
 import logging
 import os
 import tempfile
+from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 import tensorflow as tf
 
-from fl_ondevice.config import ModelConfig
+from fl_ondevice.config import DatasetConfig, ModelConfig
 from fl_ondevice.device import OnDeviceModel
 from fl_ondevice.errors import ModelError
 from fl_ondevice.model import (
@@ -23,11 +24,21 @@ from fl_ondevice.model import (
     TrainableModel,
     build_model,
 )
+from fl_ondevice.transfer import (
+    PERSONALIZATION_SIGNATURES,
+    TransferHead,
+    base_key,
+    build_transfer,
+    pretrained_base,
+    verify_head,
+)
 
 log = logging.getLogger(__name__)
 
 # Bump when model.py changes the graph or the initial weights, so stale cache entries are ignored.
 MODEL_CODE_VERSION = 3
+# The guide layout's signatures as our TrainableModel has them (FedProx's and reset included).
+GUIDE_SIGNATURES = (*SIGNATURES, PROXIMAL_SIGNATURE, RESET_SIGNATURE)
 
 # Image shape and class count per dataset, so a model can be exported without loading the data.
 DATASET_SHAPES: dict[str, tuple[tuple[int, int], int]] = {
@@ -37,21 +48,19 @@ DATASET_SHAPES: dict[str, tuple[tuple[int, int], int]] = {
 }
 
 
-def convert(module: TrainableModel) -> bytes:
-    """Convert a trainable module to a ``.tflite`` flatbuffer with all its signatures.
+def convert(module: tf.Module, signatures: Sequence[str] = GUIDE_SIGNATURES) -> bytes:
+    """Convert a trainable module to a ``.tflite`` flatbuffer with the named signatures.
 
-    Uses ``TFLITE_BUILTINS + SELECT_TF_OPS`` (Save/Restore and some gradients are TF ops) and
-    resource variables (the weights are variables the signatures read and assign).
+    ``signatures`` name the module's ``tf.function`` attributes (with input signatures) to
+    export. Uses ``TFLITE_BUILTINS + SELECT_TF_OPS`` (Save/Restore and some gradients are TF
+    ops) and resource variables (the weights are variables the signatures read and assign).
     """
-    signatures = {
-        name: getattr(module, name).get_concrete_function()
-        for name in (*SIGNATURES, PROXIMAL_SIGNATURE, RESET_SIGNATURE)
-    }
+    functions = {name: getattr(module, name).get_concrete_function() for name in signatures}
     # The SavedModel/converter INFO lines (renamed resources, assets) say nothing to a user.
     logging.getLogger("absl").setLevel(logging.WARNING)
     logging.getLogger("tensorflow").setLevel(logging.WARNING)
     with tempfile.TemporaryDirectory(prefix="fl_ondevice-savedmodel-") as saved:
-        tf.saved_model.save(module, saved, signatures=signatures)
+        tf.saved_model.save(module, saved, signatures=functions)
         converter = tf.lite.TFLiteConverter.from_saved_model(saved)
         converter.target_spec.supported_ops = [
             tf.lite.OpsSet.TFLITE_BUILTINS,
@@ -85,8 +94,15 @@ def verify(tflite: bytes, module: TrainableModel) -> OnDeviceModel:
     return device
 
 
-def cache_key(cfg: ModelConfig, input_shape: tuple[int, int], num_classes: int, seed: int) -> str:
-    """Hash of everything that determines the converted file's bytes."""
+def cache_key(
+    cfg: ModelConfig,
+    input_shape: tuple[int, int],
+    num_classes: int,
+    seed: int,
+    dataset: DatasetConfig | None = None,
+) -> str:
+    """Hash of everything that determines the converted file's bytes; for model=transfer that
+    includes the data its base is pretrained on (``base_key``)."""
     spec = {
         "model": asdict(cfg),
         "input_shape": list(input_shape),
@@ -95,6 +111,9 @@ def cache_key(cfg: ModelConfig, input_shape: tuple[int, int], num_classes: int, 
         "tensorflow": tf.__version__,
         "code": MODEL_CODE_VERSION,
     }
+    if cfg.name == "transfer":
+        assert dataset is not None  # build_tflite checks it
+        spec["base"] = base_key(cfg, dataset, seed)
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -104,30 +123,58 @@ def build_tflite(
     num_classes: int,
     seed: int,
     cache_dir: str | os.PathLike[str],
+    dataset: DatasetConfig | None = None,
 ) -> Path:
     """The ``.tflite`` for a model config, converted and verified once, then read from the cache.
 
     ``model=tflite`` returns the user's file unchanged (its checks happen when it is opened).
+    ``model=transfer`` needs ``dataset`` (its base is pretrained on it, also cached) and writes
+    the pretraining report (``fl_ondevice.transfer.PretrainedBase.report``) beside the file as
+    ``<file>.json``.
     """
+    if cfg.name == "transfer" and dataset is None:
+        raise ModelError("model=transfer pretrains its base on the dataset: pass dataset=")
     if cfg.name == "tflite":
         assert cfg.path is not None  # ModelConfig guarantees it
         path = Path(cfg.path)
         if not path.is_file():
             raise ModelError(f"model.path={cfg.path!r}: no such file")
         return path
-    out = Path(cache_dir) / f"{cfg.name}-{cache_key(cfg, input_shape, num_classes, seed)}.tflite"
+    key = cache_key(cfg, input_shape, num_classes, seed, dataset)
+    out = Path(cache_dir) / f"{cfg.name}-{key}.tflite"
     if out.is_file():
         log.debug("conversion cache hit: %s", out)
         return out
-    module = build_model(cfg, input_shape, num_classes, seed)
-    tflite = convert(module)
-    verify(tflite, module)
     out.parent.mkdir(parents=True, exist_ok=True)
+    if cfg.name == "transfer":
+        assert dataset is not None
+        base = pretrained_base(cfg, dataset, seed, cache_dir)
+        module = build_transfer(cfg, input_shape, num_classes, seed, base.weights)
+        tflite = convert_and_verify(module)
+        report = json.dumps(base.report, indent=2).encode()
+        tmp_json = out.with_suffix(f".tmp-{os.getpid()}.json")
+        tmp_json.write_bytes(report)
+        os.replace(tmp_json, out.with_suffix(".json"))
+    else:
+        module = build_model(cfg, input_shape, num_classes, seed)
+        tflite = convert_and_verify(module)
     tmp = out.with_suffix(f".tmp-{os.getpid()}")
     tmp.write_bytes(tflite)
     os.replace(tmp, out)  # atomic: parallel sweep jobs may convert the same model
     log.info("converted %s (%d KiB) -> %s", cfg.name, len(tflite) // 1024, out)
     return out
+
+
+def convert_and_verify(module: tf.Module) -> bytes:
+    """Convert a model module with the signatures of its layout and check the result."""
+    if isinstance(module, TransferHead):
+        tflite = convert(module, PERSONALIZATION_SIGNATURES)
+        verify_head(tflite, module)
+        return tflite
+    assert isinstance(module, TrainableModel)
+    tflite = convert(module)
+    verify(tflite, module)
+    return tflite
 
 
 def _tensors(details: dict[str, dict]) -> str:
@@ -140,11 +187,7 @@ def _tensors(details: dict[str, dict]) -> str:
 def describe(device: OnDeviceModel) -> str:
     """What an app developer needs: signatures with their tensors, file size, weight sizes."""
     lines = [f"{device.source}: {len(device.model_bytes) / 1024:.1f} KiB", "signatures:"]
-    for name in sorted(device.signatures):
-        runner = device.interpreter.get_signature_runner(name)
-        ins = _tensors(runner.get_input_details())
-        outs = _tensors(runner.get_output_details())
-        lines.append(f"  {name}({ins}) -> {{{outs}}}")
+    lines += signature_lines(device.interpreter)
     lines.append(f"weights ({device.weight_spec.num_bytes / 1024:.1f} KiB per checkpoint):")
     for t in device.weight_spec.tensors:
         kib = int(np.prod(t.shape)) * t.dtype.itemsize / 1024
@@ -152,20 +195,39 @@ def describe(device: OnDeviceModel) -> str:
     return "\n".join(lines)
 
 
+def signature_lines(interpreter: tf.lite.Interpreter) -> list[str]:
+    """One line per signature: ``name(inputs) -> {outputs}`` with dtypes and shapes."""
+    lines = []
+    for name in sorted(interpreter.get_signature_list()):
+        runner = interpreter.get_signature_runner(name)
+        ins = _tensors(runner.get_input_details())
+        outs = _tensors(runner.get_output_details())
+        lines.append(f"  {name}({ins}) -> {{{outs}}}")
+    return lines
+
+
 def _main_impl(cfg: object) -> None:
     from hydra.core.hydra_config import HydraConfig
-    from omegaconf import DictConfig
 
-    from fl_ondevice.config import DatasetConfig, to_dataclass
+    from fl_ondevice.config import parse_config
 
-    assert isinstance(cfg, DictConfig)
-    dataset = to_dataclass(DatasetConfig, cfg.dataset, "dataset")
-    model = to_dataclass(ModelConfig, cfg.model, "model")
-    input_shape, num_classes = DATASET_SHAPES[dataset.name]
-    path = build_tflite(model, input_shape, num_classes, int(cfg.seed), cfg.cache_dir)
+    run = parse_config(cfg)  # type: ignore[arg-type]  # a DictConfig from Hydra
+    input_shape, num_classes = DATASET_SHAPES[run.dataset.name]
+    if run.dataset.classes is not None:
+        num_classes = len(run.dataset.classes)
+    cache_dir = os.path.expanduser(run.cache_dir)
+    path = build_tflite(run.model, input_shape, num_classes, run.seed, cache_dir, run.dataset)
     out = Path(HydraConfig.get().runtime.output_dir) / "model.tflite"
     out.write_bytes(path.read_bytes())
-    print(describe(OnDeviceModel(out)))
+    try:
+        print(describe(OnDeviceModel(out)))
+    except ModelError:  # a layout OnDeviceModel does not open: its signatures at least
+        size = out.stat().st_size / 1024
+        interpreter = tf.lite.Interpreter(model_path=str(out))
+        print("\n".join([f"{out}: {size:.1f} KiB", "signatures:", *signature_lines(interpreter)]))
+    report = path.with_suffix(".json")
+    if report.is_file():
+        print(f"pretraining ({report}): {report.read_text()}")
 
 
 if __name__ == "__main__":
@@ -175,15 +237,27 @@ if __name__ == "__main__":
 
 
 def bake(
-    cfg: ModelConfig, input_shape: tuple[int, int], num_classes: int, weights: dict[str, np.ndarray]
+    cfg: ModelConfig,
+    input_shape: tuple[int, int],
+    num_classes: int,
+    weights: dict[str, np.ndarray],
+    base: dict[str, np.ndarray] | None = None,
+    seed: int = 0,
 ) -> bytes:
     """A ``.tflite`` whose initial weights are ``weights``: all signatures intact, ready for an app.
 
     The model is rebuilt, its variables set, converted and verified (``save`` returns exactly
     ``weights``), so an app that loads the file starts from the trained global model.
+    model=transfer with trainable=head also needs its frozen ``base`` (``weights`` is the head);
+    its ``initialize`` still sets the head the original file starts from (give the run's
+    ``seed``, which determines that start).
     """
-    module = build_model(cfg, input_shape, num_classes)
-    module.assign(weights)
-    tflite = convert(module)
-    verify(tflite, module)
-    return tflite
+    if cfg.name == "transfer" and cfg.trainable == "head":
+        if base is None:
+            raise ModelError("bake: model=transfer trainable=head needs the frozen base= weights")
+        module: tf.Module = build_transfer(cfg, input_shape, num_classes, seed, base, weights)
+    else:
+        module = build_model(cfg, input_shape, num_classes)
+        assert isinstance(module, TrainableModel)
+        module.assign(weights)
+    return convert_and_verify(module)

@@ -55,6 +55,7 @@ from fl_ondevice.resume import (
 )
 from fl_ondevice.rounds import RoundResult, run_rounds
 from fl_ondevice.strategy import layers, make_strategy, nodes_needed, setting
+from fl_ondevice.transfer import pretrained_base
 from fl_ondevice.transport import ClientGrid, RoundTraffic
 
 log = logging.getLogger(__name__)
@@ -100,6 +101,7 @@ def prepare(cfg: Config) -> Prepared:
         dataset.num_classes,
         cfg.seed,
         os.path.expanduser(cfg.cache_dir),
+        cfg.dataset,
     )
     model = OnDeviceModel(model_file)
     if model.x_shape != dataset.input_shape:
@@ -383,6 +385,7 @@ def _median(values: list[float]) -> float:
 
 def _write_global_tflite(prep: Prepared, weights: dict, path: Path) -> None:
     cfg = prep.cfg
+    cache = os.path.expanduser(cfg.cache_dir)
     if cfg.model.name == "tflite":
         # A foreign .tflite cannot be rebuilt with new weights: ship the checkpoint instead.
         log.warning(
@@ -391,8 +394,19 @@ def _write_global_tflite(prep: Prepared, weights: dict, path: Path) -> None:
             GLOBAL_CKPT,
         )
         return
+    base = None
+    if cfg.model.name == "transfer" and cfg.model.trainable == "head":
+        # The checkpoint holds the head; the frozen base comes from the cache build_tflite filled.
+        base = pretrained_base(cfg.model, cfg.dataset, cfg.seed, cache).weights
     with native_stderr_to_log():
-        tflite = bake(cfg.model, prep.dataset.input_shape, prep.dataset.num_classes, weights)
+        tflite = bake(
+            cfg.model,
+            prep.dataset.input_shape,
+            prep.dataset.num_classes,
+            weights,
+            base=base,
+            seed=cfg.seed,
+        )
     tmp = path.with_suffix(".tmp")
     tmp.write_bytes(tflite)
     os.replace(tmp, path)

@@ -35,6 +35,21 @@ def test_run_config_round_trip_keeps_every_value_including_nulls():
     assert to_run_config(cfg)["strategy.strategy.-target-"] == "fl_ondevice.fedavg.FedAvg"
 
 
+def test_model_transfer_composes_with_its_classes_and_lists_survive_the_run_config():
+    cfg = _default("model=transfer")
+    override = _default("model=transfer", "dataset.classes=[9,8,7]", "model.base_classes=[0,1]")
+
+    assert (cfg.model.name, cfg.dataset.classes, cfg.model.base_classes) == (
+        "transfer",
+        [5, 6, 7, 8, 9],
+        [0, 1, 2, 3, 4],
+    )
+    assert override.dataset.classes == [9, 8, 7] and override.model.base_classes == [0, 1]
+    assert to_run_config(cfg)["dataset.classes"] == "5,6,7,8,9"
+    assert from_run_config(to_run_config(cfg)) == cfg
+    assert from_run_config(to_run_config(_default())).dataset.classes is None
+
+
 def test_flwr_run_config_in_pyproject_equals_the_defaults():
     # `flwr run` reads [tool.flwr.app.config]; it must describe the same run as the defaults.
     pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
