@@ -431,15 +431,15 @@ class OnDeviceModel:
         probs, log_probs = [], []
         for start in range(0, len(x), batch_size):
             out = self._invoke("infer", **{self.x_name_infer: x[start : start + batch_size]})
-            p = out[self.prob_name].astype(np.float64)
+            p = out[self.prob_name]
             if self.has_logits:
                 lp = _log_softmax(out["logits"].astype(np.float64))
-            elif _are_probabilities(p):
-                lp = np.log(np.clip(p, 1e-12, None))
+            elif self.prob_name == "output" or _are_probabilities(p):
+                lp = np.log(np.clip(p.astype(np.float64), 1e-12, None))
             else:  # `logits` that are scores after all: no softmax at the end of infer
-                lp = _log_softmax(p)
-                p = np.exp(lp)
-            probs.append(p.astype(np.float32))
+                lp = _log_softmax(p.astype(np.float64))
+                p = np.exp(lp).astype(np.float32)
+            probs.append(p)
             log_probs.append(lp)
         return np.concatenate(probs), np.concatenate(log_probs)
 

@@ -279,6 +279,7 @@ def _start_outputs(
         "overrides": overrides or {},
         "target_accuracy": cfg.target_accuracy,
         "model_file": str(prep.model_file),
+        "model_bytes": prep.model_file.stat().st_size,  # the .tflite a phone downloads
     }
     return MetricsLog(out, run_info, rows=resumed.rows if resumed else ())
 

@@ -111,19 +111,19 @@ def personalization_tflite_bytes() -> bytes:
 class AndroidModel(tf.Module):
     """Flower android-kotlin's layout on 8x8 images."""
 
-    def __init__(self, learning_rate: float = 0.1) -> None:
+    def __init__(self, learning_rate: float = 0.1, activation: str | None = "softmax") -> None:
         keras.utils.set_random_seed(4)
         self.model = keras.Sequential(
             [
                 keras.layers.Input(SHAPE),
                 keras.layers.Flatten(),
                 keras.layers.Dense(32, activation="relu"),
-                keras.layers.Dense(CLASSES, activation="softmax"),
+                keras.layers.Dense(CLASSES, activation=activation),
             ]
         )
         self.model.compile(
             optimizer=keras.optimizers.SGD(learning_rate),
-            loss=keras.losses.CategoricalCrossentropy(),
+            loss=keras.losses.CategoricalCrossentropy(from_logits=activation is None),
         )
         self.model.optimizer.build(self.model.trainable_variables)
         self.vars = [v.value for v in self.model.weights]
@@ -159,8 +159,9 @@ class AndroidModel(tf.Module):
         return self.parameters()
 
 
-def android_tflite_bytes() -> bytes:
-    m = AndroidModel()
+def android_tflite_bytes(activation: str | None = "softmax") -> bytes:
+    """``activation=None``: a variant whose ``logits`` are scores (no softmax at the end)."""
+    m = AndroidModel(activation=activation)
     restore = m.restore.get_concrete_function(
         **{f"a{i}": tf.TensorSpec(v.shape, v.dtype, name=f"a{i}") for i, v in enumerate(m.vars)}
     )

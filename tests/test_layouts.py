@@ -136,6 +136,19 @@ def test_android_logits_are_read_as_the_probabilities_they_are(digits):
     assert result["accuracy"] == pytest.approx((p.argmax(1) == y).mean())
 
 
+def test_android_logits_that_are_scores_are_softmaxed(digits):
+    device = OnDeviceModel(android_tflite_bytes(activation=None))
+    x, y = digits[2][:200], digits[3][:200]
+    z = AndroidModel(activation=None).model(x).numpy().astype(np.float64)
+    log_p = z - z.max(1, keepdims=True)
+    log_p -= np.log(np.exp(log_p).sum(1, keepdims=True))
+
+    result = device.evaluate(x, y)
+
+    assert result["loss"] == pytest.approx(-log_p[np.arange(len(y)), y].mean(), rel=1e-5)
+    np.testing.assert_allclose(device.predict(x), np.exp(log_p), atol=1e-6)
+
+
 @pytest.mark.parametrize("name", ["personalization", "android"])
 def test_weights_round_trip_bitwise(name, tmp_path, digits):
     trained, fresh = OnDeviceModel(layout_file(name)), OnDeviceModel(layout_file(name))
