@@ -45,12 +45,14 @@ from fl_ondevice.config import Config, from_run_config
 from fl_ondevice.device import pooled_model
 from fl_ondevice.encoding import FLOAT32, encode_update
 from fl_ondevice.errors import ConfigError, FlOnDeviceError
+from fl_ondevice.layouts import PERSONALIZATION
 from fl_ondevice.message import (
     ARRAYS,
     CLIENT_SECONDS,
     CONFIG,
     EVAL_ACCURACY,
     EVAL_LOSS,
+    LOADED_EXAMPLES,
     METRICS,
     MODEL_FILE,
     MODEL_MISSING,
@@ -237,7 +239,8 @@ def _unpack(msg: Message, context: Context) -> tuple[Config, Any, int, int, tupl
 def _train(msg: Message, context: Context) -> Message:
     cfg, model, client, r, staged = _unpack(msg, context)
     mu = float(cast(float, msg.content.config_records[CONFIG].get(PROXIMAL_MU, 0.0)))
-    update = train_client(cfg, model, staged, client, r, proximal_mu=mu)
+    loaded = model.loaded_examples
+    update = train_client(cfg, model, staged, client, r, proximal_mu=mu, run_id=context.run_id)
     metrics = MetricRecord(
         {
             NUM_EXAMPLES: update.num_examples,
@@ -246,6 +249,8 @@ def _train(msg: Message, context: Context) -> Message:
             TRAIN_SECONDS: update.train_seconds,
         }
     )
+    if model.layout is PERSONALIZATION:
+        metrics[LOADED_EXAMPLES] = model.loaded_examples - loaded
     content = RecordDict({ARRAYS: to_arrays(update.weights), METRICS: metrics})
     return Message(content, reply_to=msg)
 
