@@ -30,7 +30,6 @@ from fl_ondevice.transfer import (
     base_key,
     build_transfer,
     pretrained_base,
-    verify_head,
 )
 
 log = logging.getLogger(__name__)
@@ -40,6 +39,14 @@ MODEL_CODE_VERSION = 3
 # The guide layout's signatures as our TrainableModel has them (FedProx's and reset included).
 GUIDE_SIGNATURES = (*SIGNATURES, PROXIMAL_SIGNATURE, RESET_SIGNATURE)
 
+# ModelConfig keys that only model=transfer reads.
+TRANSFER_KEYS = (
+    "trainable",
+    "pretrained",
+    "base_classes",
+    "pretrain_epochs",
+    "pretrain_learning_rate",
+)
 # Image shape and class count per dataset, so a model can be exported without loading the data.
 DATASET_SHAPES: dict[str, tuple[tuple[int, int], int]] = {
     "digits": ((8, 8), 10),
@@ -70,13 +77,16 @@ def convert(module: tf.Module, signatures: Sequence[str] = GUIDE_SIGNATURES) -> 
         return bytes(converter.convert())
 
 
-def verify(tflite: bytes, module: TrainableModel) -> OnDeviceModel:
+def verify(tflite: bytes, module: TrainableModel | TransferHead) -> OnDeviceModel:
     """Check a conversion: signatures present and typed, and ``save`` returns the TF weights.
 
     A converter can silently drop variables (the Keras 3 pitfall); the file then looks fine
     until training. Raises ``ModelError`` naming the first tensor that did not survive.
     """
-    device = OnDeviceModel(tflite)  # checks the four signatures and their inputs
+    device = OnDeviceModel(tflite)  # checks the layout's signatures and their inputs
+    layout = "personalization" if isinstance(module, TransferHead) else "guide"
+    if device.layout.name != layout:
+        raise ModelError(f"converted model has the {device.layout.name} layout, not {layout}")
     if device.x_shape != module.input_shape_ or device.num_classes != module.num_classes:
         raise ModelError(
             f"converted model takes {device.x_shape} -> {device.num_classes} classes, "
@@ -103,8 +113,12 @@ def cache_key(
 ) -> str:
     """Hash of everything that determines the converted file's bytes; for model=transfer that
     includes the data its base is pretrained on (``base_key``)."""
+    model = asdict(cfg)
+    if cfg.name != "transfer":  # keys only model=transfer reads: other models' keys unchanged
+        for key in TRANSFER_KEYS:
+            model.pop(key)
     spec = {
-        "model": asdict(cfg),
+        "model": model,
         "input_shape": list(input_shape),
         "num_classes": num_classes,
         "seed": seed,
@@ -169,10 +183,9 @@ def convert_and_verify(module: tf.Module) -> bytes:
     """Convert a model module with the signatures of its layout and check the result."""
     if isinstance(module, TransferHead):
         tflite = convert(module, PERSONALIZATION_SIGNATURES)
-        verify_head(tflite, module)
-        return tflite
-    assert isinstance(module, TrainableModel)
-    tflite = convert(module)
+    else:
+        assert isinstance(module, TrainableModel)
+        tflite = convert(module)
     verify(tflite, module)
     return tflite
 
@@ -219,12 +232,7 @@ def _main_impl(cfg: object) -> None:
     path = build_tflite(run.model, input_shape, num_classes, run.seed, cache_dir, run.dataset)
     out = Path(HydraConfig.get().runtime.output_dir) / "model.tflite"
     out.write_bytes(path.read_bytes())
-    try:
-        print(describe(OnDeviceModel(out)))
-    except ModelError:  # a layout OnDeviceModel does not open: its signatures at least
-        size = out.stat().st_size / 1024
-        interpreter = tf.lite.Interpreter(model_path=str(out))
-        print("\n".join([f"{out}: {size:.1f} KiB", "signatures:", *signature_lines(interpreter)]))
+    print(describe(OnDeviceModel(out)))
     report = path.with_suffix(".json")
     if report.is_file():
         print(f"pretraining ({report}): {report.read_text()}")

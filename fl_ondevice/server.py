@@ -130,7 +130,10 @@ def model_key(cfg: Config, dataset: Dataset, model_file: Path) -> str:
     if cfg.model.name == "tflite":
         return f"tflite {model_sha256(model_file.read_bytes())[:16]}"
     shape = "x".join(str(d) for d in dataset.input_shape)
-    return f"{cfg.model.name} {cfg.model.optimizer} {shape} -> {dataset.num_classes}"
+    name = cfg.model.name
+    if name == "transfer":  # a head step and a whole-network step differ in cost
+        name = f"transfer-{cfg.model.trainable}"
+    return f"{name} {cfg.model.optimizer} {shape} -> {dataset.num_classes}"
 
 
 def _device_clock(

@@ -29,7 +29,6 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -38,10 +37,8 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 
-from fl_ondevice.checkpoint import read_checkpoint
 from fl_ondevice.config import DatasetConfig, ModelConfig
 from fl_ondevice.data import Dataset, load_dataset
-from fl_ondevice.errors import ModelError
 from fl_ondevice.model import _ARCHITECTURES, Layer, TrainableModel, _init, build_model
 
 log = logging.getLogger(__name__)
@@ -369,30 +366,6 @@ def build_transfer(
     return module
 
 
-def verify_head(tflite: bytes, module: TransferHead) -> None:
-    """Check a converted ``TransferHead``: its six signatures are there and ``save`` writes the
-    TF head's weights bitwise. Raises ``ModelError`` naming what differs."""
-    interpreter = tf.lite.Interpreter(model_content=tflite)
-    found = set(interpreter.get_signature_list())
-    missing = sorted(set(PERSONALIZATION_SIGNATURES) - found)
-    if missing:
-        raise ModelError(
-            f"conversion lost the signature(s) {missing}; the file has {sorted(found)}"
-        )
-    with tempfile.TemporaryDirectory(prefix="fl_ondevice-verify-") as tmp:
-        path = os.path.join(tmp, "head.ckpt")
-        interpreter.get_signature_runner("save")(checkpoint_path=np.array(path.encode(), np.bytes_))
-        saved = read_checkpoint(path)
-    expected = {n: w.numpy() for n, w in zip(module.weight_names, module.weights_, strict=True)}
-    if sorted(saved) != sorted(expected):
-        raise ModelError(
-            f"conversion lost weights: save wrote {sorted(saved)}, the head has {sorted(expected)}"
-        )
-    for name, value in expected.items():
-        if saved[name].tobytes() != value.tobytes():
-            raise ModelError(f"conversion changed weight '{name}': save output != TF weights")
-
-
 __all__ = [
     "BOTTLENECK",
     "HEAD",
@@ -407,5 +380,4 @@ __all__ = [
     "pretrain",
     "pretrained_base",
     "random_base",
-    "verify_head",
 ]

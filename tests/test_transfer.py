@@ -247,3 +247,17 @@ def test_trainable_all_is_the_guide_layout_starting_from_the_pretrained_base(cac
     assert all(weights[n].tobytes() == base[n].tobytes() for n in base)
     assert all(weights[n].tobytes() == head_init(5, 0)[n].tobytes() for n in HEAD)
     assert {"train", "infer", "save", "restore", "reset"} <= set(device.signatures)
+
+
+def test_the_head_file_opens_as_the_personalization_layout_and_learns(head_file):
+    device = OnDeviceModel(head_file)
+    data = load_dataset(CLIENTS)
+    start = device.initial_weights()
+    before = device.evaluate(data.x_test, data.y_test)["accuracy"]
+
+    device.fit(device.load(data.x_train), data.y_train, epochs=5, batch_size=32)
+
+    assert device.layout.name == "personalization"
+    assert (device.x_shape, device.train_x_shape, device.num_classes) == ((8, 8), (64,), 5)
+    assert all(start[n].tobytes() == head_init(5, 0)[n].tobytes() for n in HEAD)
+    assert device.evaluate(data.x_test, data.y_test)["accuracy"] > before + 0.2
