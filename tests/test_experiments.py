@@ -74,7 +74,10 @@ def _shrunk(cfg: Config) -> list[str]:
     # One round, one local epoch, two clients per round, 10% of each client's data for training:
     # the partition keeps the experiment's kind and client count.
     n = cfg.num_clients
+    # model=transfer pretrains its base first: one epoch is enough to run the round.
+    pretrain = ["model.pretrain_epochs=1"] if cfg.model.name == "transfer" else []
     return [
+        *pretrain,
         "num_rounds=1",
         "client.local_epochs=1",
         "strategy.fraction_train=0.01",  # int(n * 0.01) = 0 for n < 100: min_train_nodes decides
