@@ -200,7 +200,11 @@ def _tensors(details: dict[str, dict]) -> str:
 def describe(device: OnDeviceModel) -> str:
     """What an app developer needs: signatures with their tensors, file size, weight sizes."""
     lines = [f"{device.source}: {len(device.model_bytes) / 1024:.1f} KiB", "signatures:"]
-    lines += signature_lines(device.interpreter)
+    for name in sorted(device.signatures):
+        runner = device.interpreter.get_signature_runner(name)
+        ins = _tensors(runner.get_input_details())
+        outs = _tensors(runner.get_output_details())
+        lines.append(f"  {name}({ins}) -> {{{outs}}}")
     lines.append(f"weights ({device.weight_spec.num_bytes / 1024:.1f} KiB per checkpoint):")
     for t in device.weight_spec.tensors:
         kib = int(np.prod(t.shape)) * t.dtype.itemsize / 1024
@@ -208,23 +212,14 @@ def describe(device: OnDeviceModel) -> str:
     return "\n".join(lines)
 
 
-def signature_lines(interpreter: tf.lite.Interpreter) -> list[str]:
-    """One line per signature: ``name(inputs) -> {outputs}`` with dtypes and shapes."""
-    lines = []
-    for name in sorted(interpreter.get_signature_list()):
-        runner = interpreter.get_signature_runner(name)
-        ins = _tensors(runner.get_input_details())
-        outs = _tensors(runner.get_output_details())
-        lines.append(f"  {name}({ins}) -> {{{outs}}}")
-    return lines
-
-
 def _main_impl(cfg: object) -> None:
     from hydra.core.hydra_config import HydraConfig
+    from omegaconf import DictConfig
 
     from fl_ondevice.config import parse_config
 
-    run = parse_config(cfg)  # type: ignore[arg-type]  # a DictConfig from Hydra
+    assert isinstance(cfg, DictConfig)
+    run = parse_config(cfg)  # the whole config: model=transfer's checks span dataset and model
     input_shape, num_classes = DATASET_SHAPES[run.dataset.name]
     if run.dataset.classes is not None:
         num_classes = len(run.dataset.classes)
