@@ -90,6 +90,10 @@ class RoundTraffic:
     examples: int = 0
     client_seconds: list[float] = field(default_factory=list)
     train_seconds: list[float] = field(default_factory=list)
+    updated: list[int] = field(default_factory=list)  # the clients whose update was valid
+    # Each client's evaluate reply this round, as it came: its numeric metrics (the strategy
+    # sees only their aggregate; the server's per-client columns and files need them).
+    evaluations: dict[int, dict[str, float]] = field(default_factory=dict)
 
     @property
     def valid(self) -> int:
@@ -442,6 +446,7 @@ class ClientGrid(Grid):
             log.warning("round %d: %s", self.round, part)
             return Message(Error(ERROR_CODE, part), reply_to=sent.message)
         if not training:
+            traffic.evaluations[sent.client] = _numbers(part)
             return Message(part, reply_to=sent.message)
         sent_part = part  # what crossed the wire: bytes_up counts it
         if self.update_encoding != FLOAT32:
@@ -454,6 +459,7 @@ class ClientGrid(Grid):
             return self._rejected(sent, traffic, checked)
         metrics = next(iter(part.metric_records.values()))
         traffic.examples += int(checked[0])
+        traffic.updated.append(sent.client)
         traffic.bytes_up += num_bytes(next(iter(sent_part.array_records.values())))
         for key, values in (
             (CLIENT_SECONDS, traffic.client_seconds),
@@ -524,6 +530,16 @@ class ClientGrid(Grid):
         ttl: float | None = None,
     ) -> Message:
         return Message(content, dst_node_id, message_type, ttl=ttl, group_id=group_id)
+
+
+def _numbers(content: RecordDict) -> dict[str, float]:
+    # A reply's numeric metrics, of all its MetricRecords (ours send one).
+    return {
+        key: float(value)
+        for record in content.metric_records.values()
+        for key, value in record.items()
+        if isinstance(value, int | float)
+    }
 
 
 def _download_bytes(msg: Message) -> int:
