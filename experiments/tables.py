@@ -563,12 +563,77 @@ def _plot_local_accuracies(curves: dict[str, list[tuple[str, list[float]]]], pat
     plt.close(fig)
 
 
+TRANSFER_TARGET = 0.85  # conf/experiment/transfer.yaml
+TRANSFER_VARIANTS = {
+    ("head", True): "head only, pretrained base (personalization layout)",
+    ("all", False): "full model from scratch",
+    ("all", True): "full model from the pretrained weights",
+}
+
+
+def transfer(runs: list[Run]) -> Table:
+    """Head-only FL on a pretrained base vs full-model FL from scratch or from the pretrained
+    weights, per client count and partition."""
+
+    def variant(run: Run) -> tuple[str, bool]:
+        return run.config["model"]["trainable"], bool(run.config["model"]["pretrained"])
+
+    order = list(TRANSFER_VARIANTS)
+    runs = sorted(
+        runs,
+        key=lambda r: (r.config["num_clients"], _partition(r.config), order.index(variant(r))),
+    )
+    header = [
+        "clients",
+        "partition",
+        "what is federated",
+        f"rounds to {TRANSFER_TARGET:.0%}",
+        "final acc.",
+        "KiB up per client per round",
+        "client train s per round (median)",
+        ".tflite KiB",
+    ]
+    rows, csv_rows = [], []
+    panels: dict[str, list[tuple[str, Run]]] = {}
+    for run in runs:
+        info = json.loads((run.path / "metrics.json").read_text())
+        up = statistics.median(r["bytes_up"] / max(r["clients_replied"], 1) for r in run.trained)
+        train_s = statistics.median(r["train_seconds"] for r in run.trained)
+        size = info.get("model_bytes")
+        name = TRANSFER_VARIANTS[variant(run)]
+        rows.append(
+            [
+                run.config["num_clients"],
+                _partition(run.config),
+                name,
+                _rounds_cell(run, TRANSFER_TARGET),
+                f"{run.final_accuracy:.4f}",
+                f"{up / 1024:,.1f}",
+                f"{train_s:.3f}",
+                "—" if size is None else f"{size / 1024:,.0f}",
+            ]
+        )
+        csv_rows.append(
+            {
+                **_csv_row(run, (TRANSFER_TARGET,)),
+                "variant": name,
+                "kib_up_per_client_round": up / 1024,
+                "client_train_seconds": train_s,
+                "tflite_bytes": size,
+            }
+        )
+        title = f"{run.config['num_clients']} clients, {_partition(run.config)}"
+        panels.setdefault(title, []).append((name, run))
+    return Table(markdown(header, rows), csv_rows, panels)
+
+
 EXPERIMENTS: dict[str, Callable[[list[Run]], Table]] = {
     "ondevice_fmnist": ondevice_fmnist,
     "mcmahan2017": mcmahan2017,
     "niid_bench": niid_bench,
     "device_time": device_time,
     "personalization": personalization,
+    "transfer": transfer,
 }
 
 

@@ -22,6 +22,7 @@ import numpy as np
 
 from fl_ondevice.device import OnDeviceModel
 from fl_ondevice.errors import ConfigError, InputError
+from fl_ondevice.layouts import PERSONALIZATION
 
 log = logging.getLogger(__name__)
 
@@ -252,6 +253,8 @@ def measure(
     sizes = sorted(set(batch_sizes))
     _check_measure_args(x, y, sizes, max_seconds_per_size, max_repeats, min_repeats, warmup)
     model = OnDeviceModel(model_file, num_threads=num_threads)
+    if model.layout is PERSONALIZATION:  # train takes load's bottlenecks of the images
+        x, y = model.load(x[: max(sizes)]), y[: max(sizes)]
     step_seconds: dict[int, float] = {}
     repeats: dict[int, int] = {}
     for batch in sizes:

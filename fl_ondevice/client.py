@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -13,6 +15,7 @@ from fl_ondevice.config import Config
 from fl_ondevice.data import Dataset, load_dataset
 from fl_ondevice.device import OnDeviceModel
 from fl_ondevice.errors import InputError, TrainingError
+from fl_ondevice.layouts import PERSONALIZATION
 from fl_ondevice.partition import Partition, make_partitions
 
 
@@ -77,6 +80,64 @@ def client_data(cfg: Config) -> tuple[Dataset, list[Partition]]:
     return _DATA[key]
 
 
+def local_train_x(
+    cfg: Config,
+    model: OnDeviceModel,
+    client_id: int,
+    part: Partition,
+    run_id: int | None = None,
+) -> np.ndarray:
+    """``train``'s inputs for a client's local train split: its images, or for a model in the
+    personalization layout the bottlenecks ``load`` made of them, once per client and run.
+
+    The app this layout comes from runs ``load`` once per sample, as the user adds it, and
+    trains on the stored bottlenecks; here the first of a client's calls in a run computes
+    them and stores them where every worker of this host finds them (``cache_dir/bottlenecks/
+    <run_id>/``, see :func:`bottleneck_dir`), as the phone keeps them in its storage. Without
+    a ``run_id`` (no engine) they are kept in this process only.
+    """
+    dataset, _ = client_data(cfg)
+    x = dataset.x_train[part.train_indices]
+    if model.layout is not PERSONALIZATION:
+        return x
+    run = ("process", id(model)) if run_id is None else ("run", run_id)
+    if _BOTTLENECK_RUN != [run]:
+        _BOTTLENECKS.clear()  # a worker serves one run at a time
+        _BOTTLENECK_RUN[:] = [run]
+    if client_id not in _BOTTLENECKS:
+        _BOTTLENECKS[client_id] = _stored_bottlenecks(cfg, model, client_id, x, run_id)
+    return _BOTTLENECKS[client_id]
+
+
+_BOTTLENECKS: dict[int, np.ndarray] = {}  # client id -> its bottlenecks, of _BOTTLENECK_RUN
+_BOTTLENECK_RUN: list[tuple[str, int]] = []
+
+
+def bottleneck_dir(cache_dir: str, run_id: int) -> Path:
+    """Where the clients of run ``run_id`` keep their bottlenecks on this host."""
+    return Path(os.path.expanduser(cache_dir)) / "bottlenecks" / str(run_id)
+
+
+def _stored_bottlenecks(
+    cfg: Config, model: OnDeviceModel, client_id: int, x: np.ndarray, run_id: int | None
+) -> np.ndarray:
+    if run_id is None:
+        return model.load(x)
+    path = bottleneck_dir(cfg.cache_dir, run_id) / f"client-{client_id}.npy"
+    try:
+        stored = np.load(path)
+        if stored.shape == (len(x), *model.train_x_shape):
+            return stored
+    except (OSError, ValueError):  # not there yet (or cut short): compute it
+        pass
+    bottlenecks = model.load(x)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp-{os.getpid()}.npy")
+    np.save(tmp, bottlenecks)
+    os.replace(tmp, path)  # atomic: another worker may read it meanwhile
+    return bottlenecks
+
+
 class StagedWeights:
     """The global weights a worker received, checked and written as a checkpoint file once for
     all the clients of a message, each of which restores that file through ``restore``, as
@@ -108,6 +169,7 @@ def train_client(
     client_id: int,
     server_round: int,
     proximal_mu: float = 0.0,
+    run_id: int | None = None,
 ) -> ClientUpdate:
     """E epochs of shuffled minibatches through ``train`` (``train_proximal`` when
     ``proximal_mu`` > 0), from the staged global weights; raises the client's error.
@@ -128,7 +190,7 @@ def train_client(
             "crashed while training"
         )
     fit = model.fit(
-        dataset.x_train[part.train_indices],
+        local_train_x(cfg, model, client_id, part, run_id),
         dataset.y_train[part.train_indices],
         epochs=cfg.client.local_epochs,
         batch_size=cfg.client.batch_size,
@@ -154,6 +216,7 @@ def evaluate_client(
     staged: tuple[Weights, str],
     client_id: int,
     server_round: int = 0,
+    run_id: int | None = None,
 ) -> ClientEvaluation:
     """Evaluate the staged global weights on a client's local test split (``infer``); with
     ``personalize.epochs`` > 0, also the weights :func:`personalize_client` fine-tunes.
@@ -173,7 +236,7 @@ def evaluate_client(
     result = model.evaluate(x_test, y_test, batch_size=cfg.eval_batch_size)
     if cfg.personalize.epochs == 0:
         return ClientEvaluation(len(part.test_indices), result["loss"], result["accuracy"])
-    personal = personalize_client(cfg, model, staged[1], client_id, server_round)
+    personal = personalize_client(cfg, model, staged[1], client_id, server_round, run_id)
     return ClientEvaluation(
         len(part.test_indices),
         result["loss"],
@@ -184,11 +247,17 @@ def evaluate_client(
 
 
 def personalize_client(
-    cfg: Config, model: OnDeviceModel, path: str, client_id: int, server_round: int
+    cfg: Config,
+    model: OnDeviceModel,
+    path: str,
+    client_id: int,
+    server_round: int,
+    run_id: int | None = None,
 ) -> dict[str, float]:
     """Fine-tune the global weights (the checkpoint file ``path``) for ``personalize.epochs``
     on a client's local train split, as training does (batch size, learning rate, a fresh
-    optimizer), and return ``loss`` and ``accuracy`` of the result on its local test split.
+    optimizer, ``train``'s inputs from :func:`local_train_x`), and return ``loss`` and
+    ``accuracy`` of the result on its local test split (images, through ``infer``).
 
     The fine-tuned weights stay on the client: nothing of them is returned.
     """
@@ -197,7 +266,7 @@ def personalize_client(
     model.reset_optimizer()  # as train_client: no momentum or Adam moments from another client
     model.restore(path, check=False)
     model.fit(
-        local_train_x(cfg, model, client_id, part),
+        local_train_x(cfg, model, client_id, part, run_id),
         dataset.y_train[part.train_indices],
         epochs=cfg.personalize.epochs,
         batch_size=cfg.client.batch_size,
@@ -208,13 +277,6 @@ def personalize_client(
         dataset.y_train[part.test_indices],
         batch_size=cfg.eval_batch_size,
     )
-
-
-def local_train_x(cfg: Config, model: OnDeviceModel, client_id: int, part: Partition) -> np.ndarray:
-    """What ``model``'s ``train`` signature takes for client ``client_id``'s local train split
-    ``part.train_indices``: its images, ``(n_train, *input_shape)``."""
-    dataset, _ = client_data(cfg)
-    return dataset.x_train[part.train_indices]
 
 
 def attackers(seed: int, num_clients: int, fraction: float) -> frozenset[int]:

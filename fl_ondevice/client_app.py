@@ -45,6 +45,7 @@ from fl_ondevice.config import Config, from_run_config
 from fl_ondevice.device import pooled_model
 from fl_ondevice.encoding import FLOAT32, encode_update
 from fl_ondevice.errors import ConfigError, FlOnDeviceError
+from fl_ondevice.layouts import PERSONALIZATION
 from fl_ondevice.message import (
     ARRAYS,
     CLIENT_SECONDS,
@@ -53,6 +54,7 @@ from fl_ondevice.message import (
     EVAL_ACCURACY_PERSONAL,
     EVAL_LOSS,
     EVAL_LOSS_PERSONAL,
+    LOADED_EXAMPLES,
     METRICS,
     MODEL_FILE,
     MODEL_MISSING,
@@ -239,7 +241,8 @@ def _unpack(msg: Message, context: Context) -> tuple[Config, Any, int, int, tupl
 def _train(msg: Message, context: Context) -> Message:
     cfg, model, client, r, staged = _unpack(msg, context)
     mu = float(cast(float, msg.content.config_records[CONFIG].get(PROXIMAL_MU, 0.0)))
-    update = train_client(cfg, model, staged, client, r, proximal_mu=mu)
+    loaded = model.loaded_examples
+    update = train_client(cfg, model, staged, client, r, proximal_mu=mu, run_id=context.run_id)
     metrics = MetricRecord(
         {
             NUM_EXAMPLES: update.num_examples,
@@ -248,17 +251,22 @@ def _train(msg: Message, context: Context) -> Message:
             TRAIN_SECONDS: update.train_seconds,
         }
     )
+    if model.layout is PERSONALIZATION:
+        metrics[LOADED_EXAMPLES] = model.loaded_examples - loaded
     content = RecordDict({ARRAYS: to_arrays(update.weights), METRICS: metrics})
     return Message(content, reply_to=msg)
 
 
 def _evaluate(msg: Message, context: Context) -> Message:
     cfg, model, client, r, staged = _unpack(msg, context)
-    result = evaluate_client(cfg, model, staged, client, r)
+    loaded = model.loaded_examples
+    result = evaluate_client(cfg, model, staged, client, r, run_id=context.run_id)
     metrics = MetricRecord(
         {NUM_EXAMPLES: result.num_examples, EVAL_LOSS: result.loss, EVAL_ACCURACY: result.accuracy}
     )
     if result.personal_accuracy is not None and result.personal_loss is not None:
         metrics[EVAL_LOSS_PERSONAL] = result.personal_loss
         metrics[EVAL_ACCURACY_PERSONAL] = result.personal_accuracy
+        if model.layout is PERSONALIZATION:  # fine-tuning a client's first time runs `load`
+            metrics[LOADED_EXAMPLES] = model.loaded_examples - loaded
     return Message(RecordDict({METRICS: metrics}), reply_to=msg)

@@ -109,8 +109,8 @@ class ModelConfig:
             self.name != "tflite" or bool(self.path),
             "model.path",
             self.path,
-            "model=tflite needs model.path=FILE pointing at a .tflite with "
-            "train/infer/save/restore signatures",
+            "model=tflite needs model.path=FILE pointing at an on-device training .tflite "
+            "(guide, personalization or android layout; README: Bring your own model)",
         )
 
 

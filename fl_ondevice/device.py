@@ -26,7 +26,8 @@ from fl_ondevice.errors import (
     RuntimeUnsupportedError,
     TrainingError,
 )
-from fl_ondevice.model import PROXIMAL_SIGNATURE, RESET_SIGNATURE, SIGNATURES
+from fl_ondevice.layouts import ANDROID, PERSONALIZATION, Layout, detect_layout
+from fl_ondevice.model import PROXIMAL_SIGNATURE, RESET_SIGNATURE
 
 log = logging.getLogger(__name__)
 
@@ -97,11 +98,17 @@ def _first_line(err: BaseException) -> str:
 
 
 class OnDeviceModel:
-    """A ``.tflite`` model with ``train``/``infer``/``save``/``restore`` signatures.
+    """A ``.tflite`` on-device training model, in any layout of :mod:`fl_ondevice.layouts`.
 
-    Works with any such model (ours from :mod:`fl_ondevice.model`, or one built by following
-    TensorFlow's on-device training guide): input names, shapes and the label encoding (integer
-    labels or one-hot) are read from the signatures.
+    Works with any such model (ours from :mod:`fl_ondevice.model`, one built by following
+    TensorFlow's on-device training guide, TensorFlow's model_personalization app or Flower's
+    Android example): the layout, input names, shapes and the label encoding (integer labels or
+    one-hot) are read from the signatures.
+
+    ``fit`` and ``train_step`` take ``train``'s inputs: images, or for the personalization
+    layout the bottlenecks ``load`` computes from them; ``evaluate`` and ``predict`` take images
+    (``infer``). Weights are ``{name: array}`` whatever the layout: the checkpoint's tensors, or
+    ``parameters()``'s outputs.
 
     Parameters
     ----------
@@ -126,12 +133,16 @@ class OnDeviceModel:
         self.num_threads = num_threads
         self._ckpt = os.path.join(scratch_dir(), f"weights-{id(self)}.ckpt")
         self._staged = os.path.join(scratch_dir(), f"staged-{id(self)}.ckpt")
+        self._staged_weights: Weights = {}  # android: what the staged file holds, kept in memory
+        self.loaded_examples = 0  # examples run through `load` by this object, ever
         self._load()
+        self.layout: Layout = detect_layout(self.signatures, self.source)
         self._discover()
         try:
             initial = self.get_weights()
         except TrainingError as err:
-            raise ModelError(f"{self.source}: the save signature failed: {err}") from None
+            weights_out = "parameters" if self.layout is ANDROID else "save"
+            raise ModelError(f"{self.source}: the {weights_out} signature failed: {err}") from None
         self.weight_spec = WeightSpec.of(initial)
 
     # -- loading and signature discovery ------------------------------------------------------
@@ -148,17 +159,13 @@ class OnDeviceModel:
             raise explain_load_error(err, self.source) from None
 
     def _discover(self) -> None:
-        missing = [s for s in SIGNATURES if s not in self.signatures]
-        if missing:
-            raise ModelError(
-                f"{self.source} lacks the signature(s) {missing} "
-                f"(it has {sorted(self.signatures)}); "
-                "an on-device training model needs train(x, y) -> loss, infer(x) -> output, "
-                "save(checkpoint_path) and restore(checkpoint_path)"
-            )
         self._discover_infer()
+        self._discover_load()
         self._discover_train()
-        self._discover_checkpoint_io()
+        if self.layout is ANDROID:
+            self._discover_parameters()
+        else:
+            self._discover_checkpoint_io()
 
     def _discover_infer(self) -> None:
         infer_in = self._inputs("infer")
@@ -167,14 +174,36 @@ class OnDeviceModel:
         ((self.x_name_infer, x_spec),) = infer_in.items()
         self.x_shape = tuple(int(d) for d in x_spec["shape_signature"][1:])
         outputs = self.signatures["infer"]["outputs"]
-        if "output" not in outputs:
+        # The class probabilities: `output`, or `logits` alone (Flower's Android example names
+        # its softmax output so); with both, `logits` are the pre-softmax scores.
+        self.prob_name = "output" if "output" in outputs else "logits"
+        if self.prob_name not in outputs:
             raise ModelError(
-                f"{self.source}: infer must return 'output' (class probabilities); "
-                f"it returns {outputs}"
+                f"{self.source}: infer must return 'output' (class probabilities) or, as "
+                f"Flower's Android example, 'logits'; it returns {outputs}"
             )
-        self.has_logits = "logits" in outputs
-        probe = self._runners["infer"].get_output_details()["output"]["shape_signature"]
+        self.has_logits = "output" in outputs and "logits" in outputs
+        probe = self._runners["infer"].get_output_details()[self.prob_name]["shape_signature"]
         self.num_classes = int(probe[-1])
+
+    def _discover_load(self) -> None:
+        # train's x: images, or (personalization) the bottleneck `load` makes of them.
+        self.train_x_shape = self.x_shape
+        if self.layout is not PERSONALIZATION:
+            return
+        ins, outs = self._inputs("load"), self.signatures["load"]["outputs"]
+        shapes = {n: list(s["shape_signature"]) for n, s in ins.items()}
+        if len(ins) != 1 or tuple(next(iter(shapes.values()))[1:]) != self.x_shape:
+            raise ModelError(
+                f"{self.source}: load must take one input shaped like infer's {self.x_shape} "
+                f"(the images); it takes {shapes}"
+            )
+        self.x_name_load = next(iter(ins))
+        self.bottleneck_name = "bottleneck" if "bottleneck" in outs else outs[0]
+        if "bottleneck" not in outs and len(outs) != 1:
+            raise ModelError(f"{self.source}: load must return 'bottleneck'; it returns {outs}")
+        details = self._runners["load"].get_output_details()[self.bottleneck_name]
+        self.train_x_shape = tuple(int(d) for d in details["shape_signature"][1:])
 
     def _discover_train(self) -> None:
         train_in = self._inputs("train")
@@ -183,12 +212,15 @@ class OnDeviceModel:
                 f"{self.source}: train must take (x, y) and return 'loss'; it takes "
                 f"{list(train_in)} and returns {self.signatures['train']['outputs']}"
             )
-        # x is the train input shaped like infer's input; y is the other one.
-        names = sorted(train_in, key=lambda n: (n != "x", n))
-        x_like = [n for n in names if tuple(train_in[n]["shape_signature"][1:]) == self.x_shape]
+        # x is the train input shaped like infer's input (or load's bottleneck); y the other.
+        names = sorted(train_in, key=lambda n: (n not in ("x", "bottleneck"), n))
+        x_like = [
+            n for n in names if tuple(train_in[n]["shape_signature"][1:]) == self.train_x_shape
+        ]
         if not x_like:
+            what = "load's bottleneck" if self.layout is PERSONALIZATION else "infer's input"
             raise ModelError(
-                f"{self.source}: no train input has infer's input shape {self.x_shape}: "
+                f"{self.source}: no train input has {what} shape {self.train_x_shape}: "
                 f"{ {n: list(s['shape_signature']) for n, s in train_in.items()} }"
             )
         self.x_name = x_like[0]
@@ -215,6 +247,24 @@ class OnDeviceModel:
                 )
         self._path_name = {s: next(iter(self._inputs(s))) for s in ("save", "restore")}
 
+    def _discover_parameters(self) -> None:
+        # restore(a0, ..., aN) must take exactly what parameters() returns.
+        out = self._runners["parameters"].get_output_details()
+        ins = self._inputs("restore")
+        if self._inputs("parameters") or set(out) != set(ins):
+            raise ModelError(
+                f"{self.source}: parameters() must take no input and return the tensors "
+                f"restore takes; parameters takes {sorted(self._inputs('parameters'))} and "
+                f"returns {sorted(out)}, restore takes {sorted(ins)}"
+            )
+        for name, spec in ins.items():
+            if list(spec["shape_signature"]) != list(out[name]["shape_signature"]):
+                raise ModelError(
+                    f"{self.source}: restore's input {name} has shape "
+                    f"{list(spec['shape_signature'])}, parameters returns "
+                    f"{list(out[name]['shape_signature'])}"
+                )
+
     def _inputs(self, signature: str) -> dict[str, Any]:
         return dict(self._runners[signature].get_input_details())
 
@@ -232,20 +282,19 @@ class OnDeviceModel:
             ) from None
 
     # -- input validation ---------------------------------------------------------------------
-    def _check_x(self, x: np.ndarray) -> np.ndarray:
+    def _check_x(self, x: np.ndarray, shape: tuple[int, ...], what: str = "x") -> np.ndarray:
         x = np.asarray(x, dtype=np.float32)
-        shape = tuple(x.shape[1:])
-        if x.ndim != len(self.x_shape) + 1 or any(
-            want not in (-1, got) for want, got in zip(self.x_shape, shape, strict=True)
+        got = tuple(x.shape[1:])
+        if x.ndim != len(shape) + 1 or any(
+            want not in (-1, g) for want, g in zip(shape, got, strict=True)
         ):
             raise InputError(
-                f"x has shape {tuple(x.shape)}; the model expects (batch, "
-                f"{', '.join(str(d) for d in self.x_shape)})"
+                f"{what} has shape {tuple(x.shape)}; the model expects (batch, "
+                f"{', '.join(str(d) for d in shape)})"
             )
         return x
 
-    def _check_xy(self, x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        x = self._check_x(x)
+    def _check_y(self, x: np.ndarray, y: np.ndarray) -> np.ndarray:
         y = np.asarray(y)
         if y.ndim != 1 or not np.issubdtype(y.dtype, np.integer):
             raise InputError(f"y must be a 1-D array of integer labels, got {y.dtype} {y.shape}")
@@ -255,12 +304,33 @@ class OnDeviceModel:
             raise InputError(
                 f"labels must be in [0, {self.num_classes}), got min {y.min()} max {y.max()}"
             )
-        return x, y
+        return y
+
+    def _check_train(self, x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        what = "x (load's bottlenecks)" if self.layout is PERSONALIZATION else "x"
+        x = self._check_x(x, self.train_x_shape, what)
+        return x, self._check_y(x, y)
 
     def _encode_y(self, y: np.ndarray) -> np.ndarray:
         if self.one_hot:
             return np.eye(self.num_classes, dtype=self.y_dtype)[y]
         return y.astype(self.y_dtype)
+
+    # -- the frozen base (personalization layout) ---------------------------------------------
+    def load(self, x: np.ndarray, batch_size: int = 256) -> np.ndarray:
+        """``train``'s inputs for images ``x``: ``load``'s bottlenecks (personalization layout,
+        counted in ``loaded_examples``), the images themselves for the other layouts."""
+        x = self._check_x(x, self.x_shape)
+        if self.layout is not PERSONALIZATION:
+            return x
+        parts = [
+            self._invoke("load", **{self.x_name_load: x[i : i + batch_size]})[self.bottleneck_name]
+            for i in range(0, len(x), batch_size)
+        ]
+        self.loaded_examples += len(x)
+        if not parts:
+            return np.zeros((0, *self.train_x_shape), np.float32)
+        return np.concatenate(parts).astype(np.float32, copy=False)
 
     # -- training -----------------------------------------------------------------------------
     def _train_batch(self, x: np.ndarray, y: np.ndarray, mu: float = 0.0) -> float:
@@ -278,10 +348,10 @@ class OnDeviceModel:
         return loss
 
     def train_step(self, x: np.ndarray, y: np.ndarray, proximal_mu: float = 0.0) -> float:
-        """Run one optimizer step on a batch and return its loss: ``train``, or with
-        ``proximal_mu`` > 0 the FedProx step ``train_proximal`` (anchored at the weights the last
-        ``restore`` loaded)."""
-        x, y = self._check_xy(x, y)
+        """Run one optimizer step on a batch of ``train``'s inputs and return its loss:
+        ``train``, or with ``proximal_mu`` > 0 the FedProx step ``train_proximal`` (anchored at
+        the weights the last ``restore`` loaded)."""
+        x, y = self._check_train(x, y)
         self.check_proximal(proximal_mu)
         if not len(x):
             raise InputError("train_step needs at least one example")
@@ -310,12 +380,13 @@ class OnDeviceModel:
     ) -> dict[str, float]:
         """Train for ``epochs`` passes of shuffled minibatches (the last one may be smaller).
 
+        ``x`` are ``train``'s inputs (``load``'s bottlenecks for the personalization layout).
         ``batch_size=None`` means full batch (one step per epoch: FedSGD's B = inf).
         ``proximal_mu`` > 0 takes FedProx steps (``train_proximal``). Returns the
         mean loss over all steps, ``examples`` (per epoch), ``steps``, wall ``seconds`` and the
         ``train_seconds`` spent inside the ``train`` signature.
         """
-        x, y = self._check_xy(x, y)
+        x, y = self._check_train(x, y)
         self.check_proximal(proximal_mu)
         n = len(x)
         if n == 0:
@@ -360,25 +431,28 @@ class OnDeviceModel:
         probs, log_probs = [], []
         for start in range(0, len(x), batch_size):
             out = self._invoke("infer", **{self.x_name_infer: x[start : start + batch_size]})
-            p = out["output"]
+            p = out[self.prob_name]
             if self.has_logits:
-                z = out["logits"].astype(np.float64)
-                z -= z.max(axis=1, keepdims=True)
-                lp = z - np.log(np.exp(z).sum(axis=1, keepdims=True))
-            else:
+                lp = _log_softmax(out["logits"].astype(np.float64))
+            elif self.prob_name == "output" or _are_probabilities(p):
                 lp = np.log(np.clip(p.astype(np.float64), 1e-12, None))
+            else:  # `logits` that are scores after all: no softmax at the end of infer
+                lp = _log_softmax(p.astype(np.float64))
+                p = np.exp(lp).astype(np.float32)
             probs.append(p)
             log_probs.append(lp)
         return np.concatenate(probs), np.concatenate(log_probs)
 
     def predict(self, x: np.ndarray, batch_size: int = 256) -> np.ndarray:
         """Class probabilities ``(N, classes)`` from the ``infer`` signature."""
-        x = self._check_x(x)
+        x = self._check_x(x, self.x_shape)
         return self._infer(x, batch_size)[0]
 
     def evaluate(self, x: np.ndarray, y: np.ndarray, batch_size: int = 256) -> dict[str, float]:
-        """Mean cross-entropy ``loss`` and ``accuracy`` of the model on ``(x, y)``."""
-        x, y = self._check_xy(x, y)
+        """Mean cross-entropy ``loss`` and ``accuracy`` of the model on images ``x`` and labels
+        ``y`` (through ``infer``, base included for the personalization layout)."""
+        x = self._check_x(x, self.x_shape)
+        y = self._check_y(x, y)
         if not len(x):
             raise InputError("evaluate needs at least one example")
         probs, log_probs = self._infer(x, batch_size)
@@ -387,20 +461,34 @@ class OnDeviceModel:
             "accuracy": float((probs.argmax(axis=1) == y).mean()),
         }
 
-    # -- checkpoints --------------------------------------------------------------------------
+    # -- weights ------------------------------------------------------------------------------
     def save(self, path: str | os.PathLike[str]) -> None:
-        """Write the model's weights to ``path`` through its ``save`` signature."""
-        self._invoke("save", **{self._path_name["save"]: _path_tensor(path)})
+        """Write the model's weights to the checkpoint file ``path``: through the ``save``
+        signature, or (android layout) ``parameters()``'s tensors written as a checkpoint."""
+        if self.layout is ANDROID:
+            write_checkpoint(path, self._parameters())
+        else:
+            self._invoke("save", **{self._path_name["save"]: _path_tensor(path)})
         if not Path(path).is_file():
             raise CheckpointError(f"the save signature did not write {os.fspath(path)!r}")
 
     def restore(self, path: str | os.PathLike[str], check: bool = True) -> None:
-        """Load weights from a checkpoint file through the ``restore`` signature.
+        """Load weights from a checkpoint file through the ``restore`` signature (android
+        layout: the file's tensors as ``restore``'s inputs).
 
         The file is read and checked against the model's weight names, shapes and dtypes first,
         so a bad file raises ``CheckpointError`` and leaves the weights unchanged.
         ``check=False`` skips that for a file ``stage`` wrote.
         """
+        if self.layout is ANDROID:
+            if not check and os.fspath(path) == self._staged:
+                weights = self._staged_weights
+            else:
+                weights = read_checkpoint(path)
+                if check:
+                    self.weight_spec.validate(weights, f"checkpoint {os.fspath(path)!r}")
+            self._invoke("restore", **weights)
+            return
         if check:
             self.weight_spec.validate(read_checkpoint(path), f"checkpoint {os.fspath(path)!r}")
         self._invoke("restore", **{self._path_name["restore"]: _path_tensor(path)})
@@ -413,16 +501,41 @@ class OnDeviceModel:
         """
         self.weight_spec.validate(weights, "weights")
         write_checkpoint(self._staged, weights)
+        if self.layout is ANDROID:  # restore takes tensors: spare it reading the file back
+            self._staged_weights = {n: np.asarray(a) for n, a in weights.items()}
         return self._staged
 
     def get_weights(self) -> Weights:
-        """The current weights, ``{name: array}`` in sorted name order (via ``save``)."""
+        """The current weights, ``{name: array}`` in sorted name order (via ``save``, or the
+        android layout's ``parameters``)."""
+        if self.layout is ANDROID:
+            return self._parameters()
         self.save(self._ckpt)
         return read_checkpoint(self._ckpt)
+
+    def _parameters(self) -> Weights:
+        out = self._invoke("parameters")
+        return {n: np.array(out[n]) for n in sorted(out)}
 
     def set_weights(self, weights: Mapping[str, np.ndarray]) -> None:
         """Set the weights (checked first, then written as a checkpoint and ``restore``d)."""
         self.restore(self.stage(weights), check=False)
+
+    def initial_weights(self) -> Weights:
+        """The weights a federation starts from: ``initialize()``'s where the file has that
+        signature (the personalization layout's starting head), else the file's own."""
+        if "initialize" in self.signatures:
+            self._invoke("initialize")
+        return self.get_weights()
+
+
+def _are_probabilities(p: np.ndarray) -> bool:
+    return bool(np.all(p >= 0) and np.allclose(p.sum(axis=1), 1.0, atol=1e-3))
+
+
+def _log_softmax(z: np.ndarray) -> np.ndarray:
+    z = z - z.max(axis=1, keepdims=True)
+    return z - np.log(np.exp(z).sum(axis=1, keepdims=True))
 
 
 def evaluate_split(

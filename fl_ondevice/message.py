@@ -39,6 +39,9 @@ PROXIMAL_MU = "proximal-mu"  # set by Flower's FedProx
 TRAIN_LOSS = "train-loss"
 CLIENT_SECONDS = "client-seconds"  # the whole update: restore, train, save, checkpoint I/O
 TRAIN_SECONDS = "train-seconds"  # inside the train signature only
+# Examples a client ran through the model's `load` signature in this reply (personalization
+# layout only: the frozen base, once per example and run).
+LOADED_EXAMPLES = "loaded-examples"
 EVAL_LOSS = "eval-loss"
 EVAL_ACCURACY = "eval-accuracy"
 # With personalize.epochs > 0: the same evaluation after fine-tuning the global model locally.

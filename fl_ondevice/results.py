@@ -52,6 +52,7 @@ COLUMNS = (
     "clients_unavailable",  # phones offline when the round started (device online_hours)
     "skipped",  # 1 if fewer than strategy.min_train_nodes valid updates: global model kept
     "examples",  # training examples behind this round's aggregate
+    "examples_loaded",  # run through the model's `load` (personalization layout: once a run)
     "bytes_down",  # global weights sent to the sampled clients
     "bytes_up",  # valid updates received, as sent (in client.update_encoding)
     "client_seconds",  # median seconds of one client update (restore, train, save, I/O)

@@ -28,6 +28,7 @@ from fl_ondevice.calibration import (
     write_calibration,
 )
 from fl_ondevice.checkpoint import Weights, write_checkpoint
+from fl_ondevice.client import bottleneck_dir
 from fl_ondevice.client_app import client_app
 from fl_ondevice.clock import DeviceClock, device_classes
 from fl_ondevice.config import Config, ConfigError, to_run_config
@@ -254,7 +255,7 @@ def run_server(
     if resumed:
         initial, first = resumed.weights, resumed.round + 1
     else:
-        initial, first = prep.server_model.get_weights(), 1
+        initial, first = prep.server_model.initial_weights(), 1
         recorder.record(0, initial)
     final = run_rounds(
         prep.strategy,
@@ -267,6 +268,8 @@ def run_server(
         min_updates=cfg.round.min_updates,
     )
     _finish_outputs(prep, from_arrays(final), metrics, recorder.clients_seen)
+    # The clients' bottlenecks (personalization layout) are of this run only.
+    shutil.rmtree(bottleneck_dir(cfg.cache_dir, grid.run.run_id), ignore_errors=True)
     return summarize(metrics.rows, metrics.run_info)
 
 
@@ -294,6 +297,7 @@ def _start_outputs(
         "overrides": overrides or {},
         "target_accuracy": cfg.target_accuracy,
         "model_file": str(prep.model_file),
+        "model_bytes": prep.model_file.stat().st_size,  # the .tflite a phone downloads
     }
     return MetricsLog(out, run_info, rows=resumed.rows if resumed else ())
 
@@ -425,6 +429,7 @@ def _client_columns(traffic: RoundTraffic, result: RoundResult | None) -> dict[s
         "clients_unavailable": traffic.unavailable,
         "skipped": int(skipped),
         "examples": 0 if skipped else traffic.examples,
+        "examples_loaded": traffic.loaded,
         "bytes_down": traffic.bytes_down,
         "bytes_up": traffic.bytes_up,
         "client_seconds": _median(traffic.client_seconds),

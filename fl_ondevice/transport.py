@@ -50,6 +50,7 @@ from fl_ondevice.message import (
     ARRAYS,
     CLIENT_SECONDS,
     CONFIG,
+    LOADED_EXAMPLES,
     MODEL_MISSING,
     NUM_EXAMPLES,
     NUM_PARTITIONS,
@@ -88,6 +89,7 @@ class RoundTraffic:
     bytes_down: int = 0
     bytes_up: int = 0  # valid updates, as sent (encoded: before decoding)
     examples: int = 0
+    loaded: int = 0  # examples the clients ran through `load` (personalization layout)
     client_seconds: list[float] = field(default_factory=list)
     train_seconds: list[float] = field(default_factory=list)
     updated: list[int] = field(default_factory=list)  # the clients whose update was valid
@@ -445,6 +447,9 @@ class ClientGrid(Grid):
             traffic.failed += training
             log.warning("round %d: %s", self.round, part)
             return Message(Error(ERROR_CODE, part), reply_to=sent.message)
+        for metrics in part.metric_records.values():  # train and evaluate replies alike
+            if isinstance(metrics.get(LOADED_EXAMPLES), int):
+                traffic.loaded += int(cast(int, metrics[LOADED_EXAMPLES]))
         if not training:
             traffic.evaluations[sent.client] = _numbers(part)
             return Message(part, reply_to=sent.message)

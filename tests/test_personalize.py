@@ -196,3 +196,31 @@ def test_personalization_changes_no_existing_column(run):
     assert all(c["local_acc_personal"] == "" for c in clients)
     assert all(_number(c["local_acc_global"]) is not None for c in clients)
     assert not (off / "personalization.png").exists()
+
+
+def test_a_personalization_layout_fine_tunes_its_head_on_bottlenecks(tmp_path):
+    from layout_models import personalization_tflite_bytes  # load(images) -> bottlenecks
+
+    path = tmp_path / "personalization.tflite"
+    path.write_bytes(personalization_tflite_bytes())
+    model_cfg = ModelConfig(name="tflite", path=str(path))
+    cfg = Config(model=model_cfg, num_clients=4, personalize=PersonalizeConfig(epochs=1))
+    clear_pool()
+    model = pooled_model(path)
+    start = model.initial_weights()
+
+    got = evaluate_client(cfg, model, StagedWeights().get(model, start, lambda: start), 1, 2)
+
+    dataset, partitions = client_data(cfg)
+    part = partitions[1]
+    other = OnDeviceModel(path)
+    other.set_weights(start)
+    other.fit(
+        other.load(dataset.x_train[part.train_indices]),
+        dataset.y_train[part.train_indices],
+        batch_size=cfg.client.batch_size,
+        seed=personalize_seed(cfg.seed, 2, 1),
+    )
+    after = other.evaluate(dataset.x_train[part.test_indices], dataset.y_train[part.test_indices])
+    assert (got.personal_accuracy, got.personal_loss) == (after["accuracy"], after["loss"])
+    assert model.loaded_examples == len(part.train_indices)  # the train split, once

@@ -65,7 +65,7 @@ def local_only(cfg: Config, epochs: int) -> list[dict[str, Any]]:
         os.path.expanduser(cfg.cache_dir),
     )
     model = OnDeviceModel(model_file, cfg.client.num_threads)
-    initial = model.get_weights()  # the federated run's round-0 global model (same seed)
+    initial = model.initial_weights()  # the federated run's round-0 global model
     staged = (initial, model.stage(initial))
     alone = replace(cfg, personalize=PersonalizeConfig(epochs=epochs))
     rows = []

@@ -1,0 +1,89 @@
+"""Model layouts: which signatures an on-device training ``.tflite`` has, and what each means.
+
+Three layouts are federated, each as the public example that defines it builds its file:
+
+- ``guide``: TensorFlow Lite's on-device training guide (and fl_ondevice's own models):
+  ``train(x, y) -> {loss}``, ``infer(x) -> {output}``, ``save(checkpoint_path)``,
+  ``restore(checkpoint_path)``; weights travel as TF checkpoint files.
+- ``personalization``: TensorFlow's ``model_personalization`` Android app (transfer learning):
+  ``load(feature) -> {bottleneck}`` runs the frozen base once per example,
+  ``train(bottleneck, label one-hot) -> {loss, gradients...}`` trains the head,
+  ``infer(feature) -> {output}`` runs base and head, ``save`` / ``restore`` by checkpoint path
+  (the head's weights), ``initialize() -> {...}`` (optional) sets the head's starting weights.
+- ``android``: Flower's ``examples/android-kotlin``: ``train(x, y one-hot) -> {loss}``,
+  ``infer(x) -> {logits}`` (softmax probabilities under that name), ``parameters() -> {a0..aN}``
+  and ``restore(a0, ..., aN)``: weights go in and out as tensors, no checkpoint files.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection
+from dataclasses import dataclass
+
+from fl_ondevice.errors import ModelError
+
+
+@dataclass(frozen=True)
+class Layout:
+    """One layout: its name, the signatures it needs, and how a user would recognise it."""
+
+    name: str
+    required: tuple[str, ...]
+    marker: str | None  # the signature only this layout has (None: the guide, the fallback)
+    summary: str
+
+
+GUIDE = Layout(
+    "guide",
+    ("train", "infer", "save", "restore"),
+    None,
+    "train(x, y) -> loss, infer(x) -> output, save(checkpoint_path), restore(checkpoint_path)",
+)
+PERSONALIZATION = Layout(
+    "personalization",
+    ("load", "train", "infer", "save", "restore"),
+    "load",
+    "load(feature) -> bottleneck, train(bottleneck, label) -> loss, infer(feature) -> output, "
+    "save(checkpoint_path), restore(checkpoint_path), optionally initialize()",
+)
+ANDROID = Layout(
+    "android",
+    ("train", "infer", "parameters", "restore"),
+    "parameters",
+    "train(x, y) -> loss, infer(x) -> logits, parameters() -> a0..aN, restore(a0..aN)",
+)
+LAYOUTS = (GUIDE, PERSONALIZATION, ANDROID)
+NAMES = {
+    GUIDE.name: "TensorFlow Lite's on-device training guide",
+    PERSONALIZATION.name: "TensorFlow's model_personalization app",
+    ANDROID.name: "Flower's android-kotlin example",
+}
+
+
+def detect_layout(signatures: Collection[str], source: str) -> Layout:
+    """The layout a file's signature names select, or a ``ModelError`` that says what the file
+    has, what it lacks for the layout it comes closest to, and what each layout needs.
+
+    A layout is chosen by its marker signature (``load``, ``parameters``), else it is the guide.
+    """
+    marked = [layout for layout in LAYOUTS if layout.marker in signatures]
+    layout = marked[0] if len(marked) == 1 else None
+    if layout is None and not marked:
+        layout = GUIDE
+    if layout is not None and all(s in signatures for s in layout.required):
+        return layout
+    closest = layout or min(marked, key=lambda lo: len(_missing(lo, signatures)))
+    needs = "; ".join(f"{lo.name} ({NAMES[lo.name]}): {lo.summary}" for lo in LAYOUTS)
+    why = (
+        f"lacks the signature(s) {_missing(closest, signatures)} of the {closest.name} layout"
+        if layout is not None
+        else f"has both {[lo.marker for lo in marked]}, the markers of different layouts"
+    )
+    raise ModelError(
+        f"{source} {why} (it has {sorted(signatures)}); fl_ondevice federates three layouts, "
+        f"detected from the signatures: {needs}"
+    )
+
+
+def _missing(layout: Layout, signatures: Collection[str]) -> list[str]:
+    return [s for s in layout.required if s not in signatures]
