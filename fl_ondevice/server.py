@@ -60,6 +60,7 @@ from fl_ondevice.results import (
     plot_accuracy,
     plot_personalization,
     process_tree_rss_mib,
+    resumed_clients,
     spread,
     summarize,
     write_clients,
@@ -337,6 +338,10 @@ class RoundRecorder:
         self.t_start = time.perf_counter() - done
         self.t_last = time.perf_counter()
         self.clients_seen = client_records(prep)  # clients.csv, updated after every round
+        if prep.resumed is not None and cfg.resume:
+            self.clients_seen = resumed_clients(
+                self.clients_seen, Path(cfg.resume) / CLIENTS_CSV, prep.resumed.round
+            )
 
     def after_round(self, result: RoundResult) -> None:
         """Record round ``result.round`` of the run."""
@@ -376,7 +381,9 @@ class RoundRecorder:
         # Each client's part in round r, then clients.csv rewritten (100 rows: ~1 ms).
         if result is not None and not result.skipped:
             for c in traffic.updated:
-                self.clients_seen[c].rounds += 1
+                record = self.clients_seen[c]
+                record.rounds += 1
+                record.train_rounds = f"{record.train_rounds};{r}".lstrip(";")
         personalize = self.prep.cfg.personalize.epochs > 0
         for c, metrics in traffic.evaluations.items():
             if EVAL_ACCURACY in metrics:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -224,3 +225,21 @@ def test_a_personalization_layout_fine_tunes_its_head_on_bottlenecks(tmp_path):
     after = other.evaluate(dataset.x_train[part.test_indices], dataset.y_train[part.test_indices])
     assert (got.personal_accuracy, got.personal_loss) == (after["accuracy"], after["loss"])
     assert model.loaded_examples == len(part.train_indices)  # the train split, once
+
+
+def test_a_resumed_run_keeps_the_clients_record_of_the_rounds_before(run, tmp_path):
+    from fl_ondevice.resume import resumed_config
+    from fl_ondevice.simulate import simulate
+
+    whole = run(*SKEWED, "personalize.epochs=1")
+    cut = tmp_path / "cut"
+    shutil.copytree(whole, cut)
+    # Round 3's checkpoint is unreadable: the run continues after round 2, while clients.csv
+    # already holds round 3 (the case where the file is ahead of the resume point).
+    ckpt = cut / "checkpoints" / "round-3.ckpt"
+    ckpt.write_bytes(ckpt.read_bytes()[: ckpt.stat().st_size // 2])
+
+    simulate(resumed_config(str(cut)), keep_engine=True)
+
+    assert _csv(cut / "clients.csv") == _csv(whole / "clients.csv")
+    assert {c["train_rounds"] for c in _csv(cut / "clients.csv")} == {"1;2;3"}
