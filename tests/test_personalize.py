@@ -243,3 +243,21 @@ def test_a_resumed_run_keeps_the_clients_record_of_the_rounds_before(run, tmp_pa
 
     assert _csv(cut / "clients.csv") == _csv(whole / "clients.csv")
     assert {c["train_rounds"] for c in _csv(cut / "clients.csv")} == {"1;2;3"}
+
+
+def test_the_experiment_table_is_rebuilt_from_its_runs(tmp_path):
+    from experiments import tables
+
+    folder = Path(__file__).resolve().parents[1] / "experiments" / "personalization"
+    shutil.copytree(folder / "runs", tmp_path / "experiments" / "personalization" / "runs")
+
+    text = tables.build("personalization", tmp_path / "experiments")
+
+    assert text in (folder / "README.md").read_text()
+    # The global and k=1 rows are the run's own metrics.csv columns at the last round.
+    last = metrics_rows(folder / "runs" / "dirichlet" / "0")[-1]
+    for name, row in (("local_acc_global", 2), ("local_acc_personal", 3)):
+        cells = text.splitlines()[row].split(" | ")
+        assert cells[3] == f"{float(last[f'{name}_mean']):.3f}"
+        assert cells[6] == f"{float(last[f'{name}_p90']):.3f}"
+    assert (tmp_path / "experiments" / "personalization" / "personalization.png").is_file()
