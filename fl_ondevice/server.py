@@ -378,7 +378,7 @@ class RoundRecorder:
         _progress(row, cfg.num_rounds)
 
     def _note_clients(self, r: int, traffic: RoundTraffic, result: RoundResult | None) -> None:
-        # Each client's part in round r, then clients.csv rewritten (100 rows: ~1 ms).
+        # Each client's part in round r, then clients.csv rewritten (100 clients: ~3 ms a round).
         if result is not None and not result.skipped:
             for c in traffic.updated:
                 record = self.clients_seen[c]

@@ -24,7 +24,9 @@ did not sample; later updates are stragglers, not trained at all: the phone's wo
 On the way back an encoded update (``client.update_encoding``) is decoded to float32 weights
 against the global weights the strategy sent that client, and every update is checked
 (``fl_ondevice.updates``): a crash, a rejected update or a missing client reaches the strategy
-as an error reply, which every Flower strategy skips.
+as an error reply, which every Flower strategy skips. Each client's evaluate metrics are kept
+per round (``RoundTraffic.evaluations``) for the server's per-client outputs; the strategy gets
+the replies as they came.
 """
 
 from __future__ import annotations
