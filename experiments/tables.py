@@ -9,7 +9,7 @@ import math
 import re
 import statistics
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -138,6 +138,8 @@ class Table:
     csv_rows: list[dict[str, Any]]
     panels: dict[str, list[tuple[str, Run]]]  # panel title -> (curve label, run)
     x_axis: str = "round"  # or "sim_seconds": the phones' simulated time
+    # More figures of the experiment: file name -> a function that draws it to a path.
+    figures: dict[str, Callable[[Path], None]] = field(default_factory=dict)
 
 
 def ondevice_fmnist(runs: list[Run]) -> Table:
@@ -455,6 +457,112 @@ def _to_device_target(run: Run) -> dict[str, Any]:
     }
 
 
+PERSONALIZATION_ORDER = {"Dir(0.1)": 0, "#C=2": 1}
+PERSONALIZATION_PNG = "personalization.png"
+LOCAL_ONLY = "local_only"  # runs/<partition>/local_only: experiments.personalization.local_only
+SPREAD = ("mean", "p10", "median", "p90")
+
+
+def personalization(runs: list[Run]) -> Table:
+    """Local accuracy on the clients' own test splits at the last round: the global model,
+    it fine-tuned for k epochs, and local-only training, over the same evaluated clients."""
+    groups: dict[str, list[Run]] = {}
+    for run in sorted(runs, key=lambda r: r.config["personalize"]["epochs"]):
+        groups.setdefault(_partition(run.config), []).append(run)
+    header = ["partition", "model", "clients", "mean", "p10", "median", "p90", "central acc."]
+    rows, csv_rows = [], []
+    curves: dict[str, list[tuple[str, list[float]]]] = {}
+    for part, group in sorted(groups.items(), key=lambda g: PERSONALIZATION_ORDER.get(g[0], 9)):
+        last = group[0].rounds[-1]["round"]
+        evaluated = [c for c in _clients_csv(group[0].path) if c["last_eval_round"] == str(last)]
+        ids = {c["client"] for c in evaluated}
+        methods = [("global model (FedAvg)", group[0], "local_acc_global")]
+        methods += [
+            (f"personalized, k={r.config['personalize']['epochs']}", r, "local_acc_personal")
+            for r in group
+        ]
+        for label, run, column in methods:
+            values = [
+                float(c[column])
+                for c in _clients_csv(run.path)
+                if c["last_eval_round"] == str(last)
+            ]
+            curves.setdefault(part, []).append((label, values))
+            central = f"{run.final_accuracy:.4f}" if column == "local_acc_global" else "—"
+            rows.append([part, label, len(values), *_spread_cells(values), central])
+            csv_rows.append(_personal_row(run.path, part, label, values, last))
+        alone = group[0].path.parent / LOCAL_ONLY
+        if (alone / "local_only.json").is_file():
+            epochs = json.loads((alone / "local_only.json").read_text())["epochs"]
+            values = [
+                float(c["local_acc_local_only"])
+                for c in _clients_csv(alone, "clients.csv")
+                if c["client"] in ids
+            ]
+            label = f"local-only, {epochs} epochs"
+            curves[part].append((label, values))
+            rows.append([part, label, len(values), *_spread_cells(values), "—"])
+            csv_rows.append(_personal_row(alone, part, label, values, last))
+    return Table(
+        markdown(header, rows),
+        csv_rows,
+        {f"{p}: central accuracy": [("FedAvg", g[0])] for p, g in groups.items()},
+        figures={PERSONALIZATION_PNG: lambda path: _plot_local_accuracies(curves, path)},
+    )
+
+
+def _clients_csv(folder: Path, name: str = "clients.csv") -> list[dict[str, str]]:
+    with (folder / name).open() as f:
+        return list(csv.DictReader(f))
+
+
+def _spread_cells(values: Sequence[float]) -> list[str]:
+    if not values:
+        return ["—"] * len(SPREAD)
+    # "inclusive": NumPy's default percentiles, as the run's metrics.csv columns use.
+    cuts = statistics.quantiles(values, n=10, method="inclusive") if len(values) > 1 else []
+    p10, median, p90 = cuts[::4] if cuts else (values[0],) * 3
+    return [f"{v:.3f}" for v in (statistics.mean(values), p10, median, p90)]
+
+
+def _personal_row(
+    path: Path, part: str, label: str, values: Sequence[float], last: int
+) -> dict[str, Any]:
+    cells = _spread_cells(values)
+    return {
+        "run": str(path),
+        "partition": part,
+        "model": label,
+        "round": last,
+        "clients": len(values),
+        **{f"local_acc_{s}": c for s, c in zip(SPREAD, cells, strict=True)},
+    }
+
+
+def _plot_local_accuracies(curves: dict[str, list[tuple[str, list[float]]]], path: Path) -> None:
+    # One ECDF per model and partition of the clients' local accuracies at the last round.
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(
+        1, len(curves), figsize=(6 * len(curves), 4), squeeze=False, layout="constrained"
+    )
+    for ax, (part, lines) in zip(axes.flat, curves.items(), strict=True):
+        for label, values in lines:
+            xs = sorted(values)
+            ax.step(xs, [(i + 1) / len(xs) for i in range(len(xs))], where="post", label=label)
+        ax.set_title(f"{part}: clients evaluated in the last round", fontsize=10)
+        ax.set_xlabel("accuracy on the client's local test split")
+        ax.set_ylabel("share of clients")
+        ax.set_xlim(0, 1)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8, loc="upper left")
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 TRANSFER_TARGET = 0.85  # conf/experiment/transfer.yaml
 TRANSFER_VARIANTS = {
     ("head", True): "head only, pretrained base (personalization layout)",
@@ -524,6 +632,7 @@ EXPERIMENTS: dict[str, Callable[[list[Run]], Table]] = {
     "mcmahan2017": mcmahan2017,
     "niid_bench": niid_bench,
     "device_time": device_time,
+    "personalization": personalization,
     "transfer": transfer,
 }
 
@@ -608,6 +717,8 @@ def build(name: str, root: Path) -> str:
     (folder / RESULTS_MD).write_text(table.markdown + "\n")
     write_csv(table.csv_rows, folder / RESULTS_CSV)
     plot(table.panels, folder / ACCURACY_PNG, name, table.x_axis)
+    for file_name, draw in table.figures.items():
+        draw(folder / file_name)
     embed(folder / "README.md", table.markdown)
     return table.markdown
 

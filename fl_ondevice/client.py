@@ -32,11 +32,14 @@ class ClientUpdate:
 
 @dataclass(frozen=True)
 class ClientEvaluation:
-    """A client's evaluation of the global model on its local test split."""
+    """A client's evaluation of the global model on its local test split, and (with
+    ``personalize.epochs`` > 0) of the global model fine-tuned on its local train split."""
 
     num_examples: int
     loss: float
     accuracy: float
+    personal_loss: float | None = None  # None: personalization is off
+    personal_accuracy: float | None = None
 
 
 def local_seed(seed: int, server_round: int, client_id: int) -> int:
@@ -52,8 +55,16 @@ def injected_failure(seed: int, server_round: int, client_id: int, rate: float) 
     return bool(draw < rate)
 
 
+def personalize_seed(seed: int, server_round: int, client_id: int) -> int:
+    """Shuffling seed of one client's fine-tuning (``personalize``) in one round: apart from
+    its training's (:func:`local_seed`), so fine-tuning never replays the training order."""
+    state = np.random.SeedSequence([seed, server_round, client_id, _PERSONALIZE_STREAM])
+    return int(state.generate_state(1)[0])
+
+
 _FAILURE_STREAM = 1  # keeps failure draws independent of the shuffling seed
 _ATTACK_STREAM = 3  # which clients attack: drawn once per run from the seed
+_PERSONALIZE_STREAM = 7  # fine-tuning's shuffling (4-6 are the client app's and clock's)
 
 
 _DATA: dict[str, tuple[Dataset, list[Partition]]] = {}
@@ -200,9 +211,19 @@ def train_client(
 
 
 def evaluate_client(
-    cfg: Config, model: OnDeviceModel, staged: tuple[Weights, str], client_id: int
+    cfg: Config,
+    model: OnDeviceModel,
+    staged: tuple[Weights, str],
+    client_id: int,
+    server_round: int = 0,
+    run_id: int | None = None,
 ) -> ClientEvaluation:
-    """Evaluate the staged global weights on a client's local test split (``infer``)."""
+    """Evaluate the staged global weights on a client's local test split (``infer``); with
+    ``personalize.epochs`` > 0, also the weights :func:`personalize_client` fine-tunes.
+
+    Fine-tuning leaves its weights and optimizer state in the pooled interpreter: whoever uses
+    it next restores the weights it needs first (as this function and ``train_client`` do).
+    """
     dataset, partitions = client_data(cfg)
     part = _partition(partitions, client_id)
     if not len(part.test_indices):
@@ -210,13 +231,52 @@ def evaluate_client(
             f"client {client_id} has no local test examples; raise "
             "partition.local_test_fraction or set strategy.fraction_evaluate=0"
         )
+    x_test, y_test = dataset.x_train[part.test_indices], dataset.y_train[part.test_indices]
     model.restore(staged[1], check=False)
-    result = model.evaluate(
+    result = model.evaluate(x_test, y_test, batch_size=cfg.eval_batch_size)
+    if cfg.personalize.epochs == 0:
+        return ClientEvaluation(len(part.test_indices), result["loss"], result["accuracy"])
+    personal = personalize_client(cfg, model, staged[1], client_id, server_round, run_id)
+    return ClientEvaluation(
+        len(part.test_indices),
+        result["loss"],
+        result["accuracy"],
+        personal_loss=personal["loss"],
+        personal_accuracy=personal["accuracy"],
+    )
+
+
+def personalize_client(
+    cfg: Config,
+    model: OnDeviceModel,
+    path: str,
+    client_id: int,
+    server_round: int,
+    run_id: int | None = None,
+) -> dict[str, float]:
+    """Fine-tune the global weights (the checkpoint file ``path``) for ``personalize.epochs``
+    on a client's local train split, as training does (batch size, learning rate, a fresh
+    optimizer, ``train``'s inputs from :func:`local_train_x`), and return ``loss`` and
+    ``accuracy`` of the result on its local test split (images, through ``infer``).
+
+    The fine-tuned weights stay on the client: nothing of them is returned.
+    """
+    dataset, partitions = client_data(cfg)
+    part = _partition(partitions, client_id)
+    model.reset_optimizer()  # as train_client: no momentum or Adam moments from another client
+    model.restore(path, check=False)
+    model.fit(
+        local_train_x(cfg, model, client_id, part, run_id),
+        dataset.y_train[part.train_indices],
+        epochs=cfg.personalize.epochs,
+        batch_size=cfg.client.batch_size,
+        seed=personalize_seed(cfg.seed, server_round, client_id),
+    )
+    return model.evaluate(
         dataset.x_train[part.test_indices],
         dataset.y_train[part.test_indices],
         batch_size=cfg.eval_batch_size,
     )
-    return ClientEvaluation(len(part.test_indices), result["loss"], result["accuracy"])
 
 
 def attackers(seed: int, num_clients: int, fraction: float) -> frozenset[int]:

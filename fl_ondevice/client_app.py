@@ -51,7 +51,9 @@ from fl_ondevice.message import (
     CLIENT_SECONDS,
     CONFIG,
     EVAL_ACCURACY,
+    EVAL_ACCURACY_PERSONAL,
     EVAL_LOSS,
+    EVAL_LOSS_PERSONAL,
     LOADED_EXAMPLES,
     METRICS,
     MODEL_FILE,
@@ -256,9 +258,15 @@ def _train(msg: Message, context: Context) -> Message:
 
 
 def _evaluate(msg: Message, context: Context) -> Message:
-    cfg, model, client, _, staged = _unpack(msg, context)
-    result = evaluate_client(cfg, model, staged, client)
+    cfg, model, client, r, staged = _unpack(msg, context)
+    loaded = model.loaded_examples
+    result = evaluate_client(cfg, model, staged, client, r, run_id=context.run_id)
     metrics = MetricRecord(
         {NUM_EXAMPLES: result.num_examples, EVAL_LOSS: result.loss, EVAL_ACCURACY: result.accuracy}
     )
+    if result.personal_accuracy is not None and result.personal_loss is not None:
+        metrics[EVAL_LOSS_PERSONAL] = result.personal_loss
+        metrics[EVAL_ACCURACY_PERSONAL] = result.personal_accuracy
+        if model.layout is PERSONALIZATION:  # fine-tuning a client's first time runs `load`
+            metrics[LOADED_EXAMPLES] = model.loaded_examples - loaded
     return Message(RecordDict({METRICS: metrics}), reply_to=msg)

@@ -361,6 +361,25 @@ class RoundConfig:
 
 
 @dataclass
+class PersonalizeConfig:
+    """Personalization metrics: at each client-side evaluation, each evaluated client also
+    fine-tunes a copy of the global model on its local train split and evaluates it on its
+    local test split. The fine-tuned weights never reach the server."""
+
+    # Local epochs of fine-tuning (batch size and learning rate as in training); 0 = off, the
+    # default: no fine-tuning, so runs keep their speed and their metrics.
+    epochs: int = 0
+
+    def __post_init__(self) -> None:
+        _require(
+            self.epochs >= 0,
+            "personalize.epochs",
+            self.epochs,
+            "must be >= 0 (0 = off, k > 0 = fine-tune k local epochs at each evaluation)",
+        )
+
+
+@dataclass
 class Config:
     """One run: every group plus the top-level keys."""
 
@@ -374,6 +393,7 @@ class Config:
     backend: BackendConfig = field(default_factory=BackendConfig)
     device: DeviceConfig = field(default_factory=DeviceConfig)
     round: RoundConfig = field(default_factory=RoundConfig)
+    personalize: PersonalizeConfig = field(default_factory=PersonalizeConfig)
     seed: int = 0  # one seed: initial weights, partitions, sampling, shuffling, faults
     num_clients: int = 10
     num_rounds: int = 50  # digits + mlp reach >= 90% central accuracy well before this
@@ -461,6 +481,7 @@ _GROUPS: dict[str, type] = {
     "backend": BackendConfig,
     "device": DeviceConfig,
     "round": RoundConfig,
+    "personalize": PersonalizeConfig,
 }
 
 
@@ -554,6 +575,7 @@ __all__ = [
     "DeviceConfig",
     "ModelConfig",
     "PartitionConfig",
+    "PersonalizeConfig",
     "RoundConfig",
     "from_run_config",
     "parse_config",

@@ -44,6 +44,9 @@ TRAIN_SECONDS = "train-seconds"  # inside the train signature only
 LOADED_EXAMPLES = "loaded-examples"
 EVAL_LOSS = "eval-loss"
 EVAL_ACCURACY = "eval-accuracy"
+# With personalize.epochs > 0: the same evaluation after fine-tuning the global model locally.
+EVAL_LOSS_PERSONAL = "eval-loss-personal"
+EVAL_ACCURACY_PERSONAL = "eval-accuracy-personal"
 
 # Transport records: added beneath the strategy, removed before any handler or mod sees them.
 GROUP = "fl-ondevice.group"

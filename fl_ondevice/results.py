@@ -1,4 +1,4 @@
-"""Run outputs: metrics.csv/json written every round, accuracy.png, and sweep summaries."""
+"""Run outputs: metrics.csv/json written every round, clients.csv, plots, and sweep summaries."""
 
 from __future__ import annotations
 
@@ -10,9 +10,11 @@ import os
 import re
 import statistics
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
@@ -25,6 +27,14 @@ SUMMARY_CSV = "summary.csv"
 SUMMARY_PNG = "summary.png"
 SIM_HOURS_PNG = "accuracy_vs_sim_hours.png"  # a sweep with phones: accuracy over device time
 ERROR_JSON = "error.json"  # a sweep job that stopped on bad input
+CLIENTS_CSV = "clients.csv"  # one row per client: its data, rounds taken part, local accuracy
+PERSONALIZATION_PNG = "personalization.png"  # personalize.epochs > 0: per-client accuracies
+
+# The local accuracy columns: the clients' accuracy on their local test splits, of the global
+# model ("global") and of it fine-tuned locally for personalize.epochs ("personal"), spread
+# over the clients evaluated in the round.
+LOCAL_ACCURACIES = ("local_acc_global", "local_acc_personal")
+SPREAD = ("mean", "p10", "median", "p90")
 
 # One row per round (round 0 = the initial global model, before any training).
 COLUMNS = (
@@ -55,6 +65,9 @@ COLUMNS = (
     # online, then until the round closed) and since the run started; empty without.
     "sim_round_seconds",
     "sim_elapsed_seconds",
+    # With personalize.epochs > 0, in rounds with client evaluation: mean, 10th percentile,
+    # median and 90th percentile over the evaluated clients; empty otherwise.
+    *(f"{name}_{stat}" for name in LOCAL_ACCURACIES for stat in SPREAD),
 )
 # Columns that differ between two runs of one seed (timings, memory); all others must not.
 TIME_COLUMNS = frozenset(
@@ -148,7 +161,126 @@ def summarize(rows: Sequence[Mapping[str, Any]], run_info: Mapping[str, Any]) ->
         "sim_hours_to_target": (
             sim_hours[[r["round"] for r in rows].index(reached)] if reached else None
         ),
+        # With personalize.epochs > 0: the clients' mean local accuracy, global vs personalized.
+        **_final_local(rows),
     }
+
+
+def _final_local(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    # The last round with local accuracies: global vs personalized mean over its clients.
+    last = next((r for r in reversed(rows) if r.get("local_acc_global_mean") is not None), None)
+    return {
+        "final_local_round": None if last is None else last["round"],
+        **{f"final_{n}": None if last is None else last.get(f"{n}_mean") for n in LOCAL_ACCURACIES},
+    }
+
+
+def spread(values: Sequence[float]) -> dict[str, float]:
+    """``mean``, ``p10``, ``median``, ``p90`` of ``values`` (NumPy's linear interpolation
+    between order statistics); NaN for each when there are none."""
+    if not len(values):
+        return dict.fromkeys(SPREAD, float("nan"))
+    a = np.asarray(values, dtype=np.float64)
+    p10, median, p90 = np.percentile(a, [10, 50, 90])
+    return {"mean": float(a.mean()), "p10": float(p10), "median": float(median), "p90": float(p90)}
+
+
+@dataclass
+class ClientRecord:
+    """One row of ``clients.csv``: a client's data and what it did in the run."""
+
+    client: int
+    examples: int  # local train split
+    test_examples: int  # local test split
+    labels: str  # the labels it holds (train and local test), e.g. "0;3;7"
+    num_labels: int
+    rounds: int = 0  # training rounds in which its update was valid and the round not skipped
+    train_rounds: str = ""  # which ones, e.g. "2;9;14" (a resumed run keeps those it reached)
+    last_eval_round: int | None = None  # the last round it was evaluated in (None: never)
+    local_acc_global: float | None = None  # the global model's accuracy on its local test split
+    local_acc_personal: float | None = None  # ... fine-tuned (personalize.epochs > 0)
+
+
+CLIENT_COLUMNS = tuple(f.name for f in fields(ClientRecord))
+
+
+def write_clients(records: Sequence[ClientRecord], path: str | os.PathLike[str]) -> None:
+    """Write ``clients.csv``: one row per client, in client order."""
+    rows = [{c: getattr(r, c) for c in CLIENT_COLUMNS} for r in records]
+    _write_csv(Path(path), CLIENT_COLUMNS, rows)
+
+
+def resumed_clients(
+    records: Sequence[ClientRecord], path: str | os.PathLike[str], resumed_round: int
+) -> list[ClientRecord]:
+    """``records`` with what an interrupted run's ``clients.csv`` at ``path`` says about
+    rounds up to ``resumed_round`` (the round the run continues after); a local accuracy from
+    a later round is dropped, the one before it unknown. A missing file changes nothing."""
+    if not Path(path).is_file():
+        return list(records)
+    with Path(path).open() as f:
+        saved = {int(row["client"]): row for row in csv.DictReader(f)}
+    out = []
+    for record in records:
+        row = saved.get(record.client)
+        if row is None:
+            out.append(record)
+            continue
+        taken = [r for r in row["train_rounds"].split(";") if r and int(r) <= resumed_round]
+        evaluated = bool(row["last_eval_round"]) and int(row["last_eval_round"]) <= resumed_round
+        out.append(
+            replace(
+                record,
+                rounds=len(taken),
+                train_rounds=";".join(taken),
+                last_eval_round=int(row["last_eval_round"]) if evaluated else None,
+                local_acc_global=_float(row["local_acc_global"]) if evaluated else None,
+                local_acc_personal=_float(row["local_acc_personal"]) if evaluated else None,
+            )
+        )
+    return out
+
+
+def _float(cell: str) -> float | None:
+    return float(cell) if cell else None
+
+
+def plot_personalization(
+    records: Sequence[ClientRecord], path: str | os.PathLike[str], title: str
+) -> None:
+    """ECDFs of the clients' local accuracy, global vs personalized model, at the last
+    evaluation round (the clients evaluated in it)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    last = max((r.last_eval_round for r in records if r.last_eval_round is not None), default=0)
+    evaluated = [r for r in records if r.last_eval_round == last]
+    fig, ax = plt.subplots(figsize=(6, 4), layout="constrained")
+    for name, label, colour in (
+        ("local_acc_global", "global model", "tab:blue"),
+        ("local_acc_personal", "personalized", "tab:orange"),
+    ):
+        values = np.sort([v for r in evaluated if (v := getattr(r, name)) is not None])
+        if len(values):
+            shares = np.arange(1, len(values) + 1) / len(values)
+            ax.step(
+                values,
+                shares,
+                where="post",
+                color=colour,
+                label=f"{label}, mean {values.mean():.3f}",
+            )
+    ax.set_xlabel("accuracy on the client's local test split")
+    ax.set_ylabel("share of clients")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="upper left")
+    ax.set_title(f"{title}\nround {last}, {len(evaluated)} clients evaluated", fontsize=9)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def _hours(seconds: Any) -> float | None:

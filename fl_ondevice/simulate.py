@@ -121,6 +121,12 @@ def summary_line(summary: dict[str, Any], out_dir: str) -> str:
     ]
     if summary.get("sim_hours") is not None:
         parts.append(f"{sim_time(summary['sim_hours'])} on the phones")
+    if summary.get("final_local_acc_personal") is not None:
+        parts.append(
+            f"local accuracy {summary['final_local_acc_global']:.4f} global -> "
+            f"{summary['final_local_acc_personal']:.4f} personalized "
+            f"(round {summary['final_local_round']})"
+        )
     if summary.get("target_accuracy"):
         reached, hours = summary["rounds_to_target"], summary.get("sim_hours_to_target")
         parts.append(

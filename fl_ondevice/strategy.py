@@ -134,6 +134,15 @@ def check_sampling(strategy: Strategy, cfg: Config) -> None:
                 "partition.local_test_fraction > 0 or strategy.fraction_evaluate=0"
             )
         _check_num_sampled(key, s, cfg)
+    k = cfg.personalize.epochs
+    if k > 0 and not setting(strategy, "fraction_evaluate", 0.0) > 0.0:
+        # The fine-tuning runs inside the clients' evaluation: no evaluation, no metrics.
+        raise ConfigError(
+            f"personalize.epochs={k} needs client-side evaluation, but "
+            f"strategy.fraction_evaluate={setting(strategy, 'fraction_evaluate', None)!r}: set "
+            "strategy.fraction_evaluate>0 (the share of clients that evaluate and fine-tune) "
+            "or personalize.epochs=0"
+        )
     mu = setting(strategy, "proximal_mu", 0.0)
     if not mu >= 0.0:
         raise ConfigError(f"strategy.proximal_mu={mu!r} is invalid: must be >= 0")

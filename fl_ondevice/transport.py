@@ -24,7 +24,9 @@ did not sample; later updates are stragglers, not trained at all: the phone's wo
 On the way back an encoded update (``client.update_encoding``) is decoded to float32 weights
 against the global weights the strategy sent that client, and every update is checked
 (``fl_ondevice.updates``): a crash, a rejected update or a missing client reaches the strategy
-as an error reply, which every Flower strategy skips.
+as an error reply, which every Flower strategy skips. Each client's evaluate metrics are kept
+per round (``RoundTraffic.evaluations``) for the server's per-client outputs; the strategy gets
+the replies as they came.
 """
 
 from __future__ import annotations
@@ -92,6 +94,10 @@ class RoundTraffic:
     loaded: int = 0  # examples the clients ran through `load` (personalization layout)
     client_seconds: list[float] = field(default_factory=list)
     train_seconds: list[float] = field(default_factory=list)
+    updated: list[int] = field(default_factory=list)  # the clients whose update was valid
+    # Each client's evaluate reply this round, as it came: its numeric metrics (the strategy
+    # sees only their aggregate; the server's per-client columns and files need them).
+    evaluations: dict[int, dict[str, float]] = field(default_factory=dict)
 
     @property
     def valid(self) -> int:
@@ -447,6 +453,7 @@ class ClientGrid(Grid):
             if isinstance(metrics.get(LOADED_EXAMPLES), int):
                 traffic.loaded += int(cast(int, metrics[LOADED_EXAMPLES]))
         if not training:
+            traffic.evaluations[sent.client] = _numbers(part)
             return Message(part, reply_to=sent.message)
         sent_part = part  # what crossed the wire: bytes_up counts it
         if self.update_encoding != FLOAT32:
@@ -459,6 +466,7 @@ class ClientGrid(Grid):
             return self._rejected(sent, traffic, checked)
         metrics = next(iter(part.metric_records.values()))
         traffic.examples += int(checked[0])
+        traffic.updated.append(sent.client)
         traffic.bytes_up += num_bytes(next(iter(sent_part.array_records.values())))
         for key, values in (
             (CLIENT_SECONDS, traffic.client_seconds),
@@ -529,6 +537,16 @@ class ClientGrid(Grid):
         ttl: float | None = None,
     ) -> Message:
         return Message(content, dst_node_id, message_type, ttl=ttl, group_id=group_id)
+
+
+def _numbers(content: RecordDict) -> dict[str, float]:
+    # A reply's numeric metrics, of all its MetricRecords (ours send one).
+    return {
+        key: float(value)
+        for record in content.metric_records.values()
+        for key, value in record.items()
+        if isinstance(value, int | float)
+    }
 
 
 def _download_bytes(msg: Message) -> int:
