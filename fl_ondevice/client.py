@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import time
 from collections.abc import Callable
@@ -92,30 +93,39 @@ def local_train_x(
 
     The app this layout comes from runs ``load`` once per sample, as the user adds it, and
     trains on the stored bottlenecks; here the first of a client's calls in a run computes
-    them and stores them where every worker of this host finds them (``cache_dir/bottlenecks/
-    <run_id>/``, see :func:`bottleneck_dir`), as the phone keeps them in its storage. Without
-    a ``run_id`` (no engine) they are kept in this process only.
+    them and stores them where every worker of this host finds them (:func:`bottleneck_dir`),
+    as the phone keeps them in its storage. Without a ``run_id`` (no engine) they are kept in
+    this process only.
     """
     dataset, _ = client_data(cfg)
     x = dataset.x_train[part.train_indices]
     if model.layout is not PERSONALIZATION:
         return x
-    run = ("process", id(model)) if run_id is None else ("run", run_id)
+    run = ("process", str(id(model))) if run_id is None else ("run", run_key(cfg, run_id))
     if _BOTTLENECK_RUN != [run]:
         _BOTTLENECKS.clear()  # a worker serves one run at a time
         _BOTTLENECK_RUN[:] = [run]
-    if client_id not in _BOTTLENECKS:
-        _BOTTLENECKS[client_id] = _stored_bottlenecks(cfg, model, client_id, x, run_id)
-    return _BOTTLENECKS[client_id]
+    kept = _BOTTLENECKS.get(client_id)
+    if kept is None or len(kept) != len(x):
+        kept = _BOTTLENECKS[client_id] = _stored_bottlenecks(cfg, model, client_id, x, run_id)
+    return kept
 
 
 _BOTTLENECKS: dict[int, np.ndarray] = {}  # client id -> its bottlenecks, of _BOTTLENECK_RUN
-_BOTTLENECK_RUN: list[tuple[str, int]] = []
+_BOTTLENECK_RUN: list[tuple[str, str]] = []
 
 
-def bottleneck_dir(cache_dir: str, run_id: int) -> Path:
-    """Where the clients of run ``run_id`` keep their bottlenecks on this host."""
-    return Path(os.path.expanduser(cache_dir)) / "bottlenecks" / str(run_id)
+def run_key(cfg: Config, run_id: int) -> str:
+    """One run's name, the same on the server and its clients: the engine's run id and the run
+    directory. The run id alone is not enough: the jobs of a sweep share one engine, whose
+    simulated runs may share an id."""
+    return f"{run_id}-{hashlib.sha256(cfg.output_dir.encode()).hexdigest()[:12]}"
+
+
+def bottleneck_dir(cfg: Config, run_id: int) -> Path:
+    """Where the clients of one run keep their bottlenecks on this host:
+    ``cache_dir/bottlenecks/<run key>/``."""
+    return Path(os.path.expanduser(cfg.cache_dir)) / "bottlenecks" / run_key(cfg, run_id)
 
 
 def _stored_bottlenecks(
@@ -123,7 +133,7 @@ def _stored_bottlenecks(
 ) -> np.ndarray:
     if run_id is None:
         return model.load(x)
-    path = bottleneck_dir(cfg.cache_dir, run_id) / f"client-{client_id}.npy"
+    path = bottleneck_dir(cfg, run_id) / f"client-{client_id}.npy"
     try:
         stored = np.load(path)
         if stored.shape == (len(x), *model.train_x_shape):

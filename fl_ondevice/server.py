@@ -275,7 +275,7 @@ def run_server(
     )
     _finish_outputs(prep, from_arrays(final), metrics, recorder.clients_seen)
     # The clients' bottlenecks (personalization layout) are of this run only.
-    shutil.rmtree(bottleneck_dir(cfg.cache_dir, grid.run.run_id), ignore_errors=True)
+    shutil.rmtree(bottleneck_dir(cfg, grid.run.run_id), ignore_errors=True)
     return summarize(metrics.rows, metrics.run_info)
 
 
