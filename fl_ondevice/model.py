@@ -28,6 +28,33 @@ PROXIMAL_SIGNATURE = "train_proximal"
 Layer = tuple[str, tuple[int, ...]]  # (weight name, shape)
 
 
+def save_variables(
+    checkpoint_path: tf.Tensor, names: Sequence[str], variables: Sequence[tf.Variable]
+) -> dict[str, tf.Tensor]:
+    """A ``save`` signature's body: the variables, under ``names``, in a V1 TF checkpoint."""
+    tf.raw_ops.Save(
+        filename=checkpoint_path,
+        tensor_names=list(names),
+        data=[v.read_value() for v in variables],
+        name="save",
+    )
+    return {"checkpoint_path": checkpoint_path}
+
+
+def restore_variables(
+    checkpoint_path: tf.Tensor, names: Sequence[str], variables: Sequence[tf.Variable]
+) -> dict[str, tf.Tensor]:
+    """A ``restore`` signature's body: assign each variable its tensor from the checkpoint and
+    return them ``{name: tensor}``, in ``names`` order."""
+    restored = {}
+    for name, v in zip(names, variables, strict=True):
+        t = tf.raw_ops.Restore(file_pattern=checkpoint_path, tensor_name=name, dt=v.dtype)
+        t.set_shape(v.shape)  # Restore's output shape is unknown; assign needs it
+        v.assign(t)
+        restored[name] = t
+    return restored
+
+
 class TrainableModel(tf.Module):
     """A classifier whose weights and optimizer live in plain ``tf.Variable``s.
 
@@ -148,24 +175,12 @@ class TrainableModel(tf.Module):
         return {"output": tf.nn.softmax(logits), "logits": logits}
 
     def _save(self, checkpoint_path: tf.Tensor) -> dict[str, tf.Tensor]:
-        tf.raw_ops.Save(
-            filename=checkpoint_path,
-            tensor_names=self.weight_names,
-            data=[w.read_value() for w in self.weights_],
-            name="save",
-        )
-        return {"checkpoint_path": checkpoint_path}
+        return save_variables(checkpoint_path, self.weight_names, self.weights_)
 
     def _restore(self, checkpoint_path: tf.Tensor) -> dict[str, tf.Tensor]:
-        restored = {}
-        for name, w, anchor in zip(
-            self.weight_names, self.weights_, self.global_weights, strict=True
-        ):
-            t = tf.raw_ops.Restore(file_pattern=checkpoint_path, tensor_name=name, dt=w.dtype)
-            t.set_shape(w.shape)  # Restore's output shape is unknown; assign needs it
-            w.assign(t)
+        restored = restore_variables(checkpoint_path, self.weight_names, self.weights_)
+        for t, anchor in zip(restored.values(), self.global_weights, strict=True):
             anchor.assign(t)  # the proximal term's w_global: the weights a session starts from
-            restored[name] = t
         return restored
 
     def assign(self, weights: dict[str, np.ndarray]) -> None:

@@ -39,7 +39,15 @@ import tensorflow as tf
 
 from fl_ondevice.config import DatasetConfig, ModelConfig
 from fl_ondevice.data import Dataset, load_dataset
-from fl_ondevice.model import _ARCHITECTURES, Layer, TrainableModel, _init, build_model
+from fl_ondevice.model import (
+    _ARCHITECTURES,
+    Layer,
+    TrainableModel,
+    _init,
+    build_model,
+    restore_variables,
+    save_variables,
+)
 
 log = logging.getLogger(__name__)
 
@@ -321,22 +329,10 @@ class TransferHead(tf.Module):
         return {"output": tf.nn.softmax(logits)}
 
     def _save(self, checkpoint_path: tf.Tensor) -> dict[str, tf.Tensor]:
-        tf.raw_ops.Save(
-            filename=checkpoint_path,
-            tensor_names=self.weight_names,
-            data=[w.read_value() for w in self.weights_],
-            name="save",
-        )
-        return {"checkpoint_path": checkpoint_path}
+        return save_variables(checkpoint_path, self.weight_names, self.weights_)
 
     def _restore(self, checkpoint_path: tf.Tensor) -> dict[str, tf.Tensor]:
-        restored = {}
-        for name, w in zip(self.weight_names, self.weights_, strict=True):
-            t = tf.raw_ops.Restore(file_pattern=checkpoint_path, tensor_name=name, dt=w.dtype)
-            t.set_shape(w.shape)  # Restore's output shape is unknown; assign needs it
-            w.assign(t)
-            restored[name] = t
-        return restored
+        return restore_variables(checkpoint_path, self.weight_names, self.weights_)
 
     def _initialize(self) -> dict[str, tf.Tensor]:
         # Constants computed in Python at build time: the same start on every phone.
