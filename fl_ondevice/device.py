@@ -26,7 +26,7 @@ from fl_ondevice.errors import (
     RuntimeUnsupportedError,
     TrainingError,
 )
-from fl_ondevice.layouts import ANDROID, PERSONALIZATION, Layout, detect_layout
+from fl_ondevice.layouts import ANDROID, INITIALIZE, PERSONALIZATION, Layout, detect_layout
 from fl_ondevice.model import PROXIMAL_SIGNATURE, RESET_SIGNATURE
 
 log = logging.getLogger(__name__)
@@ -524,8 +524,8 @@ class OnDeviceModel:
     def initial_weights(self) -> Weights:
         """The weights a federation starts from: ``initialize()``'s where the file has that
         signature (the personalization layout's starting head), else the file's own."""
-        if "initialize" in self.signatures:
-            self._invoke("initialize")
+        if INITIALIZE in self.signatures:
+            self._invoke(INITIALIZE)
         return self.get_weights()
 
 

@@ -46,6 +46,7 @@ PERSONALIZATION = Layout(
     "load(feature) -> bottleneck, train(bottleneck, label) -> loss, infer(feature) -> output, "
     "save(checkpoint_path), restore(checkpoint_path), optionally initialize()",
 )
+INITIALIZE = "initialize"  # personalization, optional: sets the head's starting weights
 ANDROID = Layout(
     "android",
     ("train", "infer", "parameters", "restore"),

@@ -10,13 +10,14 @@ import tensorflow as tf
 
 from fl_ondevice.config import ModelConfig
 from fl_ondevice.errors import ConfigError, ModelError
+from fl_ondevice.layouts import GUIDE
 
 # The four signatures of TFLite on-device training, plus `reset`, which zeroes optimizer slots
 # and the step counter. Why a signature and not slots in the checkpoint: the checkpoint is what
 # crosses the wire (the server averages it), and FedAvg averages weights, not optimizer state;
 # a client starts every round from fresh optimizer state, as a new local training session on a
 # phone would. A pooled interpreter calls `reset` between clients so no momentum leaks.
-SIGNATURES = ("train", "infer", "save", "restore")
+SIGNATURES = GUIDE.required
 RESET_SIGNATURE = "reset"
 # FedProx (arXiv:1812.06127) on the device: `train_proximal(x, y, mu)` is `train` whose gradient
 # also has mu * (w - w_global), the gradient of mu/2 * ||w - w_global||^2. w_global is what

@@ -39,6 +39,7 @@ import tensorflow as tf
 
 from fl_ondevice.config import DatasetConfig, ModelConfig
 from fl_ondevice.data import Dataset, load_dataset
+from fl_ondevice.layouts import INITIALIZE, PERSONALIZATION
 from fl_ondevice.model import (
     _ARCHITECTURES,
     Layer,
@@ -54,7 +55,7 @@ log = logging.getLogger(__name__)
 # Bump when the base's graph or the pretraining changes, so stale cached bases are ignored.
 BASE_CODE_VERSION = 1
 # The model_personalization signatures, in the order an app calls them.
-PERSONALIZATION_SIGNATURES = ("load", "train", "infer", "save", "restore", "initialize")
+PERSONALIZATION_SIGNATURES = (*PERSONALIZATION.required, INITIALIZE)
 HEAD = ("output/kernel", "output/bias")  # the names _ARCHITECTURES["transfer"] gives its head
 BOTTLENECK = 64  # units of the base's dense layer
 PRETRAIN_BATCH = 32
