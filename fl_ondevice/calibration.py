@@ -22,12 +22,13 @@ import numpy as np
 
 from fl_ondevice.device import OnDeviceModel
 from fl_ondevice.errors import ConfigError, InputError
+from fl_ondevice.interpreters import runtime_for
 from fl_ondevice.layouts import PERSONALIZATION
 
 log = logging.getLogger(__name__)
 
 CALIBRATION_JSON = "calibration.json"  # the run directory's copy of the calibration it used
-CACHE_SUBDIR = "calibration"  # under cache_dir: one file per (model_key, host, num_threads)
+CACHE_SUBDIR = "calibration"  # under cache_dir: one per (model_key, host, threads, runtime)
 FIELDS = ("model_key", "host", "num_threads", "step_seconds", "repeats", "measured_at")
 READ_FIX = (
     "pass a calibration.json that fl_ondevice wrote (every run directory holds one), "
@@ -53,6 +54,9 @@ class Calibration:
         Batch size -> steps timed for that median (same keys as ``step_seconds``).
     measured_at
         ISO 8601 UTC time of the measurement.
+    runtime
+        The interpreter measured, e.g. ``ai-edge-litert 2.3.0`` (files written before it was
+        recorded have ``""``).
     """
 
     model_key: str
@@ -61,6 +65,7 @@ class Calibration:
     step_seconds: dict[int, float]
     repeats: dict[int, int]
     measured_at: str
+    runtime: str = ""
 
     def __post_init__(self) -> None:
         if not _is_int(self.num_threads) or self.num_threads < 1:
@@ -161,7 +166,8 @@ class Calibration:
         missing = [f for f in FIELDS if f not in doc]
         if missing:
             raise ConfigError(f"it lacks the field(s) {missing} (a calibration has {list(FIELDS)})")
-        for field in ("model_key", "host", "measured_at"):
+        doc.setdefault("runtime", "")  # optional: not recorded before the LiteRT runtime
+        for field in ("model_key", "host", "measured_at", "runtime"):
             if not isinstance(doc[field], str):
                 raise ConfigError(f"{field} = {doc[field]!r} must be a string")
         return cls(
@@ -171,6 +177,7 @@ class Calibration:
             step_seconds=_by_batch(doc["step_seconds"], "step_seconds"),
             repeats=_by_batch(doc["repeats"], "repeats"),
             measured_at=doc["measured_at"],
+            runtime=doc["runtime"],
         )
 
 
@@ -270,6 +277,7 @@ def measure(
         step_seconds=step_seconds,
         repeats=repeats,
         measured_at=datetime.now(UTC).isoformat(timespec="seconds"),
+        runtime=str(model.runtime),
     )
     _log_measured(calibration)
     return calibration
@@ -342,9 +350,10 @@ def _log_measured(calibration: Calibration) -> None:
         else "steps " + ", ".join(f"{b}: {n}" for b, n in sorted(calibration.repeats.items()))
     )
     log.info(
-        "calibrated %s on %s: %s per train step (%s)",
+        "calibrated %s on %s (%s): %s per train step (%s)",
         calibration.model_key,
         calibration.host,
+        calibration.runtime,
         per_size,
         steps,
     )
@@ -361,13 +370,16 @@ def load_or_measure(
 ) -> Calibration:
     """The cached calibration of ``model_key`` on this host, measuring only what it lacks.
 
-    The cache file is ``cache_dir/calibration/<hash of (model_key, host, num_threads)>.json``.
-    Batch sizes it lacks are measured and the union written back; a corrupt file is measured
-    anew (with a warning: it is only a cache).
+    The cache file is ``cache_dir/calibration/<hash of (model_key, host, num_threads,
+    runtime)>.json``: a step on another interpreter is another measurement. Batch sizes it lacks
+    are measured and the union written back; a corrupt file is measured anew (with a warning:
+    it is only a cache).
     """
     host = describe_host()
-    path = _cache_path(cache_dir, model_key, host, num_threads)
-    cached = _read_cache(path, model_key, host, num_threads)
+    data = model_file if isinstance(model_file, bytes) else Path(model_file).read_bytes()
+    runtime = str(runtime_for(data))
+    path = _cache_path(cache_dir, model_key, host, num_threads, runtime)
+    cached = _read_cache(path, model_key, host, num_threads, runtime)
     wanted = set(batch_sizes)
     missing = sorted(wanted - set(cached.step_seconds)) if cached else sorted(wanted)
     if cached is not None and not missing:
@@ -381,20 +393,23 @@ def load_or_measure(
             step_seconds={**cached.step_seconds, **fresh.step_seconds},
             repeats={**cached.repeats, **fresh.repeats},
             measured_at=fresh.measured_at,  # when the newest sizes were measured
+            runtime=runtime,
         )
     write_calibration(fresh, path)
     return fresh
 
 
 def _cache_path(
-    cache_dir: str | os.PathLike[str], model_key: str, host: str, num_threads: int
+    cache_dir: str | os.PathLike[str], model_key: str, host: str, num_threads: int, runtime: str
 ) -> Path:
-    key = json.dumps([model_key, host, num_threads])
+    key = json.dumps([model_key, host, num_threads, runtime])
     name = hashlib.sha256(key.encode()).hexdigest()[:16]
     return Path(cache_dir).expanduser() / CACHE_SUBDIR / f"{name}.json"
 
 
-def _read_cache(path: Path, model_key: str, host: str, num_threads: int) -> Calibration | None:
+def _read_cache(
+    path: Path, model_key: str, host: str, num_threads: int, runtime: str
+) -> Calibration | None:
     if not path.is_file():
         return None
     try:
@@ -402,12 +417,14 @@ def _read_cache(path: Path, model_key: str, host: str, num_threads: int) -> Cali
     except ConfigError as err:
         log.warning("calibration cache %s is unusable, measuring again: %s", path, err)
         return None
-    if (cached.host, cached.num_threads) != (host, num_threads):  # a hash collision or an edit
-        log.warning(
-            "calibration cache %s is for %s with %d thread(s), not this host: measuring again",
+    if (cached.host, cached.num_threads, cached.runtime) != (host, num_threads, runtime):
+        log.warning(  # a hash collision or an edit
+            "calibration cache %s is for %s with %d thread(s) on %r, not this host: measuring "
+            "again",
             path,
             cached.host,
             cached.num_threads,
+            cached.runtime,
         )
         return None
     return cached

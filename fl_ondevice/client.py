@@ -11,13 +11,13 @@ from pathlib import Path
 
 import numpy as np
 
-from fl_ondevice.checkpoint import Weights
 from fl_ondevice.config import Config
 from fl_ondevice.data import Dataset, load_dataset
-from fl_ondevice.device import OnDeviceModel
+from fl_ondevice.device import OnDeviceModel, Staged
 from fl_ondevice.errors import InputError, TrainingError
 from fl_ondevice.layouts import PERSONALIZATION
 from fl_ondevice.partition import Partition, make_partitions
+from fl_ondevice.weights import Weights
 
 
 @dataclass(frozen=True)
@@ -149,9 +149,9 @@ def _stored_bottlenecks(
 
 
 class StagedWeights:
-    """The global weights a worker received, checked and written as a checkpoint file once for
-    all the clients of a message, each of which restores that file through ``restore``, as
-    each phone would restore the one it downloaded.
+    """The global weights a worker received, checked once for all the clients of a message,
+    each of which loads them through ``restore``, as each phone would load the weights it
+    downloaded.
 
     Keyed by the identity of the received object (``source``): a message's clients share it,
     and a mod that changes what a client receives gives it a new one.
@@ -159,15 +159,12 @@ class StagedWeights:
 
     def __init__(self) -> None:
         self._key: tuple[object, OnDeviceModel] | None = None
-        self._value: tuple[Weights, str] = ({}, "")
+        self._value = Staged({})
 
-    def get(
-        self, model: OnDeviceModel, source: object, decode: Callable[[], Weights]
-    ) -> tuple[Weights, str]:
-        """``(weights, checkpoint path)`` of ``source`` for ``model``; ``decode`` reads it."""
+    def get(self, model: OnDeviceModel, source: object, decode: Callable[[], Weights]) -> Staged:
+        """``source``'s weights staged for ``model``; ``decode`` reads them."""
         if self._key is None or self._key[0] is not source or self._key[1] is not model:
-            weights = decode()
-            self._value = (weights, model.stage(weights))
+            self._value = model.stage(decode())
             self._key = (source, model)  # holds `source`, so its id cannot be reused meanwhile
         return self._value
 
@@ -175,7 +172,7 @@ class StagedWeights:
 def train_client(
     cfg: Config,
     model: OnDeviceModel,
-    staged: tuple[Weights, str],
+    staged: Staged,
     client_id: int,
     server_round: int,
     proximal_mu: float = 0.0,
@@ -189,11 +186,10 @@ def train_client(
     then manipulates what it sends.
     """
     t0 = time.perf_counter()
-    global_weights, path = staged
     dataset, partitions = client_data(cfg)
     part = _partition(partitions, client_id)
     model.reset_optimizer()
-    model.restore(path, check=False)
+    model.restore_staged(staged)
     if injected_failure(cfg.seed, server_round, client_id, cfg.client.failure_rate):
         raise TrainingError(
             f"injected failure (client.failure_rate={cfg.client.failure_rate}): the device "
@@ -210,7 +206,7 @@ def train_client(
     new = model.get_weights()
     attack = cfg.client.attack
     if attack.kind != "none" and client_id in attackers(cfg.seed, cfg.num_clients, attack.fraction):
-        new = attacked(new, global_weights, attack.kind, attack.scale)
+        new = attacked(new, staged.weights, attack.kind, attack.scale)
     return ClientUpdate(
         weights=new,
         num_examples=len(part.train_indices),
@@ -223,7 +219,7 @@ def train_client(
 def evaluate_client(
     cfg: Config,
     model: OnDeviceModel,
-    staged: tuple[Weights, str],
+    staged: Staged,
     client_id: int,
     server_round: int = 0,
     run_id: int | None = None,
@@ -242,11 +238,11 @@ def evaluate_client(
             "partition.local_test_fraction or set strategy.fraction_evaluate=0"
         )
     x_test, y_test = dataset.x_train[part.test_indices], dataset.y_train[part.test_indices]
-    model.restore(staged[1], check=False)
+    model.restore_staged(staged)
     result = model.evaluate(x_test, y_test, batch_size=cfg.eval_batch_size)
     if cfg.personalize.epochs == 0:
         return ClientEvaluation(len(part.test_indices), result["loss"], result["accuracy"])
-    personal = personalize_client(cfg, model, staged[1], client_id, server_round, run_id)
+    personal = personalize_client(cfg, model, staged, client_id, server_round, run_id)
     return ClientEvaluation(
         len(part.test_indices),
         result["loss"],
@@ -259,12 +255,12 @@ def evaluate_client(
 def personalize_client(
     cfg: Config,
     model: OnDeviceModel,
-    path: str,
+    staged: Staged,
     client_id: int,
     server_round: int,
     run_id: int | None = None,
 ) -> dict[str, float]:
-    """Fine-tune the global weights (the checkpoint file ``path``) for ``personalize.epochs``
+    """Fine-tune the global weights (``staged``) for ``personalize.epochs``
     on a client's local train split, as training does (batch size, learning rate, a fresh
     optimizer, ``train``'s inputs from :func:`local_train_x`), and return ``loss`` and
     ``accuracy`` of the result on its local test split (images, through ``infer``).
@@ -274,7 +270,7 @@ def personalize_client(
     dataset, partitions = client_data(cfg)
     part = _partition(partitions, client_id)
     model.reset_optimizer()  # as train_client: no momentum or Adam moments from another client
-    model.restore(path, check=False)
+    model.restore_staged(staged)
     model.fit(
         local_train_x(cfg, model, client_id, part, run_id),
         dataset.y_train[part.train_indices],

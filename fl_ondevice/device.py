@@ -9,16 +9,15 @@ import os
 import shutil
 import tempfile
 import time
-import warnings
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import numpy as np
-import tensorflow as tf
 
-from fl_ondevice.checkpoint import Weights, WeightSpec, read_checkpoint, write_checkpoint
 from fl_ondevice.errors import (
     CheckpointError,
     InputError,
@@ -26,22 +25,22 @@ from fl_ondevice.errors import (
     RuntimeUnsupportedError,
     TrainingError,
 )
-from fl_ondevice.layouts import ANDROID, INITIALIZE, PERSONALIZATION, Layout, detect_layout
-from fl_ondevice.model import PROXIMAL_SIGNATURE, RESET_SIGNATURE
+from fl_ondevice.interpreters import flex_unsupported, open_interpreter
+from fl_ondevice.layouts import (
+    ANDROID,
+    CHECKPOINT_IO,
+    INITIALIZE,
+    PERSONALIZATION,
+    PROXIMAL_SIGNATURE,
+    RESET_SIGNATURE,
+    TENSOR_IO,
+    Layout,
+    detect_layout,
+)
+from fl_ondevice.weights import Weights, WeightSpec
 
 log = logging.getLogger(__name__)
 
-# tf.lite.Interpreter warns that it is deprecated in favour of ai-edge-litert, whose interpreter
-# lacks the Flex delegate our save/restore signatures need; the warning is noise here.
-warnings.filterwarnings("ignore", message=r".*LiteRT interpreter.*")
-
-FLEX_HELP = (
-    "install tensorflow-cpu==2.18.1 (pip install 'tensorflow-cpu==2.18.1' "
-    "'flwr[simulation]==1.42.0'): it is the newest TensorFlow whose Python TFLite interpreter "
-    "links the Flex delegate; TF >= 2.19 and ai-edge-litert lack it"
-)
-# What an interpreter without the Flex delegate says when it meets a TF op (TF >= 2.19).
-FLEX_MISSING = "Select TensorFlow op"
 _SCRATCH: list[str] = []
 
 
@@ -82,19 +81,40 @@ def _path_tensor(path: str | os.PathLike[str]) -> np.ndarray:
     return np.array(os.fspath(path).encode(), dtype=np.bytes_)
 
 
+def _checkpoint_files() -> ModuleType:
+    # TF's checkpoint reader and Save op, for models whose save/restore take a checkpoint path:
+    # those run TF's Save/Restore ops, so on TF's own interpreter, and TensorFlow is there.
+    import fl_ondevice.checkpoint
+
+    return fl_ondevice.checkpoint
+
+
 def explain_load_error(err: BaseException, source: str) -> ModelError | RuntimeUnsupportedError:
     """Turn an interpreter's load or invoke error into one that says what to do."""
-    if FLEX_MISSING in str(err):
-        return RuntimeUnsupportedError(
-            f"{source}: the TFLite interpreter of this TensorFlow ({tf.__version__}) cannot run "
-            f"the model's TensorFlow (Flex) ops such as Save/Restore; {FLEX_HELP}"
-        )
-    return ModelError(f"{source} is not a loadable .tflite model: {_first_line(err)}")
+    return flex_unsupported(err, source) or ModelError(
+        f"{source} is not a loadable .tflite model: {_first_line(err)}"
+    )
 
 
 def _first_line(err: BaseException) -> str:
     text = str(err).strip()
     return text.splitlines()[0] if text else type(err).__name__
+
+
+@dataclass(frozen=True)
+class Staged:
+    """Weights checked against a model, ready for any number of ``restore_staged`` calls.
+
+    Attributes
+    ----------
+    weights : dict of str to np.ndarray
+        The weights, float32 as the model's, in sorted name order.
+    path : str or None
+        For a model whose ``restore`` takes a checkpoint path: the file written once for them.
+    """
+
+    weights: Weights
+    path: str | None = None
 
 
 class OnDeviceModel:
@@ -107,8 +127,11 @@ class OnDeviceModel:
 
     ``fit`` and ``train_step`` take ``train``'s inputs: images, or for the personalization
     layout the bottlenecks ``load`` computes from them; ``evaluate`` and ``predict`` take images
-    (``infer``). Weights are ``{name: array}`` whatever the layout: the checkpoint's tensors, or
-    ``parameters()``'s outputs.
+    (``infer``). Weights are ``{name: array}`` whatever the layout and however ``save`` and
+    ``restore`` carry them (``weight_io``): tensors, or a checkpoint file's tensors.
+
+    The file runs on LiteRT (``ai_edge_litert``) unless it has Flex ops, which only TensorFlow
+    2.18's interpreter runs (``fl_ondevice.interpreters``); ``runtime`` says which.
 
     Parameters
     ----------
@@ -131,9 +154,6 @@ class OnDeviceModel:
             except OSError as err:
                 raise ModelError(f"cannot read model file {self.source!r}: {err}") from None
         self.num_threads = num_threads
-        self._ckpt = os.path.join(scratch_dir(), f"weights-{id(self)}.ckpt")
-        self._staged = os.path.join(scratch_dir(), f"staged-{id(self)}.ckpt")
-        self._staged_weights: Weights = {}  # android: what the staged file holds, kept in memory
         self.loaded_examples = 0  # examples run through `load` by this object, ever
         self._load()
         self.layout: Layout = detect_layout(self.signatures, self.source)
@@ -141,15 +161,14 @@ class OnDeviceModel:
         try:
             initial = self.get_weights()
         except TrainingError as err:
-            weights_out = "parameters" if self.layout is ANDROID else "save"
-            raise ModelError(f"{self.source}: the {weights_out} signature failed: {err}") from None
+            raise ModelError(f"{self.source}: the {self._getter} signature failed: {err}") from None
         self.weight_spec = WeightSpec.of(initial)
 
     # -- loading and signature discovery ------------------------------------------------------
     def _load(self) -> None:
         try:
-            self.interpreter = tf.lite.Interpreter(
-                model_content=self.model_bytes, num_threads=self.num_threads
+            self.interpreter, self.runtime = open_interpreter(
+                self.model_bytes, self.num_threads, self.source
             )
             self.signatures = self.interpreter.get_signature_list()
             self._runners = {
@@ -162,10 +181,7 @@ class OnDeviceModel:
         self._discover_infer()
         self._discover_load()
         self._discover_train()
-        if self.layout is ANDROID:
-            self._discover_parameters()
-        else:
-            self._discover_checkpoint_io()
+        self._discover_weight_io()
 
     def _discover_infer(self) -> None:
         infer_in = self._inputs("infer")
@@ -237,31 +253,46 @@ class OnDeviceModel:
                     f"({self.x_name}, {self.y_name}) and a scalar 'mu'; it takes {sorted(ins)}"
                 )
 
-    def _discover_checkpoint_io(self) -> None:
-        for sig in ("save", "restore"):
-            ins = self._inputs(sig)
-            if len(ins) != 1 or next(iter(ins.values()))["dtype"] is not np.bytes_:
-                raise ModelError(
-                    f"{self.source}: {sig} must take one string input (checkpoint_path); "
-                    f"it takes {list(ins)}"
-                )
-        self._path_name = {s: next(iter(self._inputs(s))) for s in ("save", "restore")}
+    def _discover_weight_io(self) -> None:
+        # Weights out: `save` (`parameters` in the android layout); in: `restore`. Either both
+        # take a checkpoint path, or the getter takes nothing and returns the tensors `restore`
+        # takes.
+        self._getter = "parameters" if self.layout is ANDROID else "save"
+        getter_in, restore_in = self._inputs(self._getter), self._inputs("restore")
+        if not getter_in:
+            self.weight_io = TENSOR_IO
+            self._check_restore_takes(self._runners[self._getter].get_output_details(), restore_in)
+            return
+        if self.layout is not ANDROID and all(
+            len(ins) == 1 and next(iter(ins.values()))["dtype"] is np.bytes_
+            for ins in (getter_in, restore_in)
+        ):
+            self.weight_io = CHECKPOINT_IO
+            self._path_name = {"save": next(iter(getter_in)), "restore": next(iter(restore_in))}
+            return
+        raise ModelError(
+            f"{self.source}: {self._getter} must take no input and return the weights (then "
+            "restore takes those tensors)"
+            + (
+                ""
+                if self.layout is ANDROID
+                else ", or save and restore each take one string input (checkpoint_path)"
+            )
+            + f"; {self._getter} takes {sorted(getter_in)} and restore takes {sorted(restore_in)}"
+        )
 
-    def _discover_parameters(self) -> None:
-        # restore(a0, ..., aN) must take exactly what parameters() returns.
-        out = self._runners["parameters"].get_output_details()
-        ins = self._inputs("restore")
-        if self._inputs("parameters") or set(out) != set(ins):
+    def _check_restore_takes(self, out: dict[str, Any], ins: dict[str, Any]) -> None:
+        # restore(w0, ..., wN) must take exactly what the getter returns, shape for shape.
+        if set(out) != set(ins):
             raise ModelError(
-                f"{self.source}: parameters() must take no input and return the tensors "
-                f"restore takes; parameters takes {sorted(self._inputs('parameters'))} and "
-                f"returns {sorted(out)}, restore takes {sorted(ins)}"
+                f"{self.source}: restore must take the tensors {self._getter}() returns; "
+                f"{self._getter} returns {sorted(out)}, restore takes {sorted(ins)}"
             )
         for name, spec in ins.items():
             if list(spec["shape_signature"]) != list(out[name]["shape_signature"]):
                 raise ModelError(
                     f"{self.source}: restore's input {name} has shape "
-                    f"{list(spec['shape_signature'])}, parameters returns "
+                    f"{list(spec['shape_signature'])}, {self._getter} returns "
                     f"{list(out[name]['shape_signature'])}"
                 )
 
@@ -272,8 +303,9 @@ class OnDeviceModel:
         try:
             return dict(self._runners[signature](**inputs))
         except (ValueError, RuntimeError) as err:
-            if FLEX_MISSING in str(err):
-                raise explain_load_error(err, self.source) from None
+            flex = flex_unsupported(err, self.source)
+            if flex is not None:
+                raise flex from None
             # Error text accumulates on a failed interpreter: replace it before going on.
             self._load()
             raise TrainingError(
@@ -462,64 +494,42 @@ class OnDeviceModel:
         }
 
     # -- weights ------------------------------------------------------------------------------
-    def save(self, path: str | os.PathLike[str]) -> None:
-        """Write the model's weights to the checkpoint file ``path``: through the ``save``
-        signature, or (android layout) ``parameters()``'s tensors written as a checkpoint."""
-        if self.layout is ANDROID:
-            write_checkpoint(path, self._parameters())
-        else:
-            self._invoke("save", **{self._path_name["save"]: _path_tensor(path)})
-        if not Path(path).is_file():
-            raise CheckpointError(f"the save signature did not write {os.fspath(path)!r}")
-
-    def restore(self, path: str | os.PathLike[str], check: bool = True) -> None:
-        """Load weights from a checkpoint file through the ``restore`` signature (android
-        layout: the file's tensors as ``restore``'s inputs).
-
-        The file is read and checked against the model's weight names, shapes and dtypes first,
-        so a bad file raises ``CheckpointError`` and leaves the weights unchanged.
-        ``check=False`` skips that for a file ``stage`` wrote.
-        """
-        if self.layout is ANDROID:
-            if not check and os.fspath(path) == self._staged:
-                weights = self._staged_weights
-            else:
-                weights = read_checkpoint(path)
-                if check:
-                    self.weight_spec.validate(weights, f"checkpoint {os.fspath(path)!r}")
-            self._invoke("restore", **weights)
-            return
-        if check:
-            self.weight_spec.validate(read_checkpoint(path), f"checkpoint {os.fspath(path)!r}")
-        self._invoke("restore", **{self._path_name["restore"]: _path_tensor(path)})
-
-    def stage(self, weights: Mapping[str, np.ndarray]) -> str:
-        """Check ``weights`` and write them as a checkpoint file several clients can ``restore``.
-
-        Returns the file's path (in this process's scratch directory; the next ``stage``
-        overwrites it).
-        """
-        self.weight_spec.validate(weights, "weights")
-        write_checkpoint(self._staged, weights)
-        if self.layout is ANDROID:  # restore takes tensors: spare it reading the file back
-            self._staged_weights = {n: np.asarray(a) for n, a in weights.items()}
-        return self._staged
-
     def get_weights(self) -> Weights:
-        """The current weights, ``{name: array}`` in sorted name order (via ``save``, or the
-        android layout's ``parameters``)."""
-        if self.layout is ANDROID:
-            return self._parameters()
-        self.save(self._ckpt)
-        return read_checkpoint(self._ckpt)
-
-    def _parameters(self) -> Weights:
-        out = self._invoke("parameters")
-        return {n: np.array(out[n]) for n in sorted(out)}
+        """The current weights, ``{name: array}`` in sorted name order: ``save``'s (or the
+        android layout's ``parameters``') tensors, or the tensors of the checkpoint file
+        ``save`` writes."""
+        if self.weight_io == TENSOR_IO:
+            out = self._invoke(self._getter)
+            return {n: np.array(out[n]) for n in sorted(out)}
+        path = os.path.join(scratch_dir(), f"weights-{id(self)}.ckpt")
+        self._invoke("save", **{self._path_name["save"]: _path_tensor(path)})
+        if not Path(path).is_file():
+            raise CheckpointError(f"{self.source}: the save signature did not write {path!r}")
+        return _checkpoint_files().read_checkpoint(path)
 
     def set_weights(self, weights: Mapping[str, np.ndarray]) -> None:
-        """Set the weights (checked first, then written as a checkpoint and ``restore``d)."""
-        self.restore(self.stage(weights), check=False)
+        """Set the weights through ``restore`` (checked first: a wrong name, shape or dtype
+        raises ``CheckpointError`` and leaves the weights unchanged)."""
+        self.restore_staged(self.stage(weights))
+
+    def stage(self, weights: Mapping[str, np.ndarray]) -> Staged:
+        """Check ``weights`` once for any number of :meth:`restore_staged` calls (the clients of
+        one message); a model whose ``restore`` takes a checkpoint path gets the file written
+        once (in this process's scratch directory; the next ``stage`` overwrites it)."""
+        self.weight_spec.validate(weights, "weights")
+        checked = {t.name: np.ascontiguousarray(weights[t.name]) for t in self.weight_spec.tensors}
+        if self.weight_io == TENSOR_IO:
+            return Staged(checked)
+        path = os.path.join(scratch_dir(), f"staged-{id(self)}.ckpt")
+        _checkpoint_files().write_checkpoint(path, checked)
+        return Staged(checked, path)
+
+    def restore_staged(self, staged: Staged) -> None:
+        """Load weights :meth:`stage` checked (for this model) through ``restore``."""
+        if staged.path is None:
+            self._invoke("restore", **staged.weights)
+        else:
+            self._invoke("restore", **{self._path_name["restore"]: _path_tensor(staged.path)})
 
     def initial_weights(self) -> Weights:
         """The weights a federation starts from: ``initialize()``'s where the file has that
@@ -556,7 +566,7 @@ def evaluate_split(
     models = models[: max(1, min(len(models), len(x)))]  # no empty parts
     staged = models[0].stage(weights)
     for m in models:
-        m.restore(staged, check=False)
+        m.restore_staged(staged)
     parts = np.array_split(np.arange(len(x)), len(models))
     with ThreadPoolExecutor(len(models)) as pool:
         results = list(pool.map(lambda m, i: m.evaluate(x[i], y[i], batch_size), models, parts))

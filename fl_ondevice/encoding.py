@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 if TYPE_CHECKING:  # checkpoint imports TensorFlow; this module needs only NumPy at run time
-    from fl_ondevice.checkpoint import WeightSpec
+    from fl_ondevice.weights import WeightSpec
 
 FLOAT32 = "float32"
 FLOAT16 = "float16"

@@ -17,13 +17,8 @@ import tensorflow as tf
 from fl_ondevice.config import DatasetConfig, ModelConfig
 from fl_ondevice.device import OnDeviceModel
 from fl_ondevice.errors import ModelError
-from fl_ondevice.model import (
-    PROXIMAL_SIGNATURE,
-    RESET_SIGNATURE,
-    SIGNATURES,
-    TrainableModel,
-    build_model,
-)
+from fl_ondevice.interpreters import LITERT, flex_ops
+from fl_ondevice.model import SIGNATURES, TrainableModel, build_model
 from fl_ondevice.transfer import (
     PERSONALIZATION_SIGNATURES,
     TransferHead,
@@ -35,9 +30,7 @@ from fl_ondevice.transfer import (
 log = logging.getLogger(__name__)
 
 # Bump when model.py changes the graph or the initial weights, so stale cache entries are ignored.
-MODEL_CODE_VERSION = 3
-# The guide layout's signatures as our TrainableModel has them (FedProx's and reset included).
-GUIDE_SIGNATURES = (*SIGNATURES, PROXIMAL_SIGNATURE, RESET_SIGNATURE)
+MODEL_CODE_VERSION = 4
 
 # ModelConfig keys that only model=transfer reads.
 TRANSFER_KEYS = (
@@ -55,12 +48,13 @@ DATASET_SHAPES: dict[str, tuple[tuple[int, int], int]] = {
 }
 
 
-def convert(module: tf.Module, signatures: Sequence[str] = GUIDE_SIGNATURES) -> bytes:
+def convert(module: tf.Module, signatures: Sequence[str] = SIGNATURES) -> bytes:
     """Convert a trainable module to a ``.tflite`` flatbuffer with the named signatures.
 
     ``signatures`` name the module's ``tf.function`` attributes (with input signatures) to
-    export. Uses ``TFLITE_BUILTINS + SELECT_TF_OPS`` (Save/Restore and some gradients are TF
-    ops) and resource variables (the weights are variables the signatures read and assign).
+    export. TFLite builtin ops only (no ``SELECT_TF_OPS``: the file needs no Flex delegate, so
+    LiteRT and a plain LiteRT app runtime run it; the converter fails on any TF op instead), and
+    resource variables (the weights are variables the signatures read and assign).
     """
     functions = {name: getattr(module, name).get_concrete_function() for name in signatures}
     # The SavedModel/converter INFO lines (renamed resources, assets) say nothing to a user.
@@ -69,10 +63,7 @@ def convert(module: tf.Module, signatures: Sequence[str] = GUIDE_SIGNATURES) -> 
     with tempfile.TemporaryDirectory(prefix="fl_ondevice-savedmodel-") as saved:
         tf.saved_model.save(module, saved, signatures=functions)
         converter = tf.lite.TFLiteConverter.from_saved_model(saved)
-        converter.target_spec.supported_ops = [
-            tf.lite.OpsSet.TFLITE_BUILTINS,
-            tf.lite.OpsSet.SELECT_TF_OPS,
-        ]
+        converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS]
         converter.experimental_enable_resource_variables = True
         return bytes(converter.convert())
 
@@ -81,9 +72,15 @@ def verify(tflite: bytes, module: TrainableModel | TransferHead) -> OnDeviceMode
     """Check a conversion: signatures present and typed, and ``save`` returns the TF weights.
 
     A converter can silently drop variables (the Keras 3 pitfall); the file then looks fine
-    until training. Raises ``ModelError`` naming the first tensor that did not survive.
+    until training. Raises ``ModelError`` naming the first tensor that did not survive, or the
+    Flex ops the file should not have.
     """
+    flex = flex_ops(tflite)
+    if flex:
+        raise ModelError(f"converted model has Flex ops {flex}; fl_ondevice's models have none")
     device = OnDeviceModel(tflite)  # checks the layout's signatures and their inputs
+    if device.runtime.name != LITERT:
+        raise ModelError(f"converted model runs on {device.runtime.name}, not {LITERT}")
     layout = "personalization" if isinstance(module, TransferHead) else "guide"
     if device.layout.name != layout:
         raise ModelError(f"converted model has the {device.layout.name} layout, not {layout}")
@@ -199,13 +196,17 @@ def _tensors(details: dict[str, dict]) -> str:
 
 def describe(device: OnDeviceModel) -> str:
     """What an app developer needs: signatures with their tensors, file size, weight sizes."""
-    lines = [f"{device.source}: {len(device.model_bytes) / 1024:.1f} KiB", "signatures:"]
+    runtime = f"{device.runtime.name} {device.runtime.version}"
+    lines = [
+        f"{device.source}: {len(device.model_bytes) / 1024:.1f} KiB, runs on {runtime}",
+        "signatures:",
+    ]
     for name in sorted(device.signatures):
         runner = device.interpreter.get_signature_runner(name)
         ins = _tensors(runner.get_input_details())
         outs = _tensors(runner.get_output_details())
         lines.append(f"  {name}({ins}) -> {{{outs}}}")
-    lines.append(f"weights ({device.weight_spec.num_bytes / 1024:.1f} KiB per checkpoint):")
+    lines.append(f"weights ({device.weight_spec.num_bytes / 1024:.1f} KiB):")
     for t in device.weight_spec.tensors:
         kib = int(np.prod(t.shape)) * t.dtype.itemsize / 1024
         lines.append(f"  {t.name:24s} {np.dtype(t.dtype).name}{list(t.shape)}  {kib:.1f} KiB")

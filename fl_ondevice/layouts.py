@@ -3,16 +3,21 @@
 Three layouts are federated, each as the public example that defines it builds its file:
 
 - ``guide``: TensorFlow Lite's on-device training guide (and fl_ondevice's own models):
-  ``train(x, y) -> {loss}``, ``infer(x) -> {output}``, ``save(checkpoint_path)``,
-  ``restore(checkpoint_path)``; weights travel as TF checkpoint files.
+  ``train(x, y) -> {loss}``, ``infer(x) -> {output}``, ``save``, ``restore``.
 - ``personalization``: TensorFlow's ``model_personalization`` Android app (transfer learning):
   ``load(feature) -> {bottleneck}`` runs the frozen base once per example,
   ``train(bottleneck, label one-hot) -> {loss, gradients...}`` trains the head,
-  ``infer(feature) -> {output}`` runs base and head, ``save`` / ``restore`` by checkpoint path
-  (the head's weights), ``initialize() -> {...}`` (optional) sets the head's starting weights.
+  ``infer(feature) -> {output}`` runs base and head, ``save`` / ``restore`` (the head's
+  weights), ``initialize() -> {...}`` (optional) sets the head's starting weights.
 - ``android``: Flower's ``examples/android-kotlin``: ``train(x, y one-hot) -> {loss}``,
   ``infer(x) -> {logits}`` (softmax probabilities under that name), ``parameters() -> {a0..aN}``
-  and ``restore(a0, ..., aN)``: weights go in and out as tensors, no checkpoint files.
+  and ``restore(a0, ..., aN)``.
+
+``save`` and ``restore`` come in two kinds (:data:`WEIGHT_IO`): by checkpoint path, as the guide
+and the app write them (``save(checkpoint_path)`` / ``restore(checkpoint_path)`` around TF's
+Save/Restore ops, which run only with the Flex delegate), or as tensors (``save() -> {name:
+weight}`` / ``restore(name=weight, ...)``, builtin ops only: fl_ondevice's own models).
+Weights travel between client and server as tensors either way.
 """
 
 from __future__ import annotations
@@ -37,16 +42,33 @@ GUIDE = Layout(
     "guide",
     ("train", "infer", "save", "restore"),
     None,
-    "train(x, y) -> loss, infer(x) -> output, save(checkpoint_path), restore(checkpoint_path)",
+    "train(x, y) -> loss, infer(x) -> output, save(checkpoint_path) or save() -> weights, "
+    "restore(checkpoint_path) or restore(weights)",
 )
 PERSONALIZATION = Layout(
     "personalization",
     ("load", "train", "infer", "save", "restore"),
     "load",
     "load(feature) -> bottleneck, train(bottleneck, label) -> loss, infer(feature) -> output, "
-    "save(checkpoint_path), restore(checkpoint_path), optionally initialize()",
+    "save(checkpoint_path) or save() -> weights, restore(checkpoint_path) or restore(weights), "
+    "optionally initialize()",
 )
 INITIALIZE = "initialize"  # personalization, optional: sets the head's starting weights
+# Optional signatures of any layout (fl_ondevice's models have both):
+# `reset()` zeroes optimizer slots and the step counter. Why a signature and not slots in the
+# weights: the weights are what crosses the wire (the server averages them), and FedAvg averages
+# weights, not optimizer state; a client starts every round from fresh optimizer state, as a new
+# local training session on a phone would. A pooled interpreter calls `reset` between clients.
+RESET_SIGNATURE = "reset"
+# FedProx (arXiv:1812.06127) on the device: `train_proximal(x, y, mu)` is `train` whose gradient
+# also has mu * (w - w_global), the gradient of mu/2 * ||w - w_global||^2. w_global is what
+# `restore` last loaded (the round's global model), kept in variables of its own. A separate
+# signature, not a third input of `train`, so FedAvg's step costs nothing extra and `train(x, y)`
+# keeps the layout of TensorFlow's on-device training guide.
+PROXIMAL_SIGNATURE = "train_proximal"
+# The two kinds of save/restore (see the module docstring).
+CHECKPOINT_IO, TENSOR_IO = "checkpoint", "tensors"
+WEIGHT_IO = (CHECKPOINT_IO, TENSOR_IO)
 ANDROID = Layout(
     "android",
     ("train", "infer", "parameters", "restore"),

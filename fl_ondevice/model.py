@@ -10,57 +10,46 @@ import tensorflow as tf
 
 from fl_ondevice.config import ModelConfig
 from fl_ondevice.errors import ConfigError, ModelError
-from fl_ondevice.layouts import GUIDE
+from fl_ondevice.layouts import GUIDE, PROXIMAL_SIGNATURE, RESET_SIGNATURE
 
-# The four signatures of TFLite on-device training, plus `reset`, which zeroes optimizer slots
-# and the step counter. Why a signature and not slots in the checkpoint: the checkpoint is what
-# crosses the wire (the server averages it), and FedAvg averages weights, not optimizer state;
-# a client starts every round from fresh optimizer state, as a new local training session on a
-# phone would. A pooled interpreter calls `reset` between clients so no momentum leaks.
-SIGNATURES = GUIDE.required
-RESET_SIGNATURE = "reset"
-# FedProx (arXiv:1812.06127) on the device: `train_proximal(x, y, mu)` is `train` whose gradient
-# also has mu * (w - w_global), the gradient of mu/2 * ||w - w_global||^2. w_global is what
-# `restore` last loaded (the round's global model), kept in variables of its own. A separate
-# signature, not a third input of `train`, so FedAvg's step costs nothing extra and `train(x, y)`
-# keeps the layout of TensorFlow's on-device training guide.
-PROXIMAL_SIGNATURE = "train_proximal"
+# The guide layout's four signatures (weights as tensors), plus `train_proximal` (FedProx) and
+# `reset` (see fl_ondevice.layouts for what each is for).
+SIGNATURES = (*GUIDE.required, PROXIMAL_SIGNATURE, RESET_SIGNATURE)
+# What `restore` returns: a constant. A `restore` with no output at all is converted to nothing
+# (the converter drops its assignments); returning the weights read back would copy them once
+# more on every restore.
+RESTORED = "restored"
 
 Layer = tuple[str, tuple[int, ...]]  # (weight name, shape)
 
 
-def save_variables(
-    checkpoint_path: tf.Tensor, names: Sequence[str], variables: Sequence[tf.Variable]
-) -> dict[str, tf.Tensor]:
-    """A ``save`` signature's body: the variables, under ``names``, in a V1 TF checkpoint."""
-    tf.raw_ops.Save(
-        filename=checkpoint_path,
-        tensor_names=list(names),
-        data=[v.read_value() for v in variables],
-        name="save",
-    )
-    return {"checkpoint_path": checkpoint_path}
+def save_variables(names: Sequence[str], variables: Sequence[tf.Variable]) -> dict[str, tf.Tensor]:
+    """A ``save`` signature's body: the variables' values, ``{name: tensor}``."""
+    return {n: v.read_value() for n, v in zip(names, variables, strict=True)}
 
 
 def restore_variables(
-    checkpoint_path: tf.Tensor, names: Sequence[str], variables: Sequence[tf.Variable]
+    tensors: Sequence[tf.Tensor], variables: Sequence[tf.Variable]
 ) -> dict[str, tf.Tensor]:
-    """A ``restore`` signature's body: assign each variable its tensor from the checkpoint and
-    return them ``{name: tensor}``, in ``names`` order."""
-    restored = {}
-    for name, v in zip(names, variables, strict=True):
-        t = tf.raw_ops.Restore(file_pattern=checkpoint_path, tensor_name=name, dt=v.dtype)
-        t.set_shape(v.shape)  # Restore's output shape is unknown; assign needs it
+    """A ``restore`` signature's body: assign each variable its tensor (same order)."""
+    for t, v in zip(tensors, variables, strict=True):
         v.assign(t)
-        restored[name] = t
-    return restored
+    return {RESTORED: tf.constant(len(variables))}
+
+
+def weight_specs(layers: Sequence[Layer]) -> list[tf.TensorSpec]:
+    """``restore``'s inputs: one float32 tensor per weight, named after it (``conv1/kernel``)."""
+    return [tf.TensorSpec(shape, tf.float32, name=name) for name, shape in layers]
 
 
 class TrainableModel(tf.Module):
     """A classifier whose weights and optimizer live in plain ``tf.Variable``s.
 
     Plain variables (not a Keras model) so the converter cannot drop them (Keras 3 pitfall in
-    DESIGN.md) and so checkpoint keys are our own unique names, e.g. ``"conv1/kernel"``.
+    DESIGN.md) and so the weights' names are our own and unique, e.g. ``"conv1/kernel"``: the
+    names of ``save``'s outputs, ``restore``'s inputs and the server's checkpoint tensors.
+    Every signature is made of TFLite builtin ops (gradients written by hand), so the file runs
+    in any LiteRT runtime, without the Flex delegate.
 
     Parameters
     ----------
@@ -93,9 +82,9 @@ class TrainableModel(tf.Module):
         self.input_shape_ = (int(input_shape[0]), int(input_shape[1]))
         self.num_classes = int(num_classes)
         self.opt = optimizer
-        layers, self._forward, gradients = _ARCHITECTURES[name](self.input_shape_, self.num_classes)
-        # Hand-written backward pass (conv models) or None: differentiate `_forward` by tape.
-        self._gradients = gradients
+        layers, self._forward, self._gradients = _ARCHITECTURES[name](
+            self.input_shape_, self.num_classes
+        )
         rng = np.random.default_rng(seed)
         self.weight_names = [n for n, _ in layers]
         values = [_init(n, s, rng) for n, s in layers]
@@ -122,15 +111,14 @@ class TrainableModel(tf.Module):
 
         x_spec = tf.TensorSpec([None, *self.input_shape_], tf.float32, name="x")
         y_spec = tf.TensorSpec([None], tf.int32, name="y")
-        path_spec = tf.TensorSpec([], tf.string, name="checkpoint_path")
         mu_spec = tf.TensorSpec([], tf.float32, name="mu")
         self.train = tf.function(self._train, input_signature=[x_spec, y_spec])
         self.train_proximal = tf.function(
             self._train_proximal, input_signature=[x_spec, y_spec, mu_spec]
         )
         self.infer = tf.function(self._infer, input_signature=[x_spec])
-        self.save = tf.function(self._save, input_signature=[path_spec])
-        self.restore = tf.function(self._restore, input_signature=[path_spec])
+        self.save = tf.function(self._save, input_signature=[])
+        self.restore = tf.function(self._restore, input_signature=[weight_specs(layers)])
         self.reset = tf.function(self._reset, input_signature=[])
 
     # -- signatures ---------------------------------------------------------------------------
@@ -159,30 +147,25 @@ class TrainableModel(tf.Module):
     ) -> tuple[tf.Tensor, list[tf.Tensor]]:
         """Mean cross-entropy of a batch and its gradients, one per weight in ``weights_`` order.
 
-        ``values`` are the weights' values (default: read them). The conv models compute the
-        gradients by hand (same values as ``tf.GradientTape`` of ``_forward``, see ``_cnn``)
-        because the converted tape graph is slow in the interpreter.
+        ``values`` are the weights' values (default: read them). The gradients are written by
+        hand (the same values as ``tf.GradientTape`` of ``_forward``, tested): a tape's graph
+        holds ops that TFLite runs only through the Flex delegate (``BroadcastGradientArgs``
+        for a dynamic batch, ``ReluGrad``, ``Conv2DBackpropFilter``, ``MaxPoolGrad``).
         """
         ws = [w.read_value() for w in self.weights_] if values is None else list(values)
-        if self._gradients is not None:
-            return self._gradients(ws, x, y, self.num_classes)
-        with tf.GradientTape() as tape:
-            tape.watch(ws)
-            loss = _cross_entropy(self._forward(ws, x), y, self.num_classes)
-        return loss, tape.gradient(loss, ws)
+        return self._gradients(ws, x, y, self.num_classes)
 
     def _infer(self, x: tf.Tensor) -> dict[str, tf.Tensor]:
         logits = self._forward(self.weights_, x)
         return {"output": tf.nn.softmax(logits), "logits": logits}
 
-    def _save(self, checkpoint_path: tf.Tensor) -> dict[str, tf.Tensor]:
-        return save_variables(checkpoint_path, self.weight_names, self.weights_)
+    def _save(self) -> dict[str, tf.Tensor]:
+        return save_variables(self.weight_names, self.weights_)
 
-    def _restore(self, checkpoint_path: tf.Tensor) -> dict[str, tf.Tensor]:
-        restored = restore_variables(checkpoint_path, self.weight_names, self.weights_)
-        for t, anchor in zip(restored.values(), self.global_weights, strict=True):
-            anchor.assign(t)  # the proximal term's w_global: the weights a session starts from
-        return restored
+    def _restore(self, tensors: Sequence[tf.Tensor]) -> dict[str, tf.Tensor]:
+        # The proximal term's w_global is what a session starts from: the restored weights.
+        restore_variables(tensors, self.global_weights)
+        return restore_variables(tensors, self.weights_)
 
     def assign(self, weights: dict[str, np.ndarray]) -> None:
         """Set the weights (and the proximal anchor, as ``restore`` does) from ``{name: array}``."""
@@ -227,13 +210,6 @@ class TrainableModel(tf.Module):
                 w.assign(w0 - lr * g)
 
 
-def _cross_entropy(logits: tf.Tensor, y: tf.Tensor, num_classes: int) -> tf.Tensor:
-    # Mean softmax cross-entropy from builtin ops (LOG_SOFTMAX, ONE_HOT); the fused
-    # SparseSoftmaxCrossEntropyWithLogits op would be a Flex op.
-    log_p = tf.nn.log_softmax(logits)
-    return -tf.reduce_mean(tf.reduce_sum(tf.one_hot(y, num_classes) * log_p, axis=-1))
-
-
 def _init(name: str, shape: tuple[int, ...], rng: np.random.Generator) -> np.ndarray:
     if name.endswith("/bias"):
         return np.zeros(shape, np.float32)
@@ -244,12 +220,12 @@ def _init(name: str, shape: tuple[int, ...], rng: np.random.Generator) -> np.nda
 
 
 # -- architectures: (input_shape, num_classes) -> (weights, forward, gradients) -----------------
-# forward(weights, x) -> logits; gradients(weights, x, y, num_classes) -> (loss, grads) or None.
+# forward(weights, x) -> logits; gradients(weights, x, y, num_classes) -> (loss, grads).
 Forward = Callable[[Sequence[tf.Tensor], tf.Tensor], tf.Tensor]
 Gradients = Callable[
     [Sequence[tf.Tensor], tf.Tensor, tf.Tensor, int], tuple[tf.Tensor, list[tf.Tensor]]
 ]
-Architecture = tuple[list[Layer], Forward, Gradients | None]
+Architecture = tuple[list[Layer], Forward, Gradients]
 
 
 def _dense_stack(names: Sequence[str], sizes: Sequence[int]) -> list[Layer]:
@@ -260,17 +236,64 @@ def _dense_stack(names: Sequence[str], sizes: Sequence[int]) -> list[Layer]:
 
 
 def _mlp_forward(ws: Sequence[tf.Tensor], x: tf.Tensor) -> tf.Tensor:
-    h = tf.reshape(x, [-1, ws[0].shape[0]])  # (batch, H*W)
+    return _dense_forward(ws, x)[0]
+
+
+def _dense_forward(ws: Sequence[tf.Tensor], x: tf.Tensor) -> tuple[tf.Tensor, list[tf.Tensor]]:
+    """Logits of dense ReLU layers and the output layer (kernel, bias pairs in ``ws``) on ``x``
+    flattened, and each layer's input (batch, fan_in), which the backward pass needs."""
+    h = tf.reshape(x, [-1, ws[0].shape[0]])  # (batch, fan_in)
+    inputs = []
     for i in range(0, len(ws) - 2, 2):
+        inputs.append(h)
         h = tf.nn.relu(tf.matmul(h, ws[i]) + ws[i + 1])
-    return tf.matmul(h, ws[-2]) + ws[-1]
+    inputs.append(h)
+    return tf.matmul(h, ws[-2]) + ws[-1], inputs
+
+
+def _loss_and_logit_gradient(
+    logits: tf.Tensor, y: tf.Tensor, num_classes: int
+) -> tuple[tf.Tensor, tf.Tensor]:
+    """Mean softmax cross-entropy and its gradient at the logits, (softmax - one_hot) / batch."""
+    log_p = tf.nn.log_softmax(logits)
+    one_hot = tf.one_hot(y, num_classes)
+    loss = -tf.reduce_mean(tf.reduce_sum(one_hot * log_p, axis=-1))
+    batch = tf.cast(tf.shape(logits)[0], tf.float32)
+    return loss, (tf.exp(log_p) - one_hot) / batch
+
+
+def _dense_backward(
+    ws: Sequence[tf.Tensor], inputs: Sequence[tf.Tensor], g: tf.Tensor
+) -> tuple[tf.Tensor, list[tf.Tensor]]:
+    """Gradients of the dense stack given ``g`` at its logits: the gradient at its input
+    (batch, fan_in) and the weights' gradients (kernel, bias per layer, in ``ws`` order).
+
+    A hidden layer's input is a ReLU's output h, and ReLU's gradient is 1 exactly where h > 0,
+    which is sign(h) (h >= 0). The stack's own input gets no mask: the caller knows what it is.
+    """
+    grads: list[tf.Tensor] = []
+    for k in reversed(range(len(inputs))):
+        h = inputs[k]
+        grads[:0] = [tf.matmul(h, g, transpose_a=True), tf.reduce_sum(g, 0)]
+        g = tf.matmul(g, ws[2 * k], transpose_b=True)  # (batch, fan_in of layer k)
+        if k > 0:
+            g = g * tf.sign(h)
+    return g, grads
+
+
+def _mlp_gradients(
+    ws: Sequence[tf.Tensor], x: tf.Tensor, y: tf.Tensor, num_classes: int
+) -> tuple[tf.Tensor, list[tf.Tensor]]:
+    logits, inputs = _dense_forward(ws, x)
+    loss, g = _loss_and_logit_gradient(logits, y, num_classes)
+    return loss, _dense_backward(ws, inputs, g)[1]
 
 
 def _mlp(hidden: Sequence[int]) -> Callable[[tuple[int, int], int], Architecture]:
     def build(input_shape: tuple[int, int], num_classes: int) -> Architecture:
         names = [f"hidden{i + 1}" for i in range(len(hidden))] + ["output"]
         sizes = [math.prod(input_shape), *hidden, num_classes]
-        return _dense_stack(names, sizes), _mlp_forward, None
+        return _dense_stack(names, sizes), _mlp_forward, _mlp_gradients
 
     return build
 
@@ -306,8 +329,7 @@ def _cnn(
         def forward(ws: Sequence[tf.Tensor], x: tf.Tensor) -> tf.Tensor:
             a = tf.expand_dims(x, -1)  # (batch, H, W, 1)
             for i in range(0, n_conv, 2):
-                a = tf.nn.relu(tf.nn.conv2d(a, ws[i], 1, padding) + ws[i + 1])
-                a = tf.nn.max_pool2d(a, 2, 2, "SAME")
+                a = tf.nn.relu(tf.nn.max_pool2d(_conv(a, ws[i], padding) + ws[i + 1], 2, 2, "SAME"))
             return _mlp_forward(ws[n_conv:], a)
 
         def gradients(
@@ -316,29 +338,28 @@ def _cnn(
             # Forward with max-pool before ReLU: max_pool(relu(z)) == relu(max_pool(z)), and the
             # ReLU gradient then masks the 4x smaller pooled tensor.
             a = tf.expand_dims(x, -1)  # (batch, H, W, 1)
-            blocks = []  # (block input, conv output before pooling, block output) per block
+            blocks = []  # (block input's windows, conv output before pooling, block output)
             for i in range(0, n_conv, 2):
-                z = tf.nn.conv2d(a, ws[i], 1, padding) + ws[i + 1]  # (batch, h, w, c)
+                windows = _windows(a, kernel, padding)  # kept: the kernel's gradient needs them
+                z = _conv_windows(windows, ws[i], a.shape[1:3], padding) + ws[i + 1]
                 out = tf.nn.relu(tf.nn.max_pool2d(z, 2, 2, "SAME"))  # (batch, h/2, w/2, c)
-                blocks.append((a, z, out))
+                blocks.append((windows, z, out))
                 a = out
-            # The dense part is cheap in the interpreter as the tape converts it: keep the tape,
-            # and take the gradient at the conv output too.
-            with tf.GradientTape() as tape:
-                tape.watch([a, *ws[n_conv:]])
-                loss = _cross_entropy(_mlp_forward(ws[n_conv:], a), y, num_classes)
-            g, *dense_grads = tape.gradient(loss, [a, *ws[n_conv:]])
+            logits, inputs = _dense_forward(ws[n_conv:], a)
+            loss, g = _loss_and_logit_gradient(logits, y, num_classes)
+            g, dense_grads = _dense_backward(ws[n_conv:], inputs, g)
+            g = tf.reshape(g, tf.shape(a))  # (batch, h, w, c) of the last block's output
             conv_grads: list[tf.Tensor] = []
             for k in reversed(range(len(blocks))):
-                a_in, z, out = blocks[k]
+                windows, z, out = blocks[k]
                 g = g * tf.sign(out)  # ReLU gradient: out > 0 exactly where relu's input is
                 g = _max_pool_grad(z, g)  # (batch, h, w, c)
                 conv_grads[:0] = [
-                    _conv_filter_grad(a_in, g, padding, kernel),
+                    _conv_filter_grad(windows, g, ws[2 * k].shape),
                     tf.reduce_sum(g, [0, 1, 2]),
                 ]
-                if k > 0:  # input gradient (TRANSPOSE_CONV); not needed for the image
-                    g = tf.nn.conv2d_transpose(g, ws[2 * k], tf.shape(a_in), 1, padding)
+                if k > 0:  # the gradient at the block's input; not needed for the image
+                    g = _conv_input_grad(g, ws[2 * k], blocks[k - 1][2], padding)
             return loss, [*conv_grads, *dense_grads]
 
         return layers, forward, gradients
@@ -374,22 +395,103 @@ def _max_pool_grad(z: tf.Tensor, g: tf.Tensor) -> tf.Tensor:
     return grad[:, :h, :w] if h % 2 or w % 2 else grad
 
 
-def _conv_filter_grad(a: tf.Tensor, g: tf.Tensor, padding: str, kernel: int = 5) -> tf.Tensor:
-    """Gradient of ``conv2d(a, kernel, 1, padding)`` w.r.t. its kxk kernel (k odd), given output
-    grad g.
+# -- convolutions as matrix products -------------------------------------------------------------
+# Stride 1, odd k x k kernels, SAME or VALID padding. The interpreter runs CONV_2D and
+# TRANSPOSE_CONV whose filter is a variable (not a constant) with generic kernels, 2x slower than
+# TF 2.18's interpreter ran them, and TF's own filter gradient (Conv2DBackpropFilter, or a
+# convolution with the batch as input channels) is a Flex op with a dynamic batch. As matrix
+# products over the input's k x k windows (im2col) they run as BATCH_MATMUL, which the
+# interpreter's XNNPack delegate multiplies fast. Two layouts of the windows, as each product
+# reads its operands fastest (measured in experiments/bench_device.md):
+# - windows (k*k*c, batch*h*w), channel-major, from k*k strided slices: the training pass's
+#   forward product and, reused, the kernel's gradient (windows @ g);
+# - patches (batch*h*w, k*k*c), one row per output position, from one GATHER of c-channel rows:
+#   inference (patches @ kernel) and the input's gradient.
+MIN_GEMM_CHANNELS = 1024  # ci*co from which the input gradient's product beats TRANSPOSE_CONV
 
-    The filter gradient is itself a convolution over the batch: kernel[i, j, ci, co] =
-    sum_b,y,x a_pad[b, y+i, x+j, ci] * g[b, y, x, co], i.e. a VALID conv2d of a_pad as
-    (ci, H+k-1, W+k-1, batch) with g as a (y, x, batch, co) filter. Its filter has the dynamic batch
-    as input channels, so the converter keeps it a Flex Conv2D (TF's Eigen conv); in the
-    interpreter that beats Flex Conv2DBackpropFilter for conv1 (B=32, single-op models: ~2.4 vs
-    3.5 ms) and ties with it for the cnn's conv2 (~11.6 ms).
-    """
-    if padding == "SAME":  # odd k, stride 1: (k - 1) / 2 zeros on each side
-        half = (kernel - 1) // 2
-        a = tf.pad(a, [[0, 0], [half, half], [half, half], [0, 0]])
-    k = tf.nn.conv2d(tf.transpose(a, [3, 1, 2, 0]), tf.transpose(g, [1, 2, 0, 3]), 1, "VALID")
-    return tf.transpose(k, [1, 2, 0, 3])  # (ci, k, k, co) -> (k, k, ci, co)
+
+def _pad(a: tf.Tensor, kernel: int, padding: str) -> tf.Tensor:
+    if padding == "VALID":
+        return a
+    half = (kernel - 1) // 2  # SAME, odd k, stride 1: (k - 1) / 2 zeros on each side
+    return tf.pad(a, [[0, 0], [half, half], [half, half], [0, 0]])
+
+
+def _windows(a: tf.Tensor, kernel: int, padding: str) -> tf.Tensor:
+    """The k x k windows of ``a`` (batch, H, W, c) a convolution reads, channel-major:
+    (k*k*c, batch*h*w), row ``(i*k + j)*c + ci`` holding channel ci shifted by (i, j)."""
+    a = _pad(a, kernel, padding)
+    _, hp, wp, c = a.shape
+    h, w = hp - kernel + 1, wp - kernel + 1
+    a_t = tf.transpose(a, [3, 0, 1, 2])  # (c, batch, h + k - 1, w + k - 1)
+    rows = [
+        tf.reshape(a_t[:, :, i : i + h, j : j + w], [c, -1])  # (c, batch*h*w)
+        for i in range(kernel)
+        for j in range(kernel)
+    ]
+    return tf.concat(rows, axis=0)
+
+
+def _patches(a: tf.Tensor, kernel: int, padding: str) -> tf.Tensor:
+    """The same windows one row per output position: (batch*h*w, k*k*c), columns in the
+    kernel's (i, j, c) order; ``a`` has c > 1 channels (one GATHER of c-float rows)."""
+    a = _pad(a, kernel, padding)
+    _, hp, wp, c = a.shape
+    h, w = hp - kernel + 1, wp - kernel + 1
+    y, x, i, j = np.meshgrid(*(np.arange(n) for n in (h, w, kernel, kernel)), indexing="ij")
+    rows = ((y + i) * wp + (x + j)).reshape(-1).astype(np.int32)  # (h*w*k*k,) of one image
+    first = tf.range(tf.shape(a)[0]) * (hp * wp)  # each image's first row in the flat input
+    index = tf.reshape(first[:, None] + tf.constant(rows)[None, :], [-1])
+    return tf.reshape(tf.gather(tf.reshape(a, [-1, c]), index), [-1, kernel * kernel * c])
+
+
+def _out_size(size: Sequence[int], kernel: int, padding: str) -> tuple[int, int]:
+    shrink = 0 if padding == "SAME" else kernel - 1
+    return int(size[0]) - shrink, int(size[1]) - shrink
+
+
+def _conv(a: tf.Tensor, kernel: tf.Tensor, padding: str) -> tf.Tensor:
+    """``conv2d(a, kernel, 1, padding)`` for inference: (batch, h, w, co)."""
+    k, _, ci, co = kernel.shape
+    if ci == 1:  # an image: its windows are cheap, and gathering single floats is not
+        return _conv_windows(_windows(a, k, padding), kernel, a.shape[1:3], padding)
+    h, w = _out_size(a.shape[1:3], k, padding)
+    z = tf.matmul(_patches(a, k, padding), tf.reshape(kernel, [-1, co]))  # (batch*h*w, co)
+    return tf.reshape(z, [-1, h, w, co])
+
+
+def _conv_windows(
+    windows: tf.Tensor, kernel: tf.Tensor, size: Sequence[int], padding: str
+) -> tf.Tensor:
+    """``conv2d(a, kernel, 1, padding)`` from ``a``'s windows (``_windows``); ``size`` is
+    ``a``'s (H, W). Returns (batch, h, w, co)."""
+    k, _, _, co = kernel.shape
+    h, w = _out_size(size, k, padding)
+    z = tf.matmul(windows, tf.reshape(kernel, [-1, co]), transpose_a=True)  # (batch*h*w, co)
+    return tf.reshape(z, [-1, h, w, co])
+
+
+def _conv_filter_grad(windows: tf.Tensor, g: tf.Tensor, shape: Sequence[int]) -> tf.Tensor:
+    """Gradient of the convolution w.r.t. its kernel of ``shape`` (k, k, ci, co), given the
+    input's windows and the output gradient ``g`` (batch, h, w, co):
+    kernel[i, j, ci, co] = sum_{b,y,x} a_pad[b, y+i, x+j, ci] * g[b, y, x, co], the windows
+    (k*k*ci, batch*h*w) times g as (batch*h*w, co)."""
+    co = int(shape[-1])
+    return tf.reshape(tf.matmul(windows, tf.reshape(g, [-1, co])), shape)
+
+
+def _conv_input_grad(g: tf.Tensor, kernel: tf.Tensor, a: tf.Tensor, padding: str) -> tf.Tensor:
+    """Gradient of the convolution w.r.t. its input ``a`` (batch, H, W, ci), given the output
+    gradient ``g`` (batch, h, w, co): a convolution of ``g``, padded to a "full" one, with the
+    kernel flipped in space and its channels swapped (TRANSPOSE_CONV for few channels)."""
+    k, _, ci, co = kernel.shape
+    if ci * co < MIN_GEMM_CHANNELS:
+        return tf.nn.conv2d_transpose(g, kernel, tf.shape(a), 1, padding)
+    pad = (k - 1) // 2 if padding == "SAME" else k - 1
+    g = tf.pad(g, [[0, 0], [pad, pad], [pad, pad], [0, 0]])
+    flipped = tf.reshape(tf.transpose(tf.reverse(kernel, [0, 1]), [0, 1, 3, 2]), [-1, ci])
+    d = tf.matmul(_patches(g, k, "VALID"), flipped)  # (batch*H*W, ci)
+    return tf.reshape(d, tf.shape(a))
 
 
 _ARCHITECTURES = {

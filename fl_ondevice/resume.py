@@ -22,11 +22,12 @@ import numpy as np
 from flwr.serverapp.strategy import Strategy
 from omegaconf import OmegaConf
 
-from fl_ondevice.checkpoint import Weights, WeightSpec, read_checkpoint, write_checkpoint
+from fl_ondevice.checkpoint import read_checkpoint, write_checkpoint
 from fl_ondevice.config import Config, parse_config
 from fl_ondevice.errors import CheckpointError, ResumeError
 from fl_ondevice.results import METRICS_JSON, MetricsLog
 from fl_ondevice.strategy import layers
+from fl_ondevice.weights import Weights, WeightSpec
 
 log = logging.getLogger(__name__)
 

@@ -15,7 +15,6 @@ from dataclasses import dataclass
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp.strategy import Strategy
 
-from fl_ondevice.checkpoint import WeightSpec
 from fl_ondevice.message import from_arrays, to_arrays
 from fl_ondevice.strategy import (
     AGGREGATE_EVALUATE,
@@ -27,6 +26,7 @@ from fl_ondevice.strategy import (
     setting,
 )
 from fl_ondevice.transport import ClientGrid
+from fl_ondevice.weights import WeightSpec
 
 log = logging.getLogger(__name__)
 

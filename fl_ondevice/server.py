@@ -27,7 +27,7 @@ from fl_ondevice.calibration import (
     read_calibration,
     write_calibration,
 )
-from fl_ondevice.checkpoint import Weights, write_checkpoint
+from fl_ondevice.checkpoint import write_checkpoint
 from fl_ondevice.client import bottleneck_dir
 from fl_ondevice.client_app import client_app
 from fl_ondevice.clock import DeviceClock, device_classes
@@ -77,6 +77,7 @@ from fl_ondevice.rounds import RoundResult, run_rounds
 from fl_ondevice.strategy import layers, make_strategy, nodes_needed, setting
 from fl_ondevice.transfer import pretrained_base
 from fl_ondevice.transport import ClientGrid, RoundTraffic
+from fl_ondevice.weights import Weights
 
 log = logging.getLogger(__name__)
 
@@ -304,6 +305,8 @@ def _start_outputs(
         "target_accuracy": cfg.target_accuracy,
         "model_file": str(prep.model_file),
         "model_bytes": prep.model_file.stat().st_size,  # the .tflite a phone downloads
+        # The interpreter the clients run (the server opens the same file the same way).
+        "runtime": asdict(prep.server_model.runtime),
     }
     return MetricsLog(out, run_info, rows=resumed.rows if resumed else ())
 

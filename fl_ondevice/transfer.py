@@ -13,8 +13,9 @@ with a temporary head; the clients then train a new head (dense 64 -> classes) o
 - ``train(bottleneck, label) -> {loss, gradient/<weight>...}``: one SGD step of the head on
   one-hot float32 labels (batch, classes);
 - ``infer(feature) -> {output}``: base + head, softmax probabilities;
-- ``save(checkpoint_path)`` / ``restore(checkpoint_path)``: the head's weights only (V1
-  checkpoint, tensor names ``output/kernel`` and ``output/bias``);
+- ``save() -> {output/kernel, output/bias}`` / ``restore(output/kernel, output/bias)``: the
+  head's weights only, as tensors (the app's own file passes a checkpoint path to TF's Save and
+  Restore ops, which only the Flex delegate runs);
 - ``initialize() -> {weights}``: sets the head to its seeded starting weights.
 
 The base is constants in the file (frozen: nothing can change it); plain SGD has no state, so
@@ -48,6 +49,7 @@ from fl_ondevice.model import (
     build_model,
     restore_variables,
     save_variables,
+    weight_specs,
 )
 
 log = logging.getLogger(__name__)
@@ -302,9 +304,9 @@ class TransferHead(tf.Module):
             ],
         )
         self.infer = tf.function(self._infer, input_signature=[feature])
-        path = tf.TensorSpec([], tf.string, name="checkpoint_path")
-        self.save = tf.function(self._save, input_signature=[path])
-        self.restore = tf.function(self._restore, input_signature=[path])
+        self.save = tf.function(self._save, input_signature=[])
+        head_layers = [(n, tuple(w.shape)) for n, w in zip(HEAD, self.weights_, strict=True)]
+        self.restore = tf.function(self._restore, input_signature=[weight_specs(head_layers)])
         self.initialize = tf.function(self._initialize, input_signature=[])
 
     def _load(self, feature: tf.Tensor) -> dict[str, tf.Tensor]:
@@ -329,11 +331,11 @@ class TransferHead(tf.Module):
         logits = tf.matmul(bottleneck(self.base, feature), self.weights_[0]) + self.weights_[1]
         return {"output": tf.nn.softmax(logits)}
 
-    def _save(self, checkpoint_path: tf.Tensor) -> dict[str, tf.Tensor]:
-        return save_variables(checkpoint_path, self.weight_names, self.weights_)
+    def _save(self) -> dict[str, tf.Tensor]:
+        return save_variables(self.weight_names, self.weights_)
 
-    def _restore(self, checkpoint_path: tf.Tensor) -> dict[str, tf.Tensor]:
-        return restore_variables(checkpoint_path, self.weight_names, self.weights_)
+    def _restore(self, tensors: Sequence[tf.Tensor]) -> dict[str, tf.Tensor]:
+        return restore_variables(tensors, self.weights_)
 
     def _initialize(self) -> dict[str, tf.Tensor]:
         # Constants computed in Python at build time: the same start on every phone.

@@ -44,7 +44,6 @@ from flwr.app import ConfigRecord, Error, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 from flwr.supercore.run import Run
 
-from fl_ondevice.checkpoint import WeightSpec
 from fl_ondevice.clock import OVERCOMMIT_STREAM, DeviceClock, close_round
 from fl_ondevice.encoding import FLOAT32, decode_update, encoded_bytes
 from fl_ondevice.errors import ConfigError
@@ -65,6 +64,7 @@ from fl_ondevice.message import (
     unpack_replies,
 )
 from fl_ondevice.updates import checked_update, client_error
+from fl_ondevice.weights import WeightSpec
 
 log = logging.getLogger(__name__)
 

@@ -7,9 +7,9 @@ import re
 import numpy as np
 from flwr.app import RecordDict
 
-from fl_ondevice.checkpoint import Weights, WeightSpec
 from fl_ondevice.errors import CheckpointError
 from fl_ondevice.message import array_view
+from fl_ondevice.weights import Weights, WeightSpec
 
 
 def checked_update(

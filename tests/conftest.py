@@ -8,12 +8,36 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import tensorflow as tf
 from hydra import compose, initialize_config_dir
 
 from fl_ondevice.config import Config, ModelConfig, parse_config
 from fl_ondevice.export import convert
 from fl_ondevice.model import TrainableModel, build_model
 from fl_ondevice.results import TIME_COLUMNS
+
+# Files with Flex (select TF) ops run only on an interpreter that links the Flex delegate:
+# TensorFlow's up to 2.18 (the `flex` extra). Elsewhere the tests marked `flex` are skipped.
+FLEX = tuple(int(v) for v in tf.__version__.split(".")[:2]) < (2, 19)
+FLEX_REASON = (
+    f"TensorFlow {tf.__version__}'s interpreter has no Flex delegate; "
+    "these run in the flex environment: pip install -e '.[flex]' (Python <= 3.12)"
+)
+
+
+def pytest_collection_modifyitems(config, items):
+    if FLEX:
+        return
+    skip = pytest.mark.skip(reason=FLEX_REASON)
+    for item in items:
+        if "flex" in item.keywords:
+            item.add_marker(skip)
+
+
+def flex_param(*values):
+    """A ``pytest.param`` marked ``flex`` (for parametrizations with a Flex file)."""
+    return pytest.param(*values, marks=pytest.mark.flex)
+
 
 Converted = tuple[TrainableModel, bytes]
 _CONVERTED: dict[tuple, bytes] = {}

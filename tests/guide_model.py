@@ -1,4 +1,11 @@
-"""The TFLite on-device training guide's model, written as a user would (no project code)."""
+"""The TFLite on-device training guide's model, written as a user would (no project code).
+
+``GuideModel`` is the guide's own: a Keras model trained by tape, ``save`` / ``restore`` by
+checkpoint path through TF's Save/Restore ops, converted with ``SELECT_TF_OPS``: its file needs
+the Flex delegate (TF 2.18.1's interpreter, the ``flex`` extra). ``BuiltinGuideModel`` is the same
+network as a user would write it for LiteRT without Flex: the gradient written by hand, the
+Keras optimizer's update (builtin ops), and the weights as ``save`` / ``restore`` tensors.
+"""
 
 from __future__ import annotations
 
@@ -8,15 +15,15 @@ import keras
 import tensorflow as tf
 
 
-def to_tflite(module: tf.Module, signatures: dict) -> bytes:
-    """The guide's conversion recipe, written out here so no project code is involved."""
+def to_tflite(module: tf.Module, signatures: dict, flex: bool = True) -> bytes:
+    """The guide's conversion recipe, written out here so no project code is involved;
+    ``flex=False`` converts with TFLite builtin ops only (no ``SELECT_TF_OPS``)."""
     with tempfile.TemporaryDirectory() as saved:
         tf.saved_model.save(module, saved, signatures=signatures)
         converter = tf.lite.TFLiteConverter.from_saved_model(saved)
-        converter.target_spec.supported_ops = [
-            tf.lite.OpsSet.TFLITE_BUILTINS,
-            tf.lite.OpsSet.SELECT_TF_OPS,
-        ]
+        converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS]
+        if flex:
+            converter.target_spec.supported_ops.append(tf.lite.OpsSet.SELECT_TF_OPS)
         converter.experimental_enable_resource_variables = True
         return converter.convert()
 
@@ -88,8 +95,71 @@ class GuideModel(tf.Module):
         return restored
 
 
-def guide_tflite_bytes() -> bytes:
-    """The guide model with its four signatures, converted by the guide's recipe."""
-    m = GuideModel()
-    sigs = {k: getattr(m, k).get_concrete_function() for k in ("train", "infer", "save", "restore")}
-    return to_tflite(m, sigs)
+def dense_relu_dense_gradients(
+    ws: list, x: tf.Tensor, y_one_hot: tf.Tensor, softmax_output: bool = False
+) -> tuple[tf.Tensor, list[tf.Tensor]]:
+    """Mean categorical cross-entropy of Flatten -> Dense(ReLU) -> Dense and its gradients by
+    hand, builtin ops only (a tape brings the Flex ops BroadcastGradientArgs and ReluGrad).
+
+    ``softmax_output``: the last layer ends in a softmax (Flower's Android example), whose
+    loss Keras computes from the probabilities; the gradient at the scores is the same.
+    """
+    k1, b1, k2, b2 = ws
+    h0 = tf.reshape(x, [-1, k1.shape[0]])
+    h1 = tf.nn.relu(tf.matmul(h0, k1) + b1)
+    scores = tf.matmul(h1, k2) + b2
+    log_p = tf.nn.log_softmax(scores)
+    loss = -tf.reduce_mean(tf.reduce_sum(y_one_hot * log_p, axis=-1))
+    d = (tf.exp(log_p) - y_one_hot) / tf.cast(tf.shape(x)[0], tf.float32)
+    dh = tf.matmul(d, k2, transpose_b=True) * tf.sign(h1)
+    grads = [
+        tf.matmul(h0, dh, transpose_a=True),
+        tf.reduce_sum(dh, 0),
+        tf.matmul(h1, d, transpose_a=True),
+        tf.reduce_sum(d, 0),
+    ]
+    return loss, grads
+
+
+class BuiltinGuideModel(GuideModel):
+    """The guide's layout without Flex ops: hand-written gradient, weights as tensors."""
+
+    @tf.function(
+        input_signature=[
+            tf.TensorSpec([None, 8, 8], tf.float32),
+            tf.TensorSpec([None, 10], tf.float32),
+        ]
+    )
+    def train(self, x, y):
+        weights = self.model.trainable_variables
+        loss, grads = dense_relu_dense_gradients([w.value for w in weights], x, y)
+        self.model.optimizer.apply_gradients(zip(grads, weights, strict=True))
+        return {"loss": loss}
+
+    @tf.function(input_signature=[])
+    def save(self):
+        return {name: v.read_value() for name, v in zip(self.names, self.vars, strict=True)}
+
+    def restore_signature(self):
+        """``restore(weights...)``: one input per weight, named after it (as ``save``'s outputs)."""
+        pairs = zip(self.names, self.vars, strict=True)
+        specs = [tf.TensorSpec(v.shape, v.dtype, name=n) for n, v in pairs]
+        return tf.function(self._restore, input_signature=[specs]).get_concrete_function()
+
+    def _restore(self, weights):
+        for tensor, v in zip(weights, self.vars, strict=True):
+            v.assign(tensor)
+        return {"restored": tf.constant(len(self.vars))}  # not {}: see guide_tflite_bytes
+
+
+def guide_tflite_bytes(flex: bool = True) -> bytes:
+    """The guide model with its four signatures: the guide's own (``flex``, its recipe), or the
+    Flex-free variant converted with builtin ops only.
+
+    The Flex-free ``restore`` returns a constant: a signature with no output at all is
+    converted to nothing (its assignments are dropped).
+    """
+    m = GuideModel() if flex else BuiltinGuideModel()
+    sigs = {k: getattr(m, k).get_concrete_function() for k in ("train", "infer", "save")}
+    sigs["restore"] = m.restore.get_concrete_function() if flex else m.restore_signature()
+    return to_tflite(m, sigs, flex=flex)

@@ -12,8 +12,11 @@
   ``train`` calls Keras' ``train_step``; here the same step is written out with a tape.
 
 Both are converted by :func:`guide_model.to_tflite`, the examples' converter flags
-(``TFLITE_BUILTINS + SELECT_TF_OPS``, resource variables). As in ``guide_model``, the Keras
-variables are tracked on the module (Keras 3 drops them otherwise).
+(``TFLITE_BUILTINS + SELECT_TF_OPS``, resource variables): their files need the Flex delegate.
+``BuiltinPersonalizationModel`` and ``BuiltinAndroidModel`` are the same layouts as a user would
+write them for LiteRT without Flex (gradients by hand, the personalization head's weights as
+``save`` / ``restore`` tensors), converted with builtin ops only. As in ``guide_model``, the
+Keras variables are tracked on the module (Keras 3 drops them otherwise).
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from __future__ import annotations
 import keras
 import numpy as np
 import tensorflow as tf
-from guide_model import to_tflite
+from guide_model import dense_relu_dense_gradients, to_tflite
 
 SHAPE = (8, 8)
 CLASSES = 10
@@ -102,10 +105,45 @@ class PersonalizationModel(tf.Module):
         return {"ws": self.ws.read_value(), "bs": self.bs.read_value()}
 
 
-def personalization_tflite_bytes() -> bytes:
-    m = PersonalizationModel()
+class BuiltinPersonalizationModel(PersonalizationModel):
+    """model_personalization's layout without Flex ops: the head's gradient by hand (a tape
+    adds BroadcastGradientArgs for ``bs``), its weights as ``save`` / ``restore`` tensors."""
+
+    @tf.function(
+        input_signature=[
+            tf.TensorSpec([None, FEATURES], tf.float32),
+            tf.TensorSpec([None, CLASSES], tf.float32),
+        ]
+    )
+    def train(self, bottleneck, label):
+        log_p = tf.nn.log_softmax(tf.matmul(bottleneck, self.ws) + self.bs)
+        loss = -tf.reduce_mean(tf.reduce_sum(label * log_p, axis=-1))
+        d = (tf.exp(log_p) - label) / tf.cast(tf.shape(label)[0], tf.float32)
+        gradients = [tf.matmul(bottleneck, d, transpose_a=True), tf.reduce_sum(d, 0, keepdims=True)]
+        self.optimizer.apply_gradients(zip(gradients, [self.ws, self.bs], strict=True))
+        return {"loss": loss, "ws_gradient": gradients[0], "bs_gradient": gradients[1]}
+
+    @tf.function(input_signature=[])
+    def save(self):
+        return {"ws": self.ws.read_value(), "bs": self.bs.read_value()}
+
+    @tf.function(
+        input_signature=[
+            tf.TensorSpec((FEATURES, CLASSES), tf.float32, name="ws"),
+            tf.TensorSpec((1, CLASSES), tf.float32, name="bs"),
+        ]
+    )
+    def restore(self, ws, bs):
+        self.ws.assign(ws)
+        self.bs.assign(bs)
+        return {"restored": tf.constant(2)}  # not {}: the converter would drop the assignments
+
+
+def personalization_tflite_bytes(flex: bool = True) -> bytes:
+    """The app's layout as its converter builds it (``flex``), or without Flex ops."""
+    m = PersonalizationModel() if flex else BuiltinPersonalizationModel()
     names = ("load", "train", "infer", "save", "restore", "initialize")
-    return to_tflite(m, {k: getattr(m, k).get_concrete_function() for k in names})
+    return to_tflite(m, {k: getattr(m, k).get_concrete_function() for k in names}, flex=flex)
 
 
 class AndroidModel(tf.Module):
@@ -159,9 +197,26 @@ class AndroidModel(tf.Module):
         return self.parameters()
 
 
-def android_tflite_bytes(activation: str | None = "softmax") -> bytes:
-    """``activation=None``: a variant whose ``logits`` are scores (no softmax at the end)."""
-    m = AndroidModel(activation=activation)
+class BuiltinAndroidModel(AndroidModel):
+    """android-kotlin's layout without Flex ops: Keras' train_step written out, gradient by hand."""
+
+    @tf.function(
+        input_signature=[
+            tf.TensorSpec([None, *SHAPE], tf.float32),
+            tf.TensorSpec([None, CLASSES], tf.float32),
+        ]
+    )
+    def train(self, x, y):
+        weights = self.model.trainable_variables
+        loss, grads = dense_relu_dense_gradients([w.value for w in weights], x, y)
+        self.model.optimizer.apply_gradients(zip(grads, weights, strict=True))
+        return {"loss": loss}
+
+
+def android_tflite_bytes(activation: str | None = "softmax", flex: bool = True) -> bytes:
+    """``activation=None``: a variant whose ``logits`` are scores (no softmax at the end);
+    ``flex=False``: the layout without Flex ops."""
+    m = AndroidModel(activation=activation) if flex else BuiltinAndroidModel(activation=activation)
     restore = m.restore.get_concrete_function(
         **{f"a{i}": tf.TensorSpec(v.shape, v.dtype, name=f"a{i}") for i, v in enumerate(m.vars)}
     )
@@ -171,4 +226,4 @@ def android_tflite_bytes(activation: str | None = "softmax") -> bytes:
         "parameters": m.parameters.get_concrete_function(),
         "restore": restore,
     }
-    return to_tflite(m, sigs)
+    return to_tflite(m, sigs, flex=flex)

@@ -65,7 +65,8 @@ def test_measure_times_each_size_with_the_stated_repeats(mlp_bytes, digits, capl
     assert all(math.isfinite(s) and s > 0 for s in got.step_seconds.values())
     assert all(3 <= n <= 7 for n in got.repeats.values())
     assert (got.model_key, got.num_threads) == (KEY, 1)
-    assert f"calibrated {KEY} on {got.host}: batch 1 " in caplog.text
+    assert got.runtime.startswith("ai-edge-litert ")  # the interpreter the clients run
+    assert f"calibrated {KEY} on {got.host} ({got.runtime}): batch 1 " in caplog.text
 
 
 @pytest.mark.parametrize(("budget", "want"), [(1e-12, 3), (1e9, 6)])
@@ -331,3 +332,32 @@ def test_load_or_measure_measures_again_over_a_corrupt_cache(
     assert counted == [[1], [1]]
     assert str(cached) in caplog.text and "measuring again" in caplog.text
     assert read_calibration(cached, KEY) == got
+
+
+def test_a_cached_calibration_of_another_runtime_is_measured_again(
+    tmp_path, mlp_bytes, digits, counted, caplog
+):
+    # A calibration measured on another interpreter (e.g. TF 2.18's, before the LiteRT move)
+    # is another measurement: the cache is keyed by the runtime and checks it.
+    x, y = digits[0], digits[1]
+    load_or_measure(tmp_path, KEY, mlp_bytes, x, y, [1], 1)
+    (cached,) = (tmp_path / "calibration").glob("*.json")
+    doc = json.loads(cached.read_text())
+    cached.write_text(json.dumps({**doc, "runtime": "tensorflow 2.18.1"}))
+
+    with caplog.at_level(logging.WARNING, logger="fl_ondevice.calibration"):
+        got = load_or_measure(tmp_path, KEY, mlp_bytes, x, y, [1], 1)
+
+    assert counted == [[1], [1]]
+    assert got.runtime == doc["runtime"] != "tensorflow 2.18.1"
+    assert "'tensorflow 2.18.1'" in caplog.text and "measuring again" in caplog.text
+
+
+def test_a_calibration_file_written_before_runtimes_were_recorded_still_reads(tmp_path):
+    doc = json.loads(by_hand({1: 0.001, 32: 0.004}).to_json())
+    del doc["runtime"]
+    (tmp_path / "old.json").write_text(json.dumps(doc))
+
+    got = read_calibration(tmp_path / "old.json")
+
+    assert got.runtime == "" and got.step_seconds == {1: 0.001, 32: 0.004}

@@ -5,8 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from fl_ondevice.checkpoint import WeightSpec, read_checkpoint, write_checkpoint
+from fl_ondevice.checkpoint import read_checkpoint, write_checkpoint
 from fl_ondevice.errors import CheckpointError
+from fl_ondevice.weights import WeightSpec
 
 
 def _weights() -> dict[str, np.ndarray]:

@@ -43,20 +43,20 @@ def test_update_in_reused_interpreter_equals_update_in_fresh_one(tmp_path, model
 
 
 def test_weights_are_staged_once_per_received_object():
-    class Model:  # counts the checkpoint files written
+    class Model:  # counts the weights it checked
         def __init__(self) -> None:
             self.staged = 0
 
         def stage(self, weights: dict) -> str:
             self.staged += 1
-            return f"file-{self.staged}"
+            return f"staged-{self.staged}"
 
     model, staged = Model(), StagedWeights()
     received, other = object(), object()
-    paths = [staged.get(model, received, dict)[1] for _ in range(3)]  # 3 clients, 1 message
-    paths.append(staged.get(model, other, dict)[1])  # the next message
+    got = [staged.get(model, received, dict) for _ in range(3)]  # 3 clients, 1 message
+    got.append(staged.get(model, other, dict))  # the next message
 
-    assert paths == ["file-1", "file-1", "file-1", "file-2"]
+    assert got == ["staged-1", "staged-1", "staged-1", "staged-2"]
 
 
 def test_attackers_are_a_seeded_share_of_the_clients():

@@ -55,9 +55,11 @@ def test_describe_lists_signatures_and_tensor_sizes(converted):
     assert (
         "infer(x: float32[-1, 8, 8]) -> {logits: float32[-1, 10], output: float32[-1, 10]}" in text
     )
-    assert "save(checkpoint_path: bytes[])" in text and "reset()" in text
+    assert "save() -> {hidden1/bias: float32[128], hidden1/kernel: float32[64, 128]," in text
+    assert "restore(hidden1/bias: float32[128], hidden1/kernel: float32[64, 128]," in text
+    assert "reset()" in text and "runs on ai-edge-litert" in text
     assert "hidden1/kernel           float32[64, 128]  32.0 KiB" in text
-    assert f"weights ({(64 * 128 + 128 + 128 * 10 + 10) * 4 / 1024:.1f} KiB per checkpoint)" in text
+    assert f"weights ({(64 * 128 + 128 + 128 * 10 + 10) * 4 / 1024:.1f} KiB)" in text
 
 
 def test_export_command_writes_a_model_an_app_can_train(tmp_path):

@@ -79,7 +79,7 @@ def test_client_reports_the_fine_tuning_recomputed_in_a_second_interpreter(tflit
 
 def test_fine_tuning_leaves_nothing_behind_for_the_next_training(tflite):
     cfg, path, start = _setup(tflite, epochs=1)
-    fresh = train_client(cfg, pooled_model(path), (start, pooled_model(path).stage(start)), 2, 4)
+    fresh = train_client(cfg, pooled_model(path), pooled_model(path).stage(start), 2, 4)
 
     clear_pool()
     model = pooled_model(path)
@@ -203,7 +203,7 @@ def test_a_personalization_layout_fine_tunes_its_head_on_bottlenecks(tmp_path):
     from layout_models import personalization_tflite_bytes  # load(images) -> bottlenecks
 
     path = tmp_path / "personalization.tflite"
-    path.write_bytes(personalization_tflite_bytes())
+    path.write_bytes(personalization_tflite_bytes(flex=False))
     model_cfg = ModelConfig(name="tflite", path=str(path))
     cfg = Config(model=model_cfg, num_clients=4, personalize=PersonalizeConfig(epochs=1))
     clear_pool()

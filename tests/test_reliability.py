@@ -16,11 +16,12 @@ from conftest import compose_config, metrics_rows, stable_rows
 from flwr.app import Array, ArrayRecord, MetricRecord, RecordDict
 from poison_client import dying_app
 
-from fl_ondevice.checkpoint import WeightSpec, read_checkpoint
+from fl_ondevice.checkpoint import read_checkpoint
 from fl_ondevice.client import injected_failure
 from fl_ondevice.errors import ConfigError, ResumeError
 from fl_ondevice.simulate import simulate
 from fl_ondevice.updates import checked_update
+from fl_ondevice.weights import WeightSpec
 
 FAULTY = ("num_clients=10", "num_rounds=4", "client.dropout_rate=0.3", "client.failure_rate=0.2")
 

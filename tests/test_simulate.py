@@ -10,7 +10,7 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import compose_config, metrics_rows, reply, stable_rows
+from conftest import compose_config, flex_param, metrics_rows, reply, stable_rows
 from guide_model import guide_tflite_bytes
 
 from fl_ondevice.checkpoint import read_checkpoint
@@ -188,9 +188,10 @@ def test_client_side_evaluation_is_reported(run):
     assert all(0.0 <= float(r["client_eval_accuracy"]) <= 1.0 for r in rows(out)[1:])
 
 
-def test_bring_your_own_tflite_model(run, tmp_path_factory):
+@pytest.mark.parametrize("flex", [flex_param(True), False])
+def test_bring_your_own_tflite_model(run, tmp_path_factory, flex):
     path = tmp_path_factory.mktemp("byo") / "guide.tflite"
-    path.write_bytes(guide_tflite_bytes())
+    path.write_bytes(guide_tflite_bytes(flex=flex))
 
     out = run(*SMALL, "model=tflite", f"model.path={path}")
 

@@ -14,11 +14,12 @@ from flwr.serverapp.strategy import FedAdam, FedAvg, FedMedian
 from flwr.supercore.task_identity import TaskIdentity
 from scripted_engine import ScriptedEngine
 
-from fl_ondevice.checkpoint import WeightSpec, read_checkpoint
+from fl_ondevice.checkpoint import read_checkpoint
 from fl_ondevice.message import pack_replies, to_arrays
 from fl_ondevice.rounds import train_round
 from fl_ondevice.strategy import CONFIGURE_TRAIN, seeded
 from fl_ondevice.transport import FIRST_NODE_ID, ClientGrid
+from fl_ondevice.weights import WeightSpec
 
 ROOT = Path(__file__).resolve().parents[1]
 STRATEGIES = sorted(p.stem for p in (ROOT / "conf" / "strategy").glob("*.yaml"))
@@ -205,7 +206,7 @@ def test_fedprox_needs_the_proximal_signature_and_says_so_before_ray(tmp_path, c
     from fl_ondevice.simulate import simulate
 
     path = tmp_path / "guide.tflite"
-    path.write_bytes(guide_tflite_bytes())
+    path.write_bytes(guide_tflite_bytes(flex=False))
     cfg = compose_config(
         tmp_path, f"cache_dir={cache}", "model=tflite", f"model.path={path}", "strategy=fedprox"
     )
