@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import functools
 import gzip
-import importlib
+import hashlib
+import http.client
 import logging
 import os
+import tempfile
+import urllib.request
 import zlib
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,6 +38,36 @@ SYSTEM_DIRS = {
 # Where keras.datasets caches each dataset, relative to the Keras cache (`$KERAS_HOME/datasets`).
 KERAS_SUBDIRS = {"fashion_mnist": "fashion-mnist", "mnist": ""}
 KERAS_MNIST_NPZ = "mnist.npz"
+# Where keras.datasets.{mnist,fashion_mnist}.load_data() download from; a mirror serving the same
+# files (or a local server in tests) replaces it through the environment variable below.
+KERAS_DATASETS_URL = "https://storage.googleapis.com/tensorflow/tf-keras-datasets/"
+DATASET_URL_ENV = "FL_ONDEVICE_DATASET_URL"
+# sha256 of each file a download fetches. mnist.npz: the hash keras.datasets.mnist checks.
+# Fashion-MNIST: keras checks none; these are the hashes TensorFlow Datasets pins for Zalando's
+# original files (url_checksums/fashion_mnist.txt), which keras' copies match in name and size
+# (26421880, 29515, 4422102 and 5148 bytes).
+DOWNLOAD_SHA256: Mapping[str, Mapping[str, str]] = {
+    "fashion_mnist": {
+        "train-images-idx3-ubyte.gz": (
+            "3aede38d61863908ad78613f6a32ed271626dd12800ba2636569512369268a84"
+        ),
+        "train-labels-idx1-ubyte.gz": (
+            "a04f17134ac03560a47e3764e11b92fc97de4d1bfaf8ba1a3aa29af54cc90845"
+        ),
+        "t10k-images-idx3-ubyte.gz": (
+            "346e55b948d973a97e58d2351dde16a484bd415d4595297633bb08f03db6a073"
+        ),
+        "t10k-labels-idx1-ubyte.gz": (
+            "67da17c76eaffca5446c3361aaab5c3cd6d1c2608764d35dfb1850b086bf8dd5"
+        ),
+    },
+    "mnist": {
+        KERAS_MNIST_NPZ: "731c5ac602752760c8e48fbffcf8c3b850d9dc2a2aedcf2cc48468fc17b673d1",
+    },
+}
+# Seconds a connection attempt or one read may stall (not a limit on the whole file).
+DOWNLOAD_TIMEOUT_S = 60.0
+_CHUNK_BYTES = 1 << 20  # 1 MiB: the download is streamed, never held whole in memory
 NUM_CLASSES = DATASET_CLASSES
 HOW_TO_GET = {
     "fashion_mnist": (
@@ -94,7 +128,8 @@ def load_dataset(cfg: DatasetConfig, seed: int = 0) -> Dataset:
     ----------
     cfg : DatasetConfig
         ``name`` selects the dataset; ``data_dir`` and ``download`` steer the file lookup of
-        fashion_mnist and mnist; ``test_fraction`` is the held-out share of digits;
+        fashion_mnist and mnist (``download`` fetches them with `fetch_dataset` when no
+        directory has them); ``test_fraction`` is the held-out share of digits;
         ``classes`` keeps only those classes (train and test), relabelled 0..k-1 in that order.
     seed : int
         Seed of the stratified train/test split of digits. fashion_mnist and mnist have an
@@ -315,28 +350,39 @@ def _load_idx_dataset(name: str, data_dir: str | None, download: bool) -> Datase
     for directory in dirs:
         files = _find_idx_files(directory)
         if files is not None:
-            log.info("reading %s IDX files from %s", name, directory)
-            arrays = {key: read_idx(path) for key, path in files.items()}
-            return _from_uint8(
-                name,
-                arrays["x_train"],
-                arrays["y_train"],
-                arrays["x_test"],
-                arrays["y_test"],
-                source=str(directory),
-            )
+            return _read_idx_files(name, directory, files)
         looked.append(f"{directory}/ (the four IDX files, .gz or plain)")
         if name == "mnist" and (directory / KERAS_MNIST_NPZ).is_file():
             return _load_mnist_npz(directory / KERAS_MNIST_NPZ)
         if name == "mnist":
             looked.append(f"{directory / KERAS_MNIST_NPZ} (keras' npz)")
-    if download:
-        return _download_with_keras(name, looked)
     places = "\n  ".join(looked)
+    if download:
+        try:
+            return fetch_dataset(name)
+        except DataError as err:
+            # The download's own message has the URL, the cause and the offline fix.
+            raise DataError(
+                f"dataset {name!r} not found locally and its download failed. Looked in:\n"
+                f"  {places}\n{err}"
+            ) from None
     raise DataError(
         f"dataset {name!r} not found and dataset.download=false. IDX files: "
         f"{', '.join(s + '.gz' for s in IDX_FILES.values())}. Looked in:\n  {places}\n"
         f"To get it: {HOW_TO_GET[name]}; or allow a download with dataset.download=true."
+    )
+
+
+def _read_idx_files(name: str, directory: Path, files: Mapping[str, Path]) -> Dataset:
+    log.info("reading %s IDX files from %s", name, directory)
+    arrays = {key: read_idx(path) for key, path in files.items()}
+    return _from_uint8(
+        name,
+        arrays["x_train"],
+        arrays["y_train"],
+        arrays["x_test"],
+        arrays["y_test"],
+        source=str(directory),
     )
 
 
@@ -359,20 +405,120 @@ def _load_mnist_npz(path: Path) -> Dataset:
     )
 
 
-def _download_with_keras(name: str, looked: list[str]) -> Dataset:
-    log.info("%s not found locally; downloading it through keras.datasets", name)
-    try:
-        # Lazy: importing keras imports TensorFlow (~500 MiB, seconds), only worth it here.
-        module = importlib.import_module(f"keras.datasets.{name}")
-        (x_train, y_train), (x_test, y_test) = module.load_data()
-    except Exception as err:  # noqa: BLE001 - network/SSL/HTTP/IO errors all mean the same here
-        places = "\n  ".join(looked)
+def fetch_dataset(
+    name: str, *, base_url: str | None = None, sha256: Mapping[str, str] | None = None
+) -> Dataset:
+    """Download the files of ``name`` into the Keras cache, verify their sha256, and read them.
+
+    Fetches the files keras.datasets fetches into the places it keeps them, so a cache filled by
+    either serves both: fashion_mnist's four IDX ``.gz`` files into
+    ``<keras cache>/fashion-mnist/``, mnist's ``mnist.npz`` into ``<keras cache>/`` (see
+    `keras_cache_dir`). A file already there with the expected sha256 is not fetched again.
+    Plain ``urllib``: importing TensorFlow (~500 MiB) is what a client node must avoid. Each file
+    is written under a temporary name beside its target and renamed only once its sha256
+    matches, so a failed or corrupt download leaves no file behind and processes downloading at
+    the same time never read a half-written one.
+
+    Parameters
+    ----------
+    name : str
+        ``fashion_mnist`` or ``mnist``.
+    base_url : str or None
+        URL of the directory holding the files (each file's name is appended). None: the
+        environment variable ``FL_ONDEVICE_DATASET_URL`` if set and non-empty (a mirror, or a
+        local server in tests), else keras' `KERAS_DATASETS_URL`.
+    sha256 : Mapping of str to str, or None
+        Expected sha256 (hex) of each file, by file name; must name exactly the files of
+        ``DOWNLOAD_SHA256[name]``. None: ``DOWNLOAD_SHA256[name]``, the published files' hashes;
+        pass a table only to fetch other files of the same names (tests do). The environment
+        variable changes where files come from, never what they must hash to.
+
+    Returns
+    -------
+    Dataset
+        As `load_dataset` returns it without ``classes``.
+
+    Raises
+    ------
+    DataError
+        An unknown ``name``, or a file could not be fetched or written (HTTP error, network
+        failure, sha256 mismatch, unwritable cache): the message names the URL, the cause and
+        how to get the dataset offline.
+    """
+    if name not in DOWNLOAD_SHA256:
         raise DataError(
-            f"dataset {name!r} not found locally and the download through "
-            f"keras.datasets.{name}.load_data() failed: {type(err).__name__}: {err}\n"
-            f"Looked in:\n  {places}\nTo get it offline: {HOW_TO_GET[name]}."
-        ) from err
-    return _from_uint8(name, x_train, y_train, x_test, y_test, source="keras download")
+            f"cannot download dataset {name!r}: choose one of {sorted(DOWNLOAD_SHA256)}"
+        )
+    expected = DOWNLOAD_SHA256[name] if sha256 is None else sha256
+    if set(expected) != set(DOWNLOAD_SHA256[name]):
+        raise DataError(
+            f"sha256 table for {name} names {sorted(expected)}; it must name exactly the files "
+            f"{sorted(DOWNLOAD_SHA256[name])}"
+        )
+    base = base_url or os.environ.get(DATASET_URL_ENV) or KERAS_DATASETS_URL
+    directory = keras_cache_dir() / KERAS_SUBDIRS[name]
+    for file_name, file_sha256 in expected.items():
+        _download_file(name, f"{base.rstrip('/')}/{file_name}", directory / file_name, file_sha256)
+    if name == "mnist":
+        return _load_mnist_npz(directory / KERAS_MNIST_NPZ)
+    files = {key: directory / f"{stem}.gz" for key, stem in IDX_FILES.items()}
+    return _read_idx_files(name, directory, files)
+
+
+def _download_file(name: str, url: str, target: Path, sha256: str) -> None:
+    if target.is_file() and _sha256_of(target) == sha256:
+        log.info("%s already downloaded (sha256 matches)", target)
+        return
+    log.info("downloading %s to %s", url, target)
+    tmp: Path | None = None
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        # Beside the target, so that the final rename stays on one file system and is atomic.
+        fd, tmp_name = tempfile.mkstemp(
+            prefix=f".{target.name}.", suffix=".part", dir=target.parent
+        )
+        tmp = Path(tmp_name)
+        found = _stream_into(url, fd)
+        if found == sha256:
+            os.replace(tmp, target)
+            return
+        reason = (
+            f"the file's sha256 is {found}, expected {sha256}: the transfer was corrupted or the "
+            f"server holds another file under this name (a mirror in {DATASET_URL_ENV} must "
+            "serve the original files)"
+        )
+    # URLError/HTTPError and socket timeouts are OSErrors, IncompleteRead is an HTTPException,
+    # a malformed URL (e.g. in the environment variable) is a ValueError.
+    except (OSError, http.client.HTTPException, ValueError) as err:
+        reason = f"{type(err).__name__}: {err}"
+    finally:
+        if tmp is not None:
+            tmp.unlink(missing_ok=True)  # gone already after a successful rename
+    raise DataError(
+        f"cannot download {url} to {target}: {reason}. The file was not written. "
+        f"To get {name} offline: {HOW_TO_GET[name]}."
+    )
+
+
+def _stream_into(url: str, fd: int) -> str:
+    """Write the body of ``url`` to the open file ``fd`` (closing it); return its sha256 (hex)."""
+    digest = hashlib.sha256()
+    with (
+        os.fdopen(fd, "wb") as out,
+        urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT_S) as response,
+    ):
+        while chunk := response.read(_CHUNK_BYTES):
+            digest.update(chunk)
+            out.write(chunk)
+    return digest.hexdigest()
+
+
+def _sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as file:
+        while chunk := file.read(_CHUNK_BYTES):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def _from_uint8(
@@ -421,11 +567,15 @@ def _from_uint8(
 
 
 __all__ = [
+    "DATASET_URL_ENV",
+    "DOWNLOAD_SHA256",
     "Dataset",
     "IDX_FILES",
+    "KERAS_DATASETS_URL",
     "SYSTEM_DIRS",
     "candidate_dirs",
     "clear_cache",
+    "fetch_dataset",
     "keras_cache_dir",
     "load_dataset",
     "read_idx",

@@ -1,11 +1,20 @@
-"""Tests of fl_ondevice.data: IDX reader, file lookup, offline errors, digits, Fashion-MNIST."""
+"""Tests of fl_ondevice.data: IDX reader, lookup, download, offline errors, digits, real files."""
 
 from __future__ import annotations
 
+import functools
 import gzip
+import hashlib
+import http.server
+import json
+import os
+import socket
+import subprocess
 import sys
-import types
+import textwrap
+import threading
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -275,21 +284,149 @@ def test_offline_error_for_mnist_mentions_keras_npz(tmp_path: Path) -> None:
     assert str(data.keras_cache_dir() / "mnist.npz") in message
 
 
-def fake_keras_module(monkeypatch: pytest.MonkeyPatch, name: str, load_data: object) -> None:
-    """Install ``keras.datasets.<name>`` with the given ``load_data`` (no network, no TF)."""
-    module = types.ModuleType(f"keras.datasets.{name}")
-    module.load_data = load_data  # type: ignore[attr-defined]
-    monkeypatch.setitem(sys.modules, f"keras.datasets.{name}", module)
+# ---------------------------------------------------------------------------------------------
+# Download (from a real HTTP server on 127.0.0.1 serving files the test writes)
+# ---------------------------------------------------------------------------------------------
 
 
-def test_download_failure_becomes_data_error_with_places_and_offline_fix(
-    monkeypatch: pytest.MonkeyPatch,
+class QuietHandler(http.server.SimpleHTTPRequestHandler):
+    """Serves a directory without writing a log line per request to stderr."""
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+
+@dataclass(frozen=True)
+class Server:
+    """A local HTTP server: ``url`` serves the files of ``root``."""
+
+    url: str
+    root: Path
+
+    def sha256(self) -> dict[str, str]:
+        """sha256 (hex) of every served file, by name: the table that accepts these files."""
+        return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in self.root.iterdir()}
+
+
+@pytest.fixture
+def server(tmp_path: Path) -> Iterator[Server]:
+    """An HTTP server on 127.0.0.1 (free port) serving ``tmp_path/served`` until the test ends."""
+    root = tmp_path / "served"
+    root.mkdir()
+    httpd = http.server.ThreadingHTTPServer(
+        ("127.0.0.1", 0), functools.partial(QuietHandler, directory=str(root))
+    )
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    yield Server(f"http://127.0.0.1:{httpd.server_address[1]}/", root)
+    httpd.shutdown()
+    httpd.server_close()
+    thread.join()
+
+
+def write_mnist_npz(path: Path, n_train: int = 20, n_test: int = 6) -> dict[str, np.ndarray]:
+    """Write an npz with keras' mnist.npz array names; return the arrays."""
+    rng = np.random.default_rng(1)
+    arrays = {
+        "x_train": rng.integers(0, 256, (n_train, 28, 28), dtype=np.uint8),
+        "y_train": np.arange(n_train, dtype=np.uint8) % 10,
+        "x_test": rng.integers(0, 256, (n_test, 28, 28), dtype=np.uint8),
+        "y_test": np.arange(n_test, dtype=np.uint8) % 10,
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.savez(path, **arrays)
+    return arrays
+
+
+def files_under(directory: Path) -> list[Path]:
+    return sorted(p for p in directory.rglob("*") if p.is_file())
+
+
+def test_fetch_fashion_mnist_downloads_the_idx_files_into_the_keras_cache_and_loads_them(
+    server: Server,
 ) -> None:
     # Prepare
-    def failing_load_data() -> None:
-        raise Exception("URL fetch failure on https://example.invalid: Name or service not known")
+    raw = write_idx_dataset(server.root)
 
-    fake_keras_module(monkeypatch, "fashion_mnist", failing_load_data)
+    # Execute
+    dataset = data.fetch_dataset("fashion_mnist", base_url=server.url, sha256=server.sha256())
+
+    # Assert: keras' layout, byte-identical copies, values as written
+    cache = data.keras_cache_dir() / "fashion-mnist"
+    names = sorted(f"{stem}.gz" for stem in data.IDX_FILES.values())
+    assert [p.name for p in files_under(data.keras_cache_dir())] == names
+    for name in names:
+        assert (cache / name).read_bytes() == (server.root / name).read_bytes()
+    for key in ("x_train", "x_test"):
+        np.testing.assert_array_equal(getattr(dataset, key) * 255.0, raw[key].astype(np.float32))
+    for key in ("y_train", "y_test"):
+        np.testing.assert_array_equal(getattr(dataset, key), raw[key])
+    # ... and the offline lookup finds the downloaded copy
+    again = load_dataset(DatasetConfig(name="fashion_mnist", download=False))
+    np.testing.assert_array_equal(again.y_train, raw["y_train"])
+
+
+def test_fetch_mnist_downloads_keras_npz_into_the_keras_cache_and_loads_it(
+    server: Server,
+) -> None:
+    # Prepare
+    raw = write_mnist_npz(server.root / "mnist.npz")
+
+    # Execute
+    dataset = data.fetch_dataset("mnist", base_url=server.url, sha256=server.sha256())
+
+    # Assert
+    assert files_under(data.keras_cache_dir()) == [data.keras_cache_dir() / "mnist.npz"]
+    np.testing.assert_array_equal(dataset.x_test * 255.0, raw["x_test"].astype(np.float32))
+    np.testing.assert_array_equal(dataset.y_train, raw["y_train"])
+
+
+def test_fetch_skips_files_already_downloaded_with_the_expected_sha256(server: Server) -> None:
+    # Prepare: a first fetch, then the server loses its files
+    raw = write_idx_dataset(server.root)
+    sha256 = server.sha256()
+    data.fetch_dataset("fashion_mnist", base_url=server.url, sha256=sha256)
+    for path in server.root.iterdir():
+        path.unlink()
+
+    # Execute
+    dataset = data.fetch_dataset("fashion_mnist", base_url=server.url, sha256=sha256)
+
+    # Assert
+    np.testing.assert_array_equal(dataset.y_test, raw["y_test"])
+
+
+@pytest.mark.parametrize(
+    ("name", "first_file"),
+    [("fashion_mnist", "train-images-idx3-ubyte.gz"), ("mnist", "mnist.npz")],
+)
+def test_download_rejects_a_file_whose_sha256_is_not_the_published_one_leaving_no_file(
+    server: Server, monkeypatch: pytest.MonkeyPatch, name: str, first_file: str
+) -> None:
+    # Prepare: valid files of the right names, but not the published ones; URL from the env var
+    write_idx_dataset(server.root)
+    write_mnist_npz(server.root / "mnist.npz")
+    monkeypatch.setenv("FL_ONDEVICE_DATASET_URL", server.url)
+    served = hashlib.sha256((server.root / first_file).read_bytes()).hexdigest()
+
+    # Execute
+    with pytest.raises(DataError) as info:
+        load_dataset(DatasetConfig(name=name, download=True))
+
+    # Assert
+    message = str(info.value)
+    assert f"cannot download {server.url}{first_file}" in message
+    assert f"sha256 is {served}, expected {data.DOWNLOAD_SHA256[name][first_file]}" in message
+    assert str(data.SYSTEM_DIRS[name]) in message and str(data.keras_cache_dir()) in message
+    assert data.HOW_TO_GET[name] in message
+    assert files_under(data.keras_cache_dir()) == []
+
+
+def test_download_from_a_server_without_the_files_names_the_url_and_the_http_error(
+    server: Server, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Prepare: the server's directory is empty
+    monkeypatch.setenv("FL_ONDEVICE_DATASET_URL", server.url)
 
     # Execute
     with pytest.raises(DataError) as info:
@@ -297,27 +434,73 @@ def test_download_failure_becomes_data_error_with_places_and_offline_fix(
 
     # Assert
     message = str(info.value)
-    assert "keras.datasets.fashion_mnist.load_data() failed" in message
-    assert "URL fetch failure" in message
+    assert f"cannot download {server.url}train-images-idx3-ubyte.gz" in message
+    assert "HTTPError: HTTP Error 404" in message
     assert str(data.SYSTEM_DIRS["fashion_mnist"]) in message
     assert "apt-get install dataset-fashion-mnist" in message
+    assert files_under(data.keras_cache_dir()) == []
 
 
-def test_download_through_keras_is_used_when_nothing_is_local(
+def test_download_from_an_unreachable_server_names_the_url(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    # Prepare
-    x = np.full((3, 28, 28), 255, np.uint8)
-    y = np.array([0, 5, 9], np.uint8)
-    fake_keras_module(monkeypatch, "fashion_mnist", lambda: ((x, y), (x[:2], y[:2])))
+    # Prepare: a port that was free a moment ago, so nothing listens on it
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    url = f"http://127.0.0.1:{port}/datasets/"
+    monkeypatch.setenv("FL_ONDEVICE_DATASET_URL", url)
 
     # Execute
-    dataset = load_dataset(DatasetConfig(name="fashion_mnist", download=True))
+    with pytest.raises(DataError) as info:
+        load_dataset(DatasetConfig(name="mnist", download=True))
 
     # Assert
-    assert dataset.x_train.shape == (3, 28, 28) and dataset.x_test.shape == (2, 28, 28)
-    assert np.all(dataset.x_train == 1.0)
-    np.testing.assert_array_equal(dataset.y_train, [0, 5, 9])
+    message = str(info.value)
+    assert f"cannot download {url}mnist.npz" in message
+    assert "URLError" in message and "refused" in message
+    assert str(data.keras_cache_dir() / "mnist.npz") in message  # among the places looked
+    assert "dataset.data_dir=PATH" in message
+    assert files_under(data.keras_cache_dir()) == []
+
+
+def test_download_and_load_do_not_import_tensorflow(server: Server, tmp_path: Path) -> None:
+    # Prepare: a fresh interpreter, since this test process has imported TensorFlow already
+    raw = write_idx_dataset(server.root, n_train=7)
+    script = textwrap.dedent(
+        """
+        import json, sys
+        from pathlib import Path
+        from fl_ondevice import data
+        url, sha256, tmp = sys.argv[1], json.loads(sys.argv[2]), Path(sys.argv[3])
+        data.SYSTEM_DIRS = {"fashion_mnist": tmp / "none", "mnist": tmp / "none"}
+        data.fetch_dataset("fashion_mnist", base_url=url, sha256=sha256)
+        data.clear_cache()
+        from fl_ondevice.config import DatasetConfig
+        dataset = data.load_dataset(DatasetConfig(name="fashion_mnist", download=False))
+        print(json.dumps({
+            "y_train": dataset.y_train.tolist(),
+            "imported": sorted(m for m in ("tensorflow", "keras") if m in sys.modules),
+        }))
+        """
+    )
+    env = {**os.environ, "KERAS_HOME": str(tmp_path / "keras-home-subprocess")}
+
+    # Execute
+    done = subprocess.run(
+        [sys.executable, "-c", script, server.url, json.dumps(server.sha256()), str(tmp_path)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+    # Assert
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["y_train"] == raw["y_train"].tolist()
+    assert result["imported"] == []
 
 
 def test_labels_out_of_range_are_rejected(tmp_path: Path) -> None:
