@@ -1,42 +1,64 @@
-"""An existing Ray cluster (``backend.address``) as the simulation engine's workers."""
+"""The Ray the simulation engine runs on: started on this machine, or an existing cluster
+(``backend.address``) joined."""
 
 from __future__ import annotations
 
-import logging
+import copy
 import os
 import socket
+import sys
+from typing import Any
 
 from fl_ondevice.config import Config
 from fl_ondevice.errors import ConfigError
-from fl_ondevice.node import ENV, local_node_config
+from fl_ondevice.node import BACKEND_KEY, ENV
 
 CONNECT_SECONDS = 5.0  # a head that does not accept a TCP connection by then is not there
+# Run by every Ray worker before it imports anything of Flower's: Flower's actor module imports
+# TensorFlow when it is installed, ~500 MiB per worker that a Flex-free model never uses.
+SETUP_HOOK = "fl_ondevice.interpreters.block_tensorflow"
+
+_STARTED: list[dict[str, Any]] = []  # the ray.init arguments of the Ray start_ray last started
 
 
-# The cluster this process joined and the node config its workers got; None: local Ray or none.
-_JOINED: list[tuple[str, str] | None] = [None]
+def start_ray(backend_config: dict[str, Any]) -> None:
+    """Start Ray on this machine, or join the cluster at ``init_args["address"]``, for the
+    engine of ``backend_config``, unless this process runs Ray with these settings already;
+    a Ray with other ones (a sweep's earlier job) is stopped first, with its engine.
 
-
-def connect(cfg: Config) -> None:
-    """Join the Ray cluster at ``cfg.backend.address`` (before the engine starts), or say why
-    not. Flower's engine then uses this connection instead of starting Ray itself.
-
-    Ray already running in this process for another backend (a sweep's earlier job, local or on
-    another cluster) is stopped first, with its engine: Flower's engine would reuse it.
+    Flower's engine starts Ray itself only when none runs, and takes no ``runtime_env``. Started
+    here, every worker runs :data:`SETUP_HOOK` before its first task, and has
+    ``FL_ONDEVICE_NODE_CONFIG`` (the node config) and, on this machine, the ``PYTHONPATH``
+    Flower would give it (this process's ``sys.path``, where the apps are) in its environment.
     """
-    address = cfg.backend.address
-    node_config = local_node_config(cfg)  # the workers' environment: per job, not per node
-    joined = None if address is None else (address, node_config)
     import ray
 
+    init = dict(backend_config["init_args"])
+    env_vars = {ENV: backend_config.get(BACKEND_KEY, "")}
+    if init.get("address") == "local":  # not on a cluster: its nodes have paths of their own
+        inherited = [os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else []
+        env_vars["PYTHONPATH"] = os.pathsep.join([*sys.path, *inherited])
+    init["runtime_env"] = {"env_vars": env_vars, "worker_process_setup_hook": SETUP_HOOK}
     if ray.is_initialized():
-        if _JOINED[0] == joined:
+        if _STARTED == [init]:
             return
         from fl_ondevice.engine import close_engine
 
         close_engine()
         ray.shutdown()
-        _JOINED[0] = None
+    ray.init(**copy.deepcopy(init))  # Ray adds its own keys to the runtime_env it is given
+    _STARTED[:] = [init]
+
+
+def connect(cfg: Config, backend_config: dict[str, Any]) -> None:
+    """Join the Ray cluster at ``cfg.backend.address`` (before the engine starts, which needs
+    its CPUs), or say why not; ``backend_config`` is the engine's. Without an address the
+    engine starts Ray on this machine itself.
+
+    Ray already running in this process with other settings (a sweep's earlier job, local or
+    on another cluster) is stopped first, with its engine: Flower's engine would reuse it.
+    """
+    address = cfg.backend.address
     if address is None:
         return
     if address != "auto":  # Ray itself would retry a dead address for minutes
@@ -50,13 +72,7 @@ def connect(cfg: Config) -> None:
                 "backend.address null to run Ray on this machine"
             ) from None
     try:
-        ray.init(
-            address=address,
-            log_to_driver=False,
-            logging_level=logging.WARNING,
-            runtime_env={"env_vars": {ENV: node_config}},
-        )
-        _JOINED[0] = joined
+        start_ray(backend_config)
     except (ConnectionError, RuntimeError, ValueError) as err:
         raise ConfigError(
             f"backend.address={address!r}: cannot join that Ray cluster "

@@ -1,17 +1,16 @@
 """Flower's simulation engine, started once and kept running across the runs of one process.
 
-Starting the engine costs ~10 s (Ray, then one worker process per core importing TensorFlow),
-more than a small run itself. The engine runs ``flwr.simulation.run_simulation`` in a background
-thread with a ServerApp that serves runs from a queue, so the jobs of a sweep, or the runs of a
-test session, share one start-up. Simulated nodes are executors that hold no client state (the
-server names each message's clients), which is what makes them shareable.
+Starting the engine costs seconds (Ray, then one worker process per core), more than a small
+run itself. The engine runs ``flwr.simulation.run_simulation`` in a background thread with a
+ServerApp that serves runs from a queue, so the jobs of a sweep, or the runs of a test session,
+share one start-up. Simulated nodes are executors that hold no client state (the server names
+each message's clients), which is what makes them shareable.
 """
 
 from __future__ import annotations
 
 import atexit
 import logging
-import os
 import queue
 import threading
 from dataclasses import dataclass, field
@@ -21,8 +20,8 @@ from flwr.app import Context
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
+from fl_ondevice.cluster import start_ray
 from fl_ondevice.errors import EngineError
-from fl_ondevice.node import BACKEND_KEY, ENV
 from fl_ondevice.server import Prepared, run_server
 
 log = logging.getLogger(__name__)
@@ -47,13 +46,14 @@ class Engine:
     backend_config
         Flower's backend config (Ray resources per client, ``ray.init`` arguments), plus
         ``node_config``: the settings of every simulated node (``fl_ondevice.node``), which
-        the workers of a Ray started here inherit from this process's environment.
+        ``fl_ondevice.cluster.start_ray`` gives the workers.
     client_app
         The ClientApp every node runs.
     """
 
     def __init__(self, nodes: int, backend_config: dict[str, Any], client_app: ClientApp) -> None:
         self.nodes, self.backend_config, self.client_app = nodes, backend_config, client_app
+        start_ray(backend_config)  # Flower's engine uses it instead of starting its own
         self._jobs: queue.Queue[_Job | None] = queue.Queue()
         self._stopped = threading.Event()
         self._error: BaseException | None = None
@@ -97,7 +97,6 @@ class Engine:
     def _simulate(self, server_app: ServerApp) -> None:
         from flwr.simulation import run_simulation
 
-        os.environ[ENV] = self.backend_config.get(BACKEND_KEY, "")
         try:
             run_simulation(
                 server_app=server_app,

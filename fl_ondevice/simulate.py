@@ -98,9 +98,10 @@ def simulate(
     with native_stderr_to_log():  # the TF converter's and TFLite runtime's own lines
         prep = prepare(cfg)
     quiet_libraries()
-    connect(cfg)  # backend.address: join the Ray cluster now, or say why not
+    backend = backend_config(cfg)
+    connect(cfg, backend)  # backend.address: join the Ray cluster now, or say why not
     check_cpus(cfg)
-    engine = engine_for(engine_nodes(prep), backend_config(cfg), client_app or default_client_app)
+    engine = engine_for(engine_nodes(prep), backend, client_app or default_client_app)
     try:
         summary = engine.run(prep, overrides)
     except KeyboardInterrupt:
