@@ -87,3 +87,58 @@ def test_export_command_writes_a_model_an_app_can_train(tmp_path):
     for _ in range(20):
         last = device.train_step(x, y)
     assert last < first
+
+
+# Every model fl_ondevice builds, and each optimizer at least once (the head-only transfer model
+# has plain SGD only; tests/test_model.py steps every model with every optimizer); shapes as
+# small as the architecture allows.
+BUILT_IN = [
+    ("mlp", (8, 8), {"learning_rate": 0.1}),
+    ("2nn", (8, 8), {"learning_rate": 0.05, "momentum": 0.9}),
+    ("cnn", (8, 8), {"optimizer": "adam", "learning_rate": 1e-3}),
+    ("simple_cnn", (28, 28), {"learning_rate": 0.05, "momentum": 0.9}),
+    ("transfer", (8, 8), {"learning_rate": 0.1, "trainable": "all", "pretrained": False}),
+    ("transfer", (8, 8), {"learning_rate": 0.1, "trainable": "head", "pretrained": False}),
+]
+
+
+@pytest.mark.parametrize(("name", "shape", "opt"), BUILT_IN)
+def test_every_baked_global_model_is_flex_free_and_trains_saves_restores_in_litert(
+    name, shape, opt
+):
+    # Prepare: global_model.tflite as a run bakes it, from weights other than the initial ones.
+    # (build_tflite's own conversions are checked for Flex ops by verify, on every conversion.)
+    from fl_ondevice.config import DatasetConfig
+    from fl_ondevice.export import bake
+    from fl_ondevice.interpreters import LITERT, operators
+    from fl_ondevice.transfer import HEAD, head_init, pretrained_base
+
+    cfg = ModelConfig(name=name, **opt)
+    classes = 5 if name == "transfer" else 10
+    rng = np.random.default_rng(1)
+    base = None
+    if name == "transfer" and cfg.trainable == "head":
+        base = pretrained_base(cfg, DatasetConfig(classes=[5, 6, 7, 8, 9]), 0).weights
+        start = head_init(classes, 0)
+        assert sorted(start) == sorted(HEAD)
+    else:
+        module = build_model(cfg, shape, classes, seed=0)
+        start = {n: w.numpy() for n, w in zip(module.weight_names, module.weights_, strict=True)}
+    trained = {n: (w + rng.normal(0, 0.01, w.shape)).astype(np.float32) for n, w in start.items()}
+    baked = bake(cfg, shape, classes, trained, base=base)
+
+    # Execute: LiteRT opens it, starts from the baked weights, trains, restores, trains again.
+    device = OnDeviceModel(baked)
+    got = device.get_weights()
+    x = rng.random((12, *shape), dtype=np.float32)
+    y = np.arange(12) % classes
+    first = device.train_step(device.load(x), y)
+    device.reset_optimizer()
+    device.set_weights(trained)
+    again = device.train_step(device.load(x), y)
+
+    # Assert: builtin ops only, LiteRT, the baked weights bit for bit, a repeatable step.
+    assert not [op for op in operators(baked) if op.startswith("Flex")]
+    assert device.runtime.name == LITERT
+    assert all(got[n].tobytes() == trained[n].tobytes() for n in trained)
+    assert again == first and np.isfinite(first)
