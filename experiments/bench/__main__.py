@@ -40,6 +40,12 @@ def main() -> None:
         default=None,
         help="git commit the `base` kind runs (A/B against this checkout), from a worktree",
     )
+    p.add_argument(
+        "--baseline-python",
+        default=None,
+        help="the Python the `base` kind runs under (default: this one), e.g. a venv with the "
+        "baseline's own dependencies (TF 2.18.1 before the LiteRT move)",
+    )
     p.add_argument("--rounds", type=int, default=3, help="rounds per job; 2..R are timed")
     p.add_argument("--strategy", default="fedavg", help="conf/strategy name for `ours` jobs")
     p.add_argument("--repeats", type=int, default=1, help="runs per cell and kind (medians)")
@@ -125,7 +131,9 @@ def run_grid(
         else:
             log.info("run %s (estimate %.0f s) ...", name, cell.estimate_seconds)
             t0 = time.monotonic()
-            outcome = run_job(job, work, args.conf_dir, cores, args.timeout, baseline)
+            outcome = run_job(
+                job, work, args.conf_dir, cores, args.timeout, baseline, args.baseline_python
+            )
             log.info(
                 "  %s: %.1f s wall, %.3f s/round, acc %.4f, peak RSS %.0f MiB, CPU %.0f%% %s",
                 name,

@@ -106,11 +106,13 @@ def run_job(
     cores: int,
     timeout: float,
     baseline: Path | None = None,
+    baseline_python: str | None = None,
 ) -> Outcome:
     """Run ``job`` in a child process while sampling its process tree's CPU and memory.
 
     A ``base`` job runs the baseline worktree's own code (its ``experiments.bench.runs`` child,
-    its ``fl_ondevice``, its ``conf/``) as an ``ours`` job: the A/B comparison of two commits.
+    its ``fl_ondevice``, its ``conf/``) as an ``ours`` job: the A/B comparison of two commits;
+    under ``baseline_python`` if given (the baseline's own environment), else this Python.
     """
     name = f"{job.contender.replace(':', '-')}-{job.model}-n{job.clients}-f{job.fraction}"
     name += f"-r{job.repeat}" if job.repeat else ""
@@ -129,7 +131,8 @@ def run_job(
     fields = asdict(child_job)
     if job.kind == "base":  # older commits' Job has neither (they run FedAvg, once per call)
         del fields["strategy"], fields["repeat"]
-    cmd = [sys.executable, "-m", "experiments.bench.runs", "--job", json.dumps(fields)]
+    python = baseline_python if job.kind == "base" and baseline_python else sys.executable
+    cmd = [python, "-m", "experiments.bench.runs", "--job", json.dumps(fields)]
     cmd += ["--out", str(out), "--conf-dir", str(conf_dir.resolve())]
     progress = out / ("progress.txt" if job.kind == "peer" else "metrics.csv")
     progress.unlink(missing_ok=True)  # a re-run's stale file would fake its round ends
