@@ -6,6 +6,8 @@ Each layout is tested twice: as its public example converts it (``flex``: Flex o
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -227,6 +229,8 @@ def test_each_layout_is_federated(name, variant, run, layout_path):
     table = metrics_rows(out)
     assert [int(r["round"]) for r in table] == [0, 1, 2, 3]
     assert float(table[-1]["accuracy"]) > 0.5  # chance: 0.1
+    runtime = json.loads((out / "metrics.json").read_text())["runtime"]
+    assert runtime["name"] == (TENSORFLOW if variant == "flex" else LITERT) and runtime["version"]
     # The global model's weights, as written, give the accuracy the run reported.
     device = OnDeviceModel(path)
     device.set_weights(read_checkpoint(out / "global_model.ckpt"))
