@@ -1,4 +1,4 @@
-.PHONY: help install test test-full lint bench
+.PHONY: help install install-flex test test-full test-flex ci lint bench
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -6,11 +6,20 @@ help:  ## list targets
 install:  ## install the package with dev tools
 	python -m pip install -e ".[dev]"
 
+install-flex:  ## the flex extra (TF 2.18.1's Flex interpreter; Python 3.11/3.12, a venv of its own)
+	python -m pip install -e ".[flex,dev]"
+
 test:  ## the default test suite (README's command)
 	python -m pytest
 
 test-full:  ## also the slow end-to-end runs
 	python -m pytest -m "slow or not slow"
+
+test-flex:  ## the tests that need a Flex file (after make install-flex)
+	python -m pytest -m flex
+
+ci:  ## what CI runs: fresh 3.11, 3.13 and flex venvs, all suites (~46-59 min)
+	bash .ci/run
 
 lint:  ## ruff + mypy
 	ruff check fl_ondevice tests experiments

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import copy
 import os
+import signal
 import socket
 import sys
+import threading
 from typing import Any
 
 from fl_ondevice.config import Config
@@ -46,7 +48,13 @@ def start_ray(backend_config: dict[str, Any]) -> None:
 
         close_engine()
         ray.shutdown()
+    # ray.init on the main thread installs Ray's own SIGTERM handler, which aborts the process;
+    # keep ours (simulate's: stop after the round, exit 143, say how to resume).
+    main = threading.current_thread() is threading.main_thread()
+    sigterm = signal.getsignal(signal.SIGTERM) if main else None
     ray.init(**copy.deepcopy(init))  # Ray adds its own keys to the runtime_env it is given
+    if sigterm is not None:
+        signal.signal(signal.SIGTERM, sigterm)
     _STARTED[:] = [init]
 
 
