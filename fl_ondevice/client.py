@@ -76,7 +76,7 @@ def client_data(cfg: Config) -> tuple[Dataset, list[Partition]]:
     key = repr((cfg.dataset, cfg.partition, cfg.num_clients, cfg.seed))
     if key not in _DATA:
         _DATA.clear()  # a worker serves one run at a time: keep one dataset in memory
-        dataset = load_dataset(cfg.dataset, cfg.seed)
+        dataset = load_dataset(cfg.dataset, cfg.seed, cfg.cache_dir)
         _DATA[key] = dataset, make_partitions(dataset, cfg.num_clients, cfg.partition, cfg.seed)
     return _DATA[key]
 
@@ -98,7 +98,7 @@ def local_train_x(
     this process only.
     """
     dataset, _ = client_data(cfg)
-    x = dataset.x_train[part.train_indices]
+    x = dataset.train_x(part.train_indices)  # (n, H, W) float32: this client's images only
     if model.layout is not PERSONALIZATION:
         return x
     run = ("process", str(id(model))) if run_id is None else ("run", run_key(cfg, run_id))
@@ -237,7 +237,7 @@ def evaluate_client(
             f"client {client_id} has no local test examples; raise "
             "partition.local_test_fraction or set strategy.fraction_evaluate=0"
         )
-    x_test, y_test = dataset.x_train[part.test_indices], dataset.y_train[part.test_indices]
+    x_test, y_test = dataset.train_x(part.test_indices), dataset.y_train[part.test_indices]
     model.restore_staged(staged)
     result = model.evaluate(x_test, y_test, batch_size=cfg.eval_batch_size)
     if cfg.personalize.epochs == 0:
@@ -279,7 +279,7 @@ def personalize_client(
         seed=personalize_seed(cfg.seed, server_round, client_id),
     )
     return model.evaluate(
-        dataset.x_train[part.test_indices],
+        dataset.train_x(part.test_indices),
         dataset.y_train[part.test_indices],
         batch_size=cfg.eval_batch_size,
     )

@@ -42,7 +42,8 @@ class DatasetConfig:
     name: str = "digits"  # ships with scikit-learn: runs offline
     # Directory of the IDX .gz files (fashion_mnist, mnist); null = look in the standard places.
     data_dir: str | None = None
-    # Allow a download through keras.datasets when no local copy is found.
+    # Allow a download (HTTPS from keras' dataset bucket or FL_ONDEVICE_DATASET_URL, checked by
+    # SHA-256) when no local copy is found.
     download: bool = True
     # digits has no official split: this fraction, stratified and seeded, is the central test set.
     test_fraction: float = 0.2

@@ -2,8 +2,9 @@
 
 ``python -m fl_ondevice.simulate`` shows the data, the partition summary, one line per round,
 warnings that ask the user to act and the final line. Flower's, Ray's, alembic's and Python's
-warnings, and the TF/TFLite C++ runtime's direct writes to stderr, go to ``simulate.log`` (Hydra's
-file handler) only; errors from anywhere still reach the console.
+warnings, and the TF/TFLite C++ runtime's direct writes to stderr (TensorFlow's start-up lines
+among them), go to ``simulate.log`` (Hydra's file handler) only; errors from anywhere still reach
+the console.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import sys
 from collections.abc import Iterator
 
@@ -90,19 +92,26 @@ def log_file() -> str | None:
     return None
 
 
+# The error and fatal lines of absl/glog-style logs (TF and LiteRT's C++ runtime): "E0512 ...".
+NATIVE_ERROR = re.compile(r"^[EF]\d{4} ")
+
+
 @contextlib.contextmanager
 def native_stderr_to_log() -> Iterator[None]:
-    """Send what C++ code writes to this process's stderr (the TFLite runtime's "Created
-    TensorFlow Lite delegate" lines, the converter's absl warnings) to the log file meanwhile.
+    """Send what C++ code writes to this process's stderr (TensorFlow's start-up lines when it
+    is imported, the TFLite runtime's "Created TensorFlow Lite delegate" lines, the converter's
+    absl warnings) to the log file meanwhile; its error lines are shown on the console too, after
+    the block.
 
-    Only while converting models and opening interpreters: a Python traceback is raised after
-    the block, and prints to the console as usual.
+    Only while importing TensorFlow, converting models and opening interpreters: a Python
+    traceback is raised after the block, and prints to the console as usual.
     """
     path = log_file()
     if path is None:
         yield
         return
     sys.stderr.flush()
+    start = os.path.getsize(path) if os.path.exists(path) else 0  # where the block's lines begin
     saved = os.dup(2)
     try:
         with open(path, "ab") as log:
@@ -112,3 +121,19 @@ def native_stderr_to_log() -> Iterator[None]:
         sys.stderr.flush()
         os.dup2(saved, 2)
         os.close(saved)
+        _echo_native_errors(path, start)
+
+
+def _echo_native_errors(path: str, start: int) -> None:
+    # The log's lines since `start` hold the block's stderr and our own records (which the
+    # console shows already); copy the native error lines to the console.
+    try:
+        with open(path, "rb") as log:
+            log.seek(start)
+            lines = log.read().decode("utf-8", "replace").splitlines()
+    except OSError:  # the log file went away meanwhile: nothing to copy
+        return
+    errors = [line for line in lines if NATIVE_ERROR.match(line)]
+    if errors:
+        sys.stderr.write("".join(f"{line}\n" for line in errors))
+        sys.stderr.flush()

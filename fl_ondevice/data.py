@@ -1,15 +1,19 @@
-"""Datasets (digits, fashion_mnist, mnist) as float32 images in [0, 1] with a fixed test split."""
+"""Datasets (digits, fashion_mnist, mnist) with a fixed test split, served as float32 in [0, 1]."""
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import gzip
 import hashlib
 import http.client
+import importlib.metadata
+import json
 import logging
 import os
 import tempfile
 import urllib.request
+import zipfile
 import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -96,12 +100,19 @@ _IDX_DTYPES: dict[int, str] = {
 class Dataset:
     """One dataset with its fixed train/test split, shared read-only by every client of a process.
 
+    Images are kept as the dataset ships them: uint8 for fashion_mnist and mnist (a quarter of
+    the memory of float32, in every process that holds the dataset), float32 in [0, 1] for
+    digits. :meth:`train_x` and :meth:`test_x` convert only the examples asked for (a client's
+    partition, an evaluation set) to float32 in [0, 1]; ``x_train`` and ``x_test`` are the whole
+    splits, converted once and kept.
+
     Attributes
     ----------
     name : str
         Dataset name (``digits``, ``fashion_mnist``, ``mnist``).
-    x_train, x_test : np.ndarray
-        Images, shape (N, H, W), float32 in [0, 1], read-only.
+    train_images, test_images : np.ndarray
+        Images as stored, shape (N, H, W): uint8 in 0..255 (pixel / 255 is the model's input)
+        or float32 in [0, 1]; read-only.
     y_train, y_test : np.ndarray
         Labels, shape (N,), int64 in [0, num_classes), read-only.
     num_classes : int
@@ -109,19 +120,65 @@ class Dataset:
     """
 
     name: str
-    x_train: np.ndarray  # (N, H, W) float32 in [0, 1]
+    train_images: np.ndarray  # (N, H, W) uint8 0..255, or float32 in [0, 1]
     y_train: np.ndarray  # (N,) int64
-    x_test: np.ndarray  # (M, H, W) float32 in [0, 1]
+    test_images: np.ndarray  # (M, H, W), as train_images
     y_test: np.ndarray  # (M,) int64
     num_classes: int
 
     @property
     def input_shape(self) -> tuple[int, int]:
         """Image shape (H, W) of one example."""
-        return (int(self.x_train.shape[1]), int(self.x_train.shape[2]))
+        return (int(self.train_images.shape[1]), int(self.train_images.shape[2]))
+
+    def train_x(self, indices: np.ndarray | slice | None = None) -> np.ndarray:
+        """Train images ``indices`` (all when None) as float32 in [0, 1], shape (len, H, W).
+
+        A new array, except that float32 images (digits) selected by a slice or None are a
+        read-only view of the stored ones, as indexing an array gives.
+        """
+        return unit_float32(self.train_images if indices is None else self.train_images[indices])
+
+    def test_x(self, indices: np.ndarray | slice | None = None) -> np.ndarray:
+        """Test images ``indices`` (all when None) as float32 in [0, 1]; as :meth:`train_x`."""
+        return unit_float32(self.test_images if indices is None else self.test_images[indices])
+
+    @functools.cached_property
+    def x_train(self) -> np.ndarray:
+        """The whole train split, float32 in [0, 1], (N, H, W), read-only. Converted on first
+        use and kept for the dataset's life: four times the memory of uint8 images, so code
+        that uses some examples at a time calls :meth:`train_x` instead."""
+        return _read_only(self.train_x())
+
+    @functools.cached_property
+    def x_test(self) -> np.ndarray:
+        """The whole test split, float32 in [0, 1], (M, H, W), read-only; as ``x_train``."""
+        return _read_only(self.test_x())
 
 
-def load_dataset(cfg: DatasetConfig, seed: int = 0) -> Dataset:
+def unit_float32(images: np.ndarray) -> np.ndarray:
+    """Images as float32 in [0, 1]: uint8 pixels divided by 255, float32 ones as they are.
+
+    The division is the same for any subset of a split, so a client's images are bit-identical
+    to the same rows of the whole split converted at once.
+    """
+    if images.dtype == np.float32:
+        return images
+    if images.dtype != np.uint8:
+        raise DataError(f"images are {images.dtype}; expected uint8 0..255 or float32 in [0, 1]")
+    # In-place division keeps one output copy and maps 255 to exactly 1.0 (multiplying by a
+    # rounded 1/255 need not).
+    out = images.astype(np.float32)
+    np.divide(out, np.float32(255.0), out=out)
+    return out
+
+
+def _read_only(array: np.ndarray) -> np.ndarray:
+    array.setflags(write=False)
+    return array
+
+
+def load_dataset(cfg: DatasetConfig, seed: int = 0, cache_dir: str | None = None) -> Dataset:
     """Load a dataset, once per process (later calls with equal arguments return the same object).
 
     Parameters
@@ -134,12 +191,18 @@ def load_dataset(cfg: DatasetConfig, seed: int = 0) -> Dataset:
     seed : int
         Seed of the stratified train/test split of digits. fashion_mnist and mnist have an
         official split and ignore it.
+    cache_dir : str or None
+        Where digits keeps its split (``<cache_dir>/datasets/digits-<key>.npz``, written by the
+        first load): later loads, in any process, read it instead of importing scikit-learn
+        (~0.8 s, paid by every message of a deployed node). None: split anew. fashion_mnist
+        and mnist ignore it.
 
     Returns
     -------
     Dataset
-        Read-only arrays: images (N, H, W) float32 in [0, 1], labels (N,) int64;
-        ``num_classes`` is ``len(cfg.classes)`` when classes are selected.
+        Read-only arrays: images (N, H, W), uint8 for fashion_mnist and mnist, float32 in
+        [0, 1] for digits (``Dataset.train_x`` gives float32 for any of them); labels (N,)
+        int64; ``num_classes`` is ``len(cfg.classes)`` when classes are selected.
 
     Raises
     ------
@@ -149,8 +212,11 @@ def load_dataset(cfg: DatasetConfig, seed: int = 0) -> Dataset:
     """
     classes = tuple(int(c) for c in cfg.classes) if cfg.classes is not None else None
     if cfg.name == "digits":
-        return _load_cached(cfg.name, None, False, float(cfg.test_fraction), int(seed), classes)
-    # Official split: seed and test_fraction do not matter, keep them out of the cache key.
+        cache = os.path.expanduser(cache_dir) if cache_dir else None
+        return _load_cached(
+            cfg.name, None, False, float(cfg.test_fraction), int(seed), classes, cache
+        )
+    # Official split: seed, test_fraction and the cache do not matter, keep them out of the key.
     return _load_cached(cfg.name, cfg.data_dir, bool(cfg.download), 0.0, 0, classes)
 
 
@@ -167,12 +233,13 @@ def _load_cached(
     test_fraction: float,
     seed: int,
     classes: tuple[int, ...] | None = None,
+    cache_dir: str | None = None,
 ) -> Dataset:
     if classes is not None:
-        full = _load_cached(name, data_dir, download, test_fraction, seed)
+        full = _load_cached(name, data_dir, download, test_fraction, seed, None, cache_dir)
         return select_classes(full, classes)
     if name == "digits":
-        dataset = _load_digits(test_fraction, seed)
+        dataset = _load_digits(test_fraction, seed, cache_dir)
     elif name in SYSTEM_DIRS:
         dataset = _load_idx_dataset(name, data_dir, download)
     else:
@@ -187,7 +254,45 @@ def _load_cached(
     return dataset
 
 
-def _load_digits(test_fraction: float, seed: int) -> Dataset:
+# Bump when _split_digits changes what it returns, so stale cached splits are ignored.
+DIGITS_CACHE_VERSION = 1
+DIGITS_ARRAYS = ("x_train", "y_train", "x_test", "y_test")  # the cached file's arrays
+
+
+def digits_cache_file(cache_dir: str | os.PathLike[str], test_fraction: float, seed: int) -> Path:
+    """Where :func:`load_dataset` keeps the digits split of ``(test_fraction, seed)``: keyed by
+    everything that determines its arrays (the split's arguments, the scikit-learn that makes
+    it, this code's version). ``dataset.classes`` is applied after loading: not in the key."""
+    try:
+        sklearn = importlib.metadata.version("scikit-learn")  # a few ms, without importing it
+    except importlib.metadata.PackageNotFoundError:
+        raise DataError(
+            "dataset.name=digits comes with scikit-learn, which is not installed: "
+            "pip install scikit-learn"
+        ) from None
+    spec = {
+        "test_fraction": test_fraction,
+        "seed": seed,
+        "scikit-learn": sklearn,
+        "code": DIGITS_CACHE_VERSION,
+    }
+    key = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
+    return Path(cache_dir) / "datasets" / f"digits-{key}.npz"
+
+
+def _load_digits(test_fraction: float, seed: int, cache_dir: str | None) -> Dataset:
+    if cache_dir is None:
+        return _split_digits(test_fraction, seed)
+    path = digits_cache_file(cache_dir, test_fraction, seed)
+    cached = _read_digits(path)
+    if cached is not None:
+        return cached
+    dataset = _split_digits(test_fraction, seed)
+    _write_digits(path, dataset)
+    return dataset
+
+
+def _split_digits(test_fraction: float, seed: int) -> Dataset:
     # Imported here: sklearn.datasets costs ~1 s of start-up that the IDX datasets do not need.
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
@@ -198,6 +303,44 @@ def _load_digits(test_fraction: float, seed: int) -> Dataset:
         images, y.astype(np.int64), test_size=test_fraction, random_state=seed, stratify=y
     )
     return _make_dataset("digits", x_train, y_train, x_test, y_test, NUM_CLASSES["digits"])
+
+
+def _read_digits(path: Path) -> Dataset | None:
+    """The split cached in ``path``, or None when there is none or it cannot be used."""
+    if not path.is_file():
+        return None
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            x_train, y_train, x_test, y_test = (npz[k] for k in DIGITS_ARRAYS)
+    except (OSError, KeyError, ValueError, zipfile.BadZipFile, zlib.error) as err:
+        log.warning("cached digits split %s cannot be read (%s); splitting anew", path, err)
+        return None
+    images_ok = all(x.dtype == np.float32 and x.shape[1:] == (8, 8) for x in (x_train, x_test))
+    labels_ok = all(y.dtype == np.int64 and y.ndim == 1 for y in (y_train, y_test))
+    sizes_ok = len(x_train) == len(y_train) and len(x_test) == len(y_test)
+    if not (images_ok and labels_ok and sizes_ok):
+        log.warning("cached digits split %s holds other arrays; splitting anew", path)
+        return None
+    return _make_dataset("digits", x_train, y_train, x_test, y_test, NUM_CLASSES["digits"])
+
+
+def _write_digits(path: Path, dataset: Dataset) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.part")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tmp.open("wb") as file:  # the names of DIGITS_ARRAYS
+            np.savez(
+                file,
+                x_train=dataset.train_images,
+                y_train=dataset.y_train,
+                x_test=dataset.test_images,
+                y_test=dataset.y_test,
+            )
+        os.replace(tmp, path)  # atomic: the nodes of one machine may load at once
+    except OSError as err:  # only a cache: the run goes on, each load splits anew
+        with contextlib.suppress(OSError):  # none to remove when the directory is unusable
+            tmp.unlink(missing_ok=True)
+        log.warning("cannot cache the digits split in %s (%s); each load splits anew", path, err)
 
 
 def select_classes(dataset: Dataset, classes: tuple[int, ...]) -> Dataset:
@@ -227,9 +370,9 @@ def select_classes(dataset: Dataset, classes: tuple[int, ...]) -> Dataset:
     train, test = (relabel[dataset.y_train] >= 0), (relabel[dataset.y_test] >= 0)
     return _make_dataset(
         dataset.name,
-        dataset.x_train[train],
+        dataset.train_images[train],  # as stored: uint8 stays uint8
         relabel[dataset.y_train[train]],
-        dataset.x_test[test],
+        dataset.test_images[test],
         relabel[dataset.y_test[test]],
         len(classes),
     )
@@ -237,13 +380,13 @@ def select_classes(dataset: Dataset, classes: tuple[int, ...]) -> Dataset:
 
 def _make_dataset(
     name: str,
-    x_train: np.ndarray,
+    train_images: np.ndarray,
     y_train: np.ndarray,
-    x_test: np.ndarray,
+    test_images: np.ndarray,
     y_test: np.ndarray,
     num_classes: int,
 ) -> Dataset:
-    arrays = [np.ascontiguousarray(a) for a in (x_train, y_train, x_test, y_test)]
+    arrays = [np.ascontiguousarray(a) for a in (train_images, y_train, test_images, y_test)]
     for array in arrays:
         # Shared by every client of the process: a client writing into it would corrupt the others.
         array.setflags(write=False)
@@ -548,21 +691,9 @@ def _from_uint8(
             f"{name} from {source}: train images {x_train.shape[1:]} and test images "
             f"{x_test.shape[1:]} differ in shape"
         )
-
-    def scale(x: np.ndarray) -> np.ndarray:
-        # uint8 0..255 -> float32 [0, 1]; in-place division keeps one output copy and maps 255 to
-        # exactly 1.0 (multiplying by a rounded 1/255 need not).
-        out = x.astype(np.float32)
-        np.divide(out, np.float32(255.0), out=out)
-        return out
-
+    # Kept as uint8: Dataset.train_x/test_x convert the examples a caller uses.
     return _make_dataset(
-        name,
-        scale(x_train),
-        y_train.astype(np.int64),
-        scale(x_test),
-        y_test.astype(np.int64),
-        num_classes,
+        name, x_train, y_train.astype(np.int64), x_test, y_test.astype(np.int64), num_classes
     )
 
 
@@ -575,9 +706,11 @@ __all__ = [
     "SYSTEM_DIRS",
     "candidate_dirs",
     "clear_cache",
+    "digits_cache_file",
     "fetch_dataset",
     "keras_cache_dir",
     "load_dataset",
     "read_idx",
     "select_classes",
+    "unit_float32",
 ]

@@ -1,8 +1,15 @@
-"""SavedModel -> .tflite conversion, verified and cached; a CLI that describes the result."""
+"""SavedModel -> .tflite conversion, verified and cached; a CLI that describes the result.
+
+TensorFlow (~660 MiB resident), and ``fl_ondevice.model`` and ``fl_ondevice.transfer``, which
+build on it, are imported by the functions that build, convert or bake a model, not with this
+module: a run whose converted model is in the cache never loads TensorFlow before its end.
+"""
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import importlib.metadata
 import json
 import logging
 import os
@@ -10,22 +17,20 @@ import tempfile
 from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import tensorflow as tf
 
 from fl_ondevice.config import DatasetConfig, ModelConfig
 from fl_ondevice.device import OnDeviceModel
 from fl_ondevice.errors import ModelError
 from fl_ondevice.interpreters import LITERT, flex_ops
-from fl_ondevice.model import SIGNATURES, TrainableModel, build_model
-from fl_ondevice.transfer import (
-    PERSONALIZATION_SIGNATURES,
-    TransferHead,
-    base_key,
-    build_transfer,
-    pretrained_base,
-)
+
+if TYPE_CHECKING:
+    import tensorflow as tf
+
+    from fl_ondevice.model import TrainableModel
+    from fl_ondevice.transfer import TransferHead
 
 log = logging.getLogger(__name__)
 
@@ -48,15 +53,21 @@ DATASET_SHAPES: dict[str, tuple[tuple[int, int], int]] = {
 }
 
 
-def convert(module: tf.Module, signatures: Sequence[str] = SIGNATURES) -> bytes:
+def convert(module: tf.Module, signatures: Sequence[str] | None = None) -> bytes:
     """Convert a trainable module to a ``.tflite`` flatbuffer with the named signatures.
 
     ``signatures`` name the module's ``tf.function`` attributes (with input signatures) to
-    export. TFLite builtin ops only (no ``SELECT_TF_OPS``: the file needs no Flex delegate, so
-    LiteRT and a plain LiteRT app runtime run it; the converter fails on any TF op instead), and
-    resource variables (the weights are variables the signatures read and assign).
+    export; None: the guide layout's (``fl_ondevice.model.SIGNATURES``). TFLite builtin ops
+    only (no ``SELECT_TF_OPS``: the file needs no Flex delegate, so LiteRT and a plain LiteRT
+    app runtime run it; the converter fails on any TF op instead), and resource variables (the
+    weights are variables the signatures read and assign).
     """
-    functions = {name: getattr(module, name).get_concrete_function() for name in signatures}
+    import tensorflow as tf  # TensorFlow: see the module docstring
+
+    from fl_ondevice.model import SIGNATURES
+
+    names = SIGNATURES if signatures is None else signatures
+    functions = {name: getattr(module, name).get_concrete_function() for name in names}
     # The SavedModel/converter INFO lines (renamed resources, assets) say nothing to a user.
     logging.getLogger("absl").setLevel(logging.WARNING)
     logging.getLogger("tensorflow").setLevel(logging.WARNING)
@@ -75,6 +86,8 @@ def verify(tflite: bytes, module: TrainableModel | TransferHead) -> OnDeviceMode
     until training. Raises ``ModelError`` naming the first tensor that did not survive, or the
     Flex ops the file should not have.
     """
+    from fl_ondevice.transfer import TransferHead  # TensorFlow: see the module docstring
+
     flex = flex_ops(tflite)
     if flex:
         raise ModelError(f"converted model has Flex ops {flex}; fl_ondevice's models have none")
@@ -101,6 +114,32 @@ def verify(tflite: bytes, module: TrainableModel | TransferHead) -> OnDeviceMode
     return device
 
 
+# The pip distributions that install the `tensorflow` package, the usual ones first.
+TENSORFLOW_DISTRIBUTIONS = (
+    "tensorflow",
+    "tensorflow-cpu",
+    "tensorflow-intel",
+    "tensorflow-macos",
+    "tf-nightly",
+    "tf-nightly-cpu",
+)
+
+
+@functools.lru_cache(maxsize=1)
+def tensorflow_version() -> str:
+    """The installed TensorFlow's version (``tf.__version__`` of a release), from its package
+    metadata: looking a model up in the cache needs it, and importing TensorFlow for it would
+    cost the run ~660 MiB."""
+    for name in TENSORFLOW_DISTRIBUTIONS:
+        try:
+            return importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    import tensorflow as tf  # installed without pip's metadata (a source build): ask it
+
+    return str(tf.__version__)
+
+
 def cache_key(
     cfg: ModelConfig,
     input_shape: tuple[int, int],
@@ -119,10 +158,12 @@ def cache_key(
         "input_shape": list(input_shape),
         "num_classes": num_classes,
         "seed": seed,
-        "tensorflow": tf.__version__,
+        "tensorflow": tensorflow_version(),
         "code": MODEL_CODE_VERSION,
     }
     if cfg.name == "transfer":
+        from fl_ondevice.transfer import base_key  # TensorFlow: see the module docstring
+
         assert dataset is not None  # build_tflite checks it
         spec["base"] = base_key(cfg, dataset, seed)
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
@@ -157,6 +198,10 @@ def build_tflite(
         log.debug("conversion cache hit: %s", out)
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
+    # TensorFlow: see the module docstring
+    from fl_ondevice.model import build_model
+    from fl_ondevice.transfer import build_transfer, pretrained_base
+
     if cfg.name == "transfer":
         assert dataset is not None
         base = pretrained_base(cfg, dataset, seed, cache_dir)
@@ -178,6 +223,10 @@ def build_tflite(
 
 def convert_and_verify(module: tf.Module) -> bytes:
     """Convert a model module with the signatures of its layout and check the result."""
+    # TensorFlow: see the module docstring
+    from fl_ondevice.model import TrainableModel
+    from fl_ondevice.transfer import PERSONALIZATION_SIGNATURES, TransferHead
+
     if isinstance(module, TransferHead):
         tflite = convert(module, PERSONALIZATION_SIGNATURES)
     else:
@@ -256,6 +305,10 @@ def bake(
     its ``initialize`` still sets the head the original file starts from (give the run's
     ``seed``, which determines that start).
     """
+    # TensorFlow: see the module docstring
+    from fl_ondevice.model import TrainableModel, build_model
+    from fl_ondevice.transfer import build_transfer
+
     if cfg.name == "transfer" and cfg.trainable == "head":
         if base is None:
             raise ModelError("bake: model=transfer trainable=head needs the frozen base= weights")

@@ -37,7 +37,7 @@ PARTITION_JSON = "partition.json"
 
 @dataclass(frozen=True, eq=False)
 class Partition:
-    """One client's share of the training set, as indices into ``Dataset.x_train``/``y_train``.
+    """One client's share of the training set, as indices into ``Dataset.train_images``/``y_train``.
 
     Attributes
     ----------

@@ -1,9 +1,10 @@
 """What a run keeps on disk after every round, and how an interrupted run continues from it.
 
-After round r: ``checkpoints/round-r.ckpt`` (the global weights), ``checkpoints/round-r.npz``
-(the strategy's own state, e.g. FedAdam's moments), the metrics, then ``state.json`` naming the
-round, in that order and each written atomically: ``state.json`` always names a round whose
-files are complete.
+After round r: ``checkpoints/round-r.weights.npz`` (the global weights),
+``checkpoints/round-r.npz`` (the strategy's own state, e.g. FedAdam's moments), the metrics,
+then ``state.json`` naming the round, in that order and each written atomically: ``state.json``
+always names a round whose files are complete. Runs from before the weights were saved as
+``.npz`` keep them as TF checkpoints (``round-r.ckpt``); they resume too.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import os
 import signal
 import threading
 import zipfile
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
@@ -22,7 +24,6 @@ import numpy as np
 from flwr.serverapp.strategy import Strategy
 from omegaconf import OmegaConf
 
-from fl_ondevice.checkpoint import read_checkpoint, write_checkpoint
 from fl_ondevice.config import Config, parse_config
 from fl_ondevice.errors import CheckpointError, ResumeError
 from fl_ondevice.results import METRICS_JSON, MetricsLog
@@ -34,6 +35,8 @@ log = logging.getLogger(__name__)
 STATE_JSON = "state.json"  # the last completed round and its checkpoint: what resume reads
 CHECKPOINT_DIR = "checkpoints"  # the global weights after the last two completed rounds
 RESOLVED_CONFIG = "config.yaml"  # every value this run used, defaults included
+WEIGHTS_SUFFIX = ".weights.npz"  # round-r.weights.npz: the global weights after round r
+OLD_WEIGHTS_SUFFIX = ".ckpt"  # the same as a TF checkpoint, in runs written before
 _SKIP = {"current_arrays"}  # set from the global model at the start of every round
 # Held while a round is saved; a stopping process takes it and keeps it, so that no round is
 # saved after it has read state.json (``simulate._stop``).
@@ -62,12 +65,9 @@ def _save_round(
     out: Path, r: int, weights: Weights, strategy: Strategy, metrics: MetricsLog, row: dict
 ) -> None:
     (out / CHECKPOINT_DIR).mkdir(exist_ok=True)
-    ckpt = Path(CHECKPOINT_DIR) / f"round-{r}.ckpt"
-    write_checkpoint(out / ckpt, weights)
-    state = out / CHECKPOINT_DIR / f"round-{r}.npz"
-    tmp = state.with_suffix(".tmp.npz")
-    np.savez(tmp, **strategy_state(strategy))
-    os.replace(tmp, state)
+    ckpt = Path(CHECKPOINT_DIR) / f"round-{r}{WEIGHTS_SUFFIX}"
+    _write_npz(out / ckpt, weights)
+    _write_npz(out / CHECKPOINT_DIR / f"round-{r}.npz", strategy_state(strategy))
     metrics.append(row)
     tmp_json = out / f"{STATE_JSON}.tmp"
     tmp_json.write_text(json.dumps({"round": r, "checkpoint": str(ckpt)}))
@@ -75,6 +75,40 @@ def _save_round(
     for old in (out / CHECKPOINT_DIR).glob("round-*.*"):  # keep this round's and the last
         if int(old.name.split("-")[1].split(".")[0]) < r - 1:
             old.unlink()
+
+
+def _write_npz(path: Path, arrays: Mapping[str, np.ndarray]) -> None:
+    tmp = path.with_name(f"{path.name}.tmp")
+    with tmp.open("wb") as file:
+        # numpy's stub matches **arrays against savez's allow_pickle (a keyword from numpy 2.1)
+        np.savez(file, **arrays)  # type: ignore[arg-type]
+    os.replace(tmp, path)
+
+
+def read_weights(path: Path) -> Weights:
+    """The global weights a round left in ``path``, in sorted name order: the ``.npz``
+    :func:`save_round` writes, or the TF checkpoint (``.ckpt``) of a run written before.
+
+    Raises ``CheckpointError`` naming the file when it is missing, truncated or corrupt.
+    """
+    if path.suffix == OLD_WEIGHTS_SUFFIX:
+        # Only an old run's file needs TensorFlow's checkpoint reader (~660 MiB): import it here.
+        from fl_ondevice.checkpoint import read_checkpoint
+
+        return read_checkpoint(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint file {str(path)!r} does not exist")
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            weights = {name: npz[name] for name in sorted(npz.files)}
+    except (OSError, EOFError, ValueError, zipfile.BadZipFile) as err:
+        raise CheckpointError(
+            f"{str(path)!r} cannot be read as a round's weights ({err}); the file is corrupt or "
+            "truncated"
+        ) from None
+    if not weights:
+        raise CheckpointError(f"checkpoint file {str(path)!r} holds no tensors")
+    return weights
 
 
 def strategy_state(strategy: Strategy) -> dict[str, np.ndarray]:
@@ -143,8 +177,8 @@ def load_resume_point(out: Path, spec: WeightSpec) -> ResumePoint:
         return _resume_point(out, last, checkpoint, spec, rows)
     except (CheckpointError, ResumeError) as err:
         problem = err
-    before = out / CHECKPOINT_DIR / f"round-{last - 1}.ckpt"
-    if last < 1 or not before.is_file():
+    before = _kept_weights(out, last - 1)
+    if last < 1 or before is None:
         raise ResumeError(
             f"resume={str(out)!r}: {problem}; no earlier round is kept: start the run anew"
         )
@@ -161,6 +195,15 @@ def load_resume_point(out: Path, spec: WeightSpec) -> ResumePoint:
             f"resume={str(out)!r}: neither of the kept rounds can be read (round {last}: "
             f"{problem}; round {last - 1}: {err}); start the run anew"
         ) from None
+
+
+def _kept_weights(out: Path, r: int) -> Path | None:
+    """Round ``r``'s weights file in ``out``, in either format, or None."""
+    for suffix in (WEIGHTS_SUFFIX, OLD_WEIGHTS_SUFFIX):
+        path = out / CHECKPOINT_DIR / f"round-{r}{suffix}"
+        if path.is_file():
+            return path
+    return None
 
 
 def _read_state(out: Path) -> tuple[int, Path]:
@@ -206,7 +249,7 @@ def _read_rows(out: Path) -> list[dict[str, Any]]:
 def _resume_point(
     out: Path, r: int, checkpoint: Path, spec: WeightSpec, rows: list[dict[str, Any]]
 ) -> ResumePoint:
-    weights = read_checkpoint(checkpoint)
+    weights = read_weights(checkpoint)
     spec.validate(weights, f"resume checkpoint {str(checkpoint)!r}")
     kept = [row for row in rows if row["round"] <= r]
     if not kept or kept[-1]["round"] != r:

@@ -27,7 +27,6 @@ from fl_ondevice.calibration import (
     read_calibration,
     write_calibration,
 )
-from fl_ondevice.checkpoint import write_checkpoint
 from fl_ondevice.client import bottleneck_dir
 from fl_ondevice.client_app import client_app
 from fl_ondevice.clock import DeviceClock, device_classes
@@ -75,7 +74,6 @@ from fl_ondevice.resume import (
 )
 from fl_ondevice.rounds import RoundResult, run_rounds
 from fl_ondevice.strategy import layers, make_strategy, nodes_needed, setting
-from fl_ondevice.transfer import pretrained_base
 from fl_ondevice.transport import ClientGrid, RoundTraffic
 from fl_ondevice.weights import Weights
 
@@ -114,7 +112,7 @@ def prepare(cfg: Config) -> Prepared:
         state_file(Path(cfg.resume))  # fail before converting models or starting engines
     strategy = make_strategy(cfg)
     client_app(cfg)  # builds the clients' mods: a bad one fails here, not on every worker
-    dataset = load_dataset(cfg.dataset, cfg.seed)
+    dataset = load_dataset(cfg.dataset, cfg.seed, cfg.cache_dir)
     partitions = make_partitions(dataset, cfg.num_clients, cfg.partition, cfg.seed)
     model_file = build_tflite(
         cfg.model,
@@ -182,7 +180,7 @@ def _device_clock(
                 os.path.expanduser(cfg.cache_dir),
                 key,
                 model_file,
-                dataset.x_train,
+                dataset.train_x(),  # float32 while measuring only: the dataset keeps uint8
                 dataset.y_train,
                 batch_sizes_needed(cfg.client.batch_size, sizes),
                 cfg.client.num_threads,
@@ -315,8 +313,14 @@ def _finish_outputs(
     prep: Prepared, weights: Weights, metrics: MetricsLog, clients: list[ClientRecord]
 ) -> None:
     cfg, out = prep.cfg, Path(prep.cfg.output_dir)
-    write_checkpoint(out / GLOBAL_CKPT, weights)
-    _write_global_tflite(prep, weights, out / GLOBAL_TFLITE)
+    # Often the run's first TensorFlow import: its C++ start-up lines go to the log file.
+    with native_stderr_to_log():
+        # TensorFlow writes the checkpoint and bakes the .tflite: imported here, at the end, not
+        # with this module (a run whose model is cached spends its rounds without its ~660 MiB).
+        from fl_ondevice.checkpoint import write_checkpoint
+
+        write_checkpoint(out / GLOBAL_CKPT, weights)
+        _write_global_tflite(prep, weights, out / GLOBAL_TFLITE)
     title = (
         f"{cfg.model.name} on {cfg.dataset.name}, {cfg.partition.name}, "
         f"{cfg.num_clients} clients, {_strategy_name(prep.strategy)}, seed {cfg.seed}"
@@ -362,7 +366,7 @@ class RoundRecorder:
         central = evaluate_split(
             self.evaluators,
             weights,
-            self.prep.dataset.x_test,
+            self.prep.dataset.test_x(),  # (M, H, W) float32, for this evaluation only
             self.prep.dataset.y_test,
             cfg.eval_batch_size,
         )
@@ -481,17 +485,18 @@ def _write_global_tflite(prep: Prepared, weights: dict, path: Path) -> None:
         return
     base = None
     if cfg.model.name == "transfer" and cfg.model.trainable == "head":
+        from fl_ondevice.transfer import pretrained_base  # TensorFlow: see _finish_outputs
+
         # The checkpoint holds the head; the frozen base comes from the cache build_tflite filled.
         base = pretrained_base(cfg.model, cfg.dataset, cfg.seed, cache).weights
-    with native_stderr_to_log():
-        tflite = bake(
-            cfg.model,
-            prep.dataset.input_shape,
-            prep.dataset.num_classes,
-            weights,
-            base=base,
-            seed=cfg.seed,
-        )
+    tflite = bake(
+        cfg.model,
+        prep.dataset.input_shape,
+        prep.dataset.num_classes,
+        weights,
+        base=base,
+        seed=cfg.seed,
+    )
     tmp = path.with_suffix(".tmp")
     tmp.write_bytes(tflite)
     os.replace(tmp, path)

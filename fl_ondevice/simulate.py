@@ -76,6 +76,26 @@ def engine_nodes(prep: Prepared) -> int:
     return messages_per_round(min(largest, n), workers(cfg), cfg.client.clients_per_message)
 
 
+def import_flower_simulation() -> None:
+    """Import Flower's simulation package without the TensorFlow it would import.
+
+    ``flwr.simulation.ray_transport.utils`` runs ``import tensorflow`` whenever TensorFlow is
+    installed, for a GPU-growth helper that fl_ondevice never calls: in this process that costs
+    ~660 MiB for the whole run and prints TensorFlow's start-up lines to the console. Blocked
+    here as in the workers (``fl_ondevice.cluster.SETUP_HOOK``), for this import only: a later
+    ``import tensorflow`` (a conversion, the final checkpoint) works as usual.
+    """
+    from fl_ondevice.interpreters import allow_tensorflow, block_tensorflow, tensorflow_imported
+
+    if "flwr.simulation" in sys.modules or tensorflow_imported():
+        return
+    block_tensorflow()
+    try:
+        import flwr.simulation  # noqa: F401 - imported for the engine, which uses it later
+    finally:
+        allow_tensorflow()
+
+
 def simulate(
     cfg: Config,
     overrides: dict[str, Any] | None = None,
@@ -101,6 +121,7 @@ def simulate(
     backend = backend_config(cfg)
     connect(cfg, backend)  # backend.address: join the Ray cluster now, or say why not
     check_cpus(cfg)
+    import_flower_simulation()  # before the engine's thread imports it, importing TensorFlow
     engine = engine_for(engine_nodes(prep), backend, client_app or default_client_app)
     try:
         summary = engine.run(prep, overrides)

@@ -192,6 +192,79 @@ def test_load_dataset_reads_idx_files_from_data_dir_scaled_to_unit_float32(tmp_p
     assert not dataset.x_train.flags.writeable  # shared by all clients of a process
 
 
+def test_idx_images_stay_uint8_and_the_rows_asked_for_convert_to_unit_float32(
+    tmp_path: Path,
+) -> None:
+    # Prepare
+    raw = write_idx_dataset(tmp_path / "mine", n_train=12, n_test=5)
+    cfg = DatasetConfig(name="fashion_mnist", data_dir=str(tmp_path / "mine"), download=False)
+    rows = np.array([7, 0, 3])  # a client's partition: any rows, in any order
+
+    # Execute
+    dataset = load_dataset(cfg)
+    part = dataset.train_x(rows)
+
+    # Assert: one byte per pixel kept; a pixel p becomes p / 255 rounded once to float32
+    # (float64 division then rounding gives the same 256 values), the same bits whether a
+    # client's rows or the whole split are converted
+    assert dataset.train_images.dtype == np.uint8 and dataset.train_images.nbytes == 12 * 4 * 4
+    np.testing.assert_array_equal(dataset.train_images, raw["x_train"])
+    assert not dataset.train_images.flags.writeable and not dataset.test_images.flags.writeable
+    expected = (raw["x_train"][rows].astype(np.float64) / 255.0).astype(np.float32)
+    assert part.dtype == np.float32 and part.shape == (3, 4, 4)
+    assert part.tobytes() == expected.tobytes()
+    assert part.tobytes() == dataset.x_train[rows].tobytes()
+    assert dataset.x_train[0, 0, 0] == 1.0  # pixel 255
+    test = (raw["x_test"].astype(np.float64) / 255.0).astype(np.float32)
+    assert dataset.test_x().tobytes() == test.tobytes() == dataset.x_test.tobytes()
+    assert dataset.test_x(slice(1, 3)).tobytes() == test[1:3].tobytes()
+
+
+def test_unit_float32_maps_every_pixel_value_to_its_nearest_float32_of_p_over_255() -> None:
+    # Prepare
+    pixels = np.arange(256, dtype=np.uint8)
+
+    # Execute
+    scaled = data.unit_float32(pixels)
+
+    # Assert
+    expected = np.array([np.float32(p / 255.0) for p in range(256)], dtype=np.float32)
+    assert scaled.tobytes() == expected.tobytes()
+    assert scaled[255] == 1.0 and scaled[0] == 0.0
+    floats = np.array([0.5, 1.0], np.float32)
+    assert data.unit_float32(floats) is floats  # digits: already in [0, 1]
+    with pytest.raises(DataError, match=r"images are int32; expected uint8 0\.\.255 or float32"):
+        data.unit_float32(np.zeros(3, np.int32))
+
+
+def test_whole_split_float32_is_converted_once_read_only(tmp_path: Path) -> None:
+    # Prepare
+    write_idx_dataset(tmp_path / "mine")
+    dataset = load_dataset(DatasetConfig(name="mnist", data_dir=str(tmp_path / "mine")))
+
+    # Execute
+    first, again = dataset.x_train, dataset.x_train
+
+    # Assert
+    assert first is again
+    assert not first.flags.writeable  # shared by all clients of a process
+    assert dataset.train_x(np.array([0])).flags.writeable  # a caller's own copy
+
+
+def test_select_classes_keeps_images_as_stored(tmp_path: Path) -> None:
+    # Prepare
+    raw = write_idx_dataset(tmp_path / "mine", n_train=20)
+    full = load_dataset(DatasetConfig(name="mnist", data_dir=str(tmp_path / "mine")))
+
+    # Execute
+    picked = data.select_classes(full, (3, 1))
+
+    # Assert: class 3 becomes 0, class 1 becomes 1; the images stay uint8
+    assert picked.train_images.dtype == np.uint8
+    np.testing.assert_array_equal(picked.train_images[picked.y_train == 0], raw["x_train"][[3, 13]])
+    np.testing.assert_array_equal(picked.train_images[picked.y_train == 1], raw["x_train"][[1, 11]])
+
+
 def test_load_dataset_prefers_data_dir_then_system_dir_then_keras_cache(tmp_path: Path) -> None:
     # Prepare: three complete copies of different sizes, so the one read is identifiable
     write_idx_dataset(tmp_path / "mine", n_train=11)
@@ -546,6 +619,109 @@ def test_digits_is_a_seeded_stratified_split_of_all_1797_images_scaled_by_16() -
     assert not np.array_equal(first.y_test, other.y_test)
 
 
+# A fresh process (a deployed node's ClientApp, one per message): digits from the cache file,
+# printed as the sha256 of its arrays, and whether scikit-learn was imported.
+DIGITS_CHILD = """
+import hashlib, json, sys
+from fl_ondevice.config import DatasetConfig
+from fl_ondevice.data import load_dataset
+d = load_dataset(DatasetConfig(name="digits", test_fraction=0.2), seed=3, cache_dir=sys.argv[1])
+arrays = (d.train_images, d.y_train, d.test_images, d.y_test)
+digest = hashlib.sha256(b"".join(a.tobytes() for a in arrays)).hexdigest()
+print(json.dumps(dict(sha256=digest, sklearn="sklearn" in sys.modules)))
+"""
+
+
+def _digest(dataset: Dataset) -> str:
+    arrays = (dataset.train_images, dataset.y_train, dataset.test_images, dataset.y_test)
+    return hashlib.sha256(b"".join(a.tobytes() for a in arrays)).hexdigest()
+
+
+def test_digits_split_is_cached_and_read_back_by_a_process_without_scikit_learn(
+    tmp_path: Path,
+) -> None:
+    # Prepare: the split as scikit-learn makes it, without a cache
+    cfg = DatasetConfig(name="digits", test_fraction=0.2)
+    split = load_dataset(cfg, seed=3)
+    data.clear_cache()
+
+    # Execute: the first load with a cache dir writes the file, a new process reads it
+    first = load_dataset(cfg, seed=3, cache_dir=str(tmp_path))
+    child = subprocess.run(
+        [sys.executable, "-c", DIGITS_CHILD, str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+    # Assert
+    assert child.returncode == 0, child.stderr[-2000:]
+    report = json.loads(child.stdout)
+    assert report == {"sha256": _digest(split), "sklearn": False}
+    assert _digest(first) == _digest(split)
+    path = data.digits_cache_file(tmp_path, 0.2, 3)
+    assert path.parent == tmp_path / "datasets" and path.is_file()
+    assert [p.name for p in path.parent.iterdir()] == [path.name]  # no temporary file left
+
+
+def test_digits_cache_file_differs_by_seed_and_test_fraction() -> None:
+    # Execute
+    names = {data.digits_cache_file("c", f, s).name for f in (0.2, 0.25) for s in (0, 1)}
+
+    # Assert
+    assert len(names) == 4
+
+
+def test_digits_classes_are_selected_from_the_cached_full_split(tmp_path: Path) -> None:
+    # Prepare
+    full = load_dataset(DatasetConfig(name="digits"), seed=0)
+    data.clear_cache()
+
+    # Execute
+    picked = load_dataset(DatasetConfig(name="digits", classes=[7, 2]), 0, str(tmp_path))
+
+    # Assert: one file, of the full split; class 7 is label 0
+    assert len(list((tmp_path / "datasets").iterdir())) == 1
+    np.testing.assert_array_equal(picked.x_test[picked.y_test == 0], full.x_test[full.y_test == 7])
+
+
+def test_a_corrupt_digits_cache_file_is_split_anew_and_replaced(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Prepare
+    cfg = DatasetConfig(name="digits")
+    split = load_dataset(cfg, seed=0)
+    data.clear_cache()
+    path = data.digits_cache_file(tmp_path, cfg.test_fraction, 0)
+    path.parent.mkdir(parents=True)
+    path.write_bytes(b"PK\x03\x04 cut short")
+
+    # Execute
+    again = load_dataset(cfg, seed=0, cache_dir=str(tmp_path))
+
+    # Assert
+    assert "cannot be read" in caplog.text and str(path) in caplog.text
+    assert _digest(again) == _digest(split)
+    with np.load(path) as npz:  # rewritten whole
+        np.testing.assert_array_equal(npz["y_test"], split.y_test)
+
+
+def test_an_unwritable_digits_cache_warns_and_loads(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Prepare: the cache dir is a file, so nothing can be written under it
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("x")
+
+    # Execute
+    dataset = load_dataset(DatasetConfig(name="digits"), seed=0, cache_dir=str(blocker))
+
+    # Assert
+    assert len(dataset.y_train) + len(dataset.y_test) == 1797
+    assert "cannot cache the digits split" in caplog.text
+
+
 def test_fashion_mnist_real_files_load_with_official_split() -> None:
     # Prepare
     if not all((FASHION_DIR / f"{s}.gz").is_file() for s in data.IDX_FILES.values()):
@@ -561,5 +737,6 @@ def test_fashion_mnist_real_files_load_with_official_split() -> None:
     assert dataset.num_classes == 10 and dataset.input_shape == (28, 28)
     assert dataset.x_train.dtype == np.float32 and dataset.y_train.dtype == np.int64
     assert dataset.x_train.min() == 0.0 and dataset.x_train.max() == 1.0
+    assert dataset.train_images.nbytes == 60000 * 28 * 28  # uint8: 45 MiB, not 179 MiB
     np.testing.assert_array_equal(np.bincount(dataset.y_train), np.full(10, 6000))
     np.testing.assert_array_equal(np.bincount(dataset.y_test), np.full(10, 1000))

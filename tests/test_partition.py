@@ -395,7 +395,7 @@ def test_make_partitions_of_fashion_mnist_into_1000_clients_keeps_one_image_copy
     assert all(a.dtype == np.int64 for a in arrays)
     assert sum(a.nbytes for a in arrays) == 60000 * 8
     assert not any(np.shares_memory(a, images) for a in arrays)
-    assert dataset.x_train is images
+    assert dataset.train_images is images
     assert peak < 0.05 * images.nbytes  # a copy of the images would need 100 %
     assert [p.client_id for p in partitions] == list(range(1000))
 

@@ -236,7 +236,7 @@ def test_a_resumed_run_keeps_the_clients_record_of_the_rounds_before(run, tmp_pa
     shutil.copytree(whole, cut)
     # Round 3's checkpoint is unreadable: the run continues after round 2, while clients.csv
     # already holds round 3 (the case where the file is ahead of the resume point).
-    ckpt = cut / "checkpoints" / "round-3.ckpt"
+    ckpt = cut / "checkpoints" / "round-3.weights.npz"
     ckpt.write_bytes(ckpt.read_bytes()[: ckpt.stat().st_size // 2])
 
     simulate(resumed_config(str(cut)), keep_engine=True)

@@ -78,12 +78,12 @@ def test_a_truncated_last_checkpoint_resumes_from_the_round_before(run, tmp_path
     from fl_ondevice.simulate import simulate
 
     whole, cut = _copy(run, tmp_path)
-    _truncate(cut / "checkpoints" / "round-3.ckpt")
+    _truncate(cut / "checkpoints" / "round-3.weights.npz")
 
     with caplog.at_level(logging.WARNING):
         simulate(resumed_config(str(cut)), keep_engine=True)
 
-    warning = "round-3.ckpt' cannot be read as a TF checkpoint"
+    warning = "round-3.weights.npz' cannot be read as a round's weights"
     assert warning in caplog.text and "continuing after round 2 instead" in caplog.text
     assert stable_rows(cut) == stable_rows(whole)  # round 3 again, from round 2's moments
     a, b = read_checkpoint(cut / "global_model.ckpt"), read_checkpoint(whole / "global_model.ckpt")
@@ -108,9 +108,9 @@ def test_a_truncated_last_checkpoint_resumes_from_the_round_before(run, tmp_path
             r"state.json' should be \{\"round\": N >= 0, \"checkpoint\": PATH\}",
         ),
         (
-            lambda cut: [_truncate(cut / "checkpoints" / f"round-{r}.ckpt") for r in (2, 3)],
-            r"neither of the kept rounds can be read \(round 3: .*round-3.ckpt.*; round 2: "
-            r".*round-2.ckpt.*\); start the run anew",
+            lambda cut: [_truncate(cut / "checkpoints" / f"round-{r}.weights.npz") for r in (2, 3)],
+            r"neither of the kept rounds can be read \(round 3: .*round-3.weights.npz.*; "
+            r"round 2: .*round-2.weights.npz.*\); start the run anew",
         ),
         (
             lambda cut: (cut / "metrics.json").write_text("{}"),
@@ -131,3 +131,70 @@ def test_a_damaged_run_directory_is_named_before_anything_runs(
 
     with pytest.raises(ResumeError, match=message):
         simulate(resumed_config(str(cut)))
+
+
+def test_each_round_keeps_its_weights_as_npz_equal_to_the_final_tf_checkpoint(run):
+    from fl_ondevice.resume import read_weights
+
+    whole = run(*FEDADAM_RUN)
+
+    state = json.loads((whole / "state.json").read_text())
+    assert state == {"round": 3, "checkpoint": "checkpoints/round-3.weights.npz"}
+    assert sorted(p.name for p in (whole / "checkpoints").iterdir()) == [
+        "round-2.npz",
+        "round-2.weights.npz",
+        "round-3.npz",
+        "round-3.weights.npz",
+    ]
+    kept = read_weights(whole / state["checkpoint"])
+    final = read_checkpoint(whole / "global_model.ckpt")  # written by TensorFlow at the end
+    assert list(kept) == list(final)
+    assert all(kept[n].dtype == final[n].dtype for n in final)
+    assert all(kept[n].tobytes() == final[n].tobytes() for n in final)
+
+
+def test_a_run_directory_with_tf_checkpoints_resumes_from_them(run, tmp_path):
+    # Runs written before the weights were kept as .npz have TF checkpoints, round-r.ckpt.
+    from fl_ondevice.checkpoint import write_checkpoint
+    from fl_ondevice.resume import resumed_config
+    from fl_ondevice.simulate import simulate
+
+    whole, cut = _copy(run, tmp_path)
+    for r in (2, 3):
+        npz = cut / "checkpoints" / f"round-{r}.weights.npz"
+        with np.load(npz) as saved:
+            write_checkpoint(npz.with_name(f"round-{r}.ckpt"), {k: saved[k] for k in saved.files})
+        npz.unlink()
+    _truncate(cut / "checkpoints" / "round-3.ckpt")  # so round 2 is also read from its .ckpt
+    state = {"round": 3, "checkpoint": "checkpoints/round-3.ckpt"}
+    (cut / "state.json").write_text(json.dumps(state))
+
+    simulate(resumed_config(str(cut)), keep_engine=True)
+
+    assert stable_rows(cut) == stable_rows(whole)  # round 3 again, from round 2's .ckpt
+    assert json.loads((cut / "state.json").read_text())["checkpoint"].endswith(".weights.npz")
+    a, b = read_checkpoint(cut / "global_model.ckpt"), read_checkpoint(whole / "global_model.ckpt")
+    assert all(a[n].tobytes() == b[n].tobytes() for n in b)
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (None, r"checkpoint file '.*round-1.weights.npz' does not exist"),
+        (b"", r"round-1.weights.npz' cannot be read as a round's weights \(.*\); the file is"),
+        ("empty", r"checkpoint file '.*round-1.weights.npz' holds no tensors"),
+    ],
+    ids=["missing", "not-a-zip", "no-tensors"],
+)
+def test_read_weights_names_a_file_it_cannot_use(tmp_path, content, message):
+    from fl_ondevice.errors import CheckpointError
+    from fl_ondevice.resume import read_weights
+
+    path = tmp_path / "round-1.weights.npz"
+    if content == "empty":
+        np.savez(path)
+    elif content is not None:
+        path.write_bytes(content)
+
+    with pytest.raises(CheckpointError, match=message):
+        read_weights(path)

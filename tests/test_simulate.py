@@ -135,7 +135,7 @@ def test_run_writes_every_output_and_the_global_model_reproduces_its_accuracy(ru
         "global_model.ckpt",
         "global_model.tflite",
         "state.json",
-        "checkpoints/round-3.ckpt",
+        "checkpoints/round-3.weights.npz",
     ):
         assert (out / name).stat().st_size > 0, name
     last = table[-1]

@@ -244,7 +244,7 @@ def test_a_resumed_fedadam_run_equals_the_uninterrupted_one(run, tmp_path):
     cut = tmp_path / "cut"
     shutil.copytree(whole, cut)
     (cut / "state.json").write_text(
-        json.dumps({"round": 2, "checkpoint": "checkpoints/round-2.ckpt"})
+        json.dumps({"round": 2, "checkpoint": "checkpoints/round-2.weights.npz"})
     )
     (cut / "global_model.ckpt").unlink()
     cfg = resumed_config(str(cut))

@@ -97,3 +97,57 @@ def test_a_client_trains_and_evaluates_in_a_process_without_tensorflow(converted
         assert sorted(sent.files) == sorted(update.weights)
         for name, value in update.weights.items():
             np.testing.assert_array_equal(sent[name], value)
+
+
+# A fresh driver process: what a run whose converted model is cached does before its end
+# (prepare, importing Flower's simulation engine, central evaluation, saving a round, resuming
+# from it); it prints which TF modules it ended up with, then imports TensorFlow (the end's
+# checkpoint) to show that still works.
+SERVER_CHILD = f"""
+import json, sys
+from pathlib import Path
+import numpy as np
+import fl_ondevice.engine, fl_ondevice.server_app, fl_ondevice.simulate
+from fl_ondevice.config import from_run_config
+from fl_ondevice.device import evaluate_split
+from fl_ondevice.results import MetricsLog
+from fl_ondevice.resume import load_resume_point, save_round
+from fl_ondevice.server import prepare
+from fl_ondevice.simulate import import_flower_simulation
+
+cfg = from_run_config(json.loads(sys.argv[1]))
+prep = prepare(cfg)
+import_flower_simulation()
+from flwr.simulation import run_simulation
+weights = prep.server_model.initial_weights()
+central = evaluate_split([prep.server_model], weights, prep.dataset.test_x(), prep.dataset.y_test)
+out = Path(cfg.output_dir)
+row = dict(round=0, accuracy=central["accuracy"], loss=central["loss"])
+save_round(out, 0, weights, prep.strategy, MetricsLog(out, {{}}), row)
+back = load_resume_point(out, prep.server_model.weight_spec)
+same = all(back.weights[n].tobytes() == w.tobytes() for n, w in weights.items())
+tf = sorted(m for m in sys.modules if m.split(".")[0] in {TF_PACKAGES!r})
+from fl_ondevice.checkpoint import write_checkpoint
+write_checkpoint(out / "global_model.ckpt", weights)
+print(json.dumps(dict(tf=tf, accuracy=central["accuracy"], resumed=back.round, same=same)))
+"""
+
+
+def test_a_server_with_a_cached_model_runs_its_rounds_without_tensorflow(cache, tmp_path):
+    from fl_ondevice.server import prepare
+
+    cfg = compose_config(tmp_path / "run", f"cache_dir={cache}", "num_clients=3")
+    prep = prepare(cfg)  # here, with TensorFlow: converts the model into the cache if need be
+    expected = prep.server_model.evaluate(prep.dataset.x_test, prep.dataset.y_test)["accuracy"]
+
+    child = subprocess.run(
+        [sys.executable, "-c", SERVER_CHILD, json.dumps(to_run_config(cfg))],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env={**os.environ, "FLWR_TELEMETRY_ENABLED": "0"},
+    )
+
+    assert child.returncode == 0, child.stderr[-3000:]
+    got = json.loads(child.stdout.strip().splitlines()[-1])
+    assert got == {"tf": [], "accuracy": expected, "resumed": 0, "same": True}

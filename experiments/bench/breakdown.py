@@ -77,7 +77,7 @@ def _time_updates(cfg, n: int) -> dict[tuple[str, str], list[float]]:  # noqa: A
         weights = from_arrays(record)
         t0 = lap("ours", "message->arrays", t0)
         idx = partitions[cid].train_indices
-        x, y = dataset.x_train[idx], dataset.y_train[idx]
+        x, y = dataset.train_x(idx), dataset.y_train[idx]
         t0 = lap("ours", "data slicing", t0)
         device.reset_optimizer()
         t0 = lap("ours", "reset optimizer", t0)
@@ -101,7 +101,7 @@ def _time_updates(cfg, n: int) -> dict[tuple[str, str], list[float]]:  # noqa: A
         t0 = start = time.perf_counter()
         arrays = keras_record.to_numpy_ndarrays()
         t0 = lap("peer", "message->arrays", t0)
-        x, y = dataset.x_train[idx], dataset.y_train[idx]
+        x, y = dataset.train_x(idx), dataset.y_train[idx]
         t0 = lap("peer", "data slicing", t0)
         keras.backend.clear_session()
         t0 = lap("peer", "clear_session", t0)

@@ -80,7 +80,7 @@ def train(msg: Message, context: Context) -> Message:
     partition_id = int(cast(int, context.node_config["partition-id"]))
     dataset, partitions = client_data(cfg)  # the same partitions fl_ondevice's clients use
     idx = partitions[partition_id].train_indices
-    x, y = dataset.x_train[idx], dataset.y_train[idx]
+    x, y = dataset.train_x(idx), dataset.y_train[idx]
     keras.backend.clear_session()
     model = keras_twin(
         cfg.model.name, dataset.input_shape, dataset.num_classes, cfg.model.learning_rate
