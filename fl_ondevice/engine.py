@@ -31,6 +31,7 @@ log = logging.getLogger(__name__)
 class _Job:
     prep: Prepared
     overrides: dict[str, Any] | None
+    model_files: bool
     done: threading.Event = field(default_factory=threading.Event)
     summary: dict[str, Any] | None = None
     error: BaseException | None = None
@@ -73,9 +74,15 @@ class Engine:
             and client_app is self.client_app
         )
 
-    def run(self, prep: Prepared, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
-        """Run ``prep`` to the end on this engine and return its summary (or raise its error)."""
-        job = _Job(prep, overrides)
+    def run(
+        self, prep: Prepared, overrides: dict[str, Any] | None = None, model_files: bool = True
+    ) -> dict[str, Any]:
+        """Run ``prep`` to the end on this engine and return its summary (or raise its error).
+
+        ``model_files=False``: without ``global_model.ckpt`` and ``.tflite``
+        (``fl_ondevice.server.write_model_files`` writes them later).
+        """
+        job = _Job(prep, overrides, model_files)
         self._jobs.put(job)
         while not job.done.wait(0.2):
             if self._stopped.is_set():
@@ -112,7 +119,7 @@ class Engine:
     def _serve(self, grid: Grid, context: Context) -> None:
         while (job := self._jobs.get()) is not None:
             try:
-                job.summary = run_server(grid, job.prep, job.overrides)
+                job.summary = run_server(grid, job.prep, job.overrides, model_files=job.model_files)
             except BaseException as err:  # noqa: BLE001 - handed to the caller of run()
                 job.error = err
             finally:

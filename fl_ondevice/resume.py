@@ -111,6 +111,12 @@ def read_weights(path: Path) -> Weights:
     return weights
 
 
+def last_round_weights(out: Path) -> Weights:
+    """The global weights of the last round ``out``'s ``state.json`` names as completed."""
+    _, checkpoint = _read_state(out)
+    return read_weights(checkpoint)
+
+
 def strategy_state(strategy: Strategy) -> dict[str, np.ndarray]:
     """The numbers a strategy carries from round to round, as arrays keyed by attribute path.
 

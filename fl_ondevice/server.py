@@ -67,6 +67,7 @@ from fl_ondevice.results import (
 from fl_ondevice.resume import (
     RESOLVED_CONFIG,
     ResumePoint,
+    last_round_weights,
     load_resume_point,
     restore_strategy_state,
     save_round,
@@ -223,12 +224,15 @@ def run_server(
     prep: Prepared,
     overrides: dict[str, Any] | None = None,
     nodes_own_data: bool = False,
+    model_files: bool = True,
 ) -> dict:
     """Run the configured strategy for ``cfg.num_rounds`` rounds over ``grid``'s nodes, write
     the run's outputs, and return its summary.
 
     ``nodes_own_data``: ``grid``'s nodes are SuperNodes, each owning the partition its node
     config names (``flwr run``); else they train the clients the server names (the simulation).
+    ``model_files=False`` leaves ``global_model.ckpt`` and ``global_model.tflite`` to the caller
+    (:func:`write_model_files`), which can stop the engine first.
 
     A resumed run (``cfg.resume``) continues after its last completed round, with the global
     weights, the strategy's state and the metrics that round left on disk.
@@ -272,7 +276,7 @@ def run_server(
         recorder.after_round,
         min_updates=cfg.round.min_updates,
     )
-    _finish_outputs(prep, from_arrays(final), metrics, recorder.clients_seen)
+    _finish_outputs(prep, from_arrays(final), metrics, recorder.clients_seen, model_files)
     # The clients' bottlenecks (personalization layout) are of this run only.
     shutil.rmtree(bottleneck_dir(cfg, grid.run.run_id), ignore_errors=True)
     return summarize(metrics.rows, metrics.run_info)
@@ -310,17 +314,15 @@ def _start_outputs(
 
 
 def _finish_outputs(
-    prep: Prepared, weights: Weights, metrics: MetricsLog, clients: list[ClientRecord]
+    prep: Prepared,
+    weights: Weights,
+    metrics: MetricsLog,
+    clients: list[ClientRecord],
+    model_files: bool,
 ) -> None:
     cfg, out = prep.cfg, Path(prep.cfg.output_dir)
-    # Often the run's first TensorFlow import: its C++ start-up lines go to the log file.
-    with native_stderr_to_log():
-        # TensorFlow writes the checkpoint and bakes the .tflite: imported here, at the end, not
-        # with this module (a run whose model is cached spends its rounds without its ~660 MiB).
-        from fl_ondevice.checkpoint import write_checkpoint
-
-        write_checkpoint(out / GLOBAL_CKPT, weights)
-        _write_global_tflite(prep, weights, out / GLOBAL_TFLITE)
+    if model_files:
+        write_model_files(prep, weights)
     title = (
         f"{cfg.model.name} on {cfg.dataset.name}, {cfg.partition.name}, "
         f"{cfg.num_clients} clients, {_strategy_name(prep.strategy)}, seed {cfg.seed}"
@@ -329,6 +331,26 @@ def _finish_outputs(
     if cfg.personalize.epochs > 0:
         title += f", personalize.epochs={cfg.personalize.epochs}"
         plot_personalization(clients, out / PERSONALIZATION_PNG, title)
+
+
+def write_model_files(prep: Prepared, weights: Weights | None = None) -> None:
+    """Write the run's ``global_model.ckpt`` and ``global_model.tflite`` from ``weights``, or
+    when None from the last completed round's weights in the run directory.
+
+    TensorFlow writes the checkpoint and bakes the ``.tflite``: it is imported here, at the end,
+    not with this module, so that a run whose model is cached spends its rounds without its
+    ~660 MiB. ``simulate`` calls this after it has stopped the engine, so that TensorFlow and
+    the Ray workers are not resident at once.
+    """
+    out = Path(prep.cfg.output_dir)
+    if weights is None:
+        weights = last_round_weights(out)
+    # Often the run's first TensorFlow import: its C++ start-up lines go to the log file.
+    with native_stderr_to_log():
+        from fl_ondevice.checkpoint import write_checkpoint
+
+        write_checkpoint(out / GLOBAL_CKPT, weights)
+        _write_global_tflite(prep, weights, out / GLOBAL_TFLITE)
 
 
 def _strategy_name(strategy: Strategy) -> str:
@@ -485,7 +507,7 @@ def _write_global_tflite(prep: Prepared, weights: dict, path: Path) -> None:
         return
     base = None
     if cfg.model.name == "transfer" and cfg.model.trainable == "head":
-        from fl_ondevice.transfer import pretrained_base  # TensorFlow: see _finish_outputs
+        from fl_ondevice.transfer import pretrained_base  # TensorFlow: see write_model_files
 
         # The checkpoint holds the head; the frozen base comes from the cache build_tflite filled.
         base = pretrained_base(cfg.model, cfg.dataset, cfg.seed, cache).weights

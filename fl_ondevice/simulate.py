@@ -113,7 +113,7 @@ def simulate(
     from fl_ondevice.cluster import check_cpus, connect
     from fl_ondevice.console import native_stderr_to_log, quiet_libraries
     from fl_ondevice.engine import abandon_engine, close_engine, engine_for
-    from fl_ondevice.server import prepare
+    from fl_ondevice.server import prepare, write_model_files
 
     with native_stderr_to_log():  # the TF converter's and TFLite runtime's own lines
         prep = prepare(cfg)
@@ -124,12 +124,15 @@ def simulate(
     import_flower_simulation()  # before the engine's thread imports it, importing TensorFlow
     engine = engine_for(engine_nodes(prep), backend, client_app or default_client_app)
     try:
-        summary = engine.run(prep, overrides)
+        # A run that stops the engine writes the TensorFlow-made files after it: TensorFlow
+        # (~660 MiB) and the Ray workers are then never resident at once.
+        summary = engine.run(prep, overrides, model_files=keep_engine)
     except KeyboardInterrupt:
         abandon_engine()  # do not wait for the round in flight: it ends with the process
         raise
     if not keep_engine:
         close_engine()
+        write_model_files(prep)
     return summary
 
 

@@ -229,6 +229,13 @@ def test_default_command_runs_end_to_end(tmp_path, cache):
     ours = re.compile(r"^(\[[\d\-: ,]+\]\[fl_ondevice[.\w]*\]\[\w+\] - |fl_ondevice: )")
     assert [line for line in console if not ours.match(line)] == []
     assert "`run_simulation` function is deprecated" in (tmp_path / "simulate.log").read_text()
+    # Written after the engine stopped, from the last round's weights: the same bytes.
+    last = np.load(tmp_path / "checkpoints" / "round-2.weights.npz")
+    final = read_checkpoint(tmp_path / "global_model.ckpt")
+    assert sorted(final) == sorted(last.files)
+    assert all(final[name].tobytes() == last[name].tobytes() for name in final)
+    baked = OnDeviceModel(tmp_path / "global_model.tflite").get_weights()
+    assert all(baked[name].tobytes() == final[name].tobytes() for name in final)
 
 
 def test_sweep_runs_each_job_and_writes_a_summary(tmp_path, cache):
