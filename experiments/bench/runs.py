@@ -160,16 +160,19 @@ def run_job(
 
 def _ran_this_checkout(run_dir: Path) -> bool:
     # This checkout's runs name their strategy class (strategy._target_; commits before the
-    # strategy layer was opened wrote strategy.name) and write every top-level key of this
-    # checkout's Config (a baseline without, e.g., `device` is older code).
+    # strategy layer was opened wrote strategy.name), write every top-level key of this
+    # checkout's Config (a baseline without, e.g., `device` is older code) and record the
+    # clients' runtime in metrics.json (commits before the LiteRT move did not).
     from dataclasses import fields
 
     from omegaconf import OmegaConf
 
     from fl_ondevice.config import Config
 
-    config = run_dir / "config.yaml"
+    config, metrics = run_dir / "config.yaml", run_dir / "metrics.json"
     if not config.is_file() or "_target_" not in config.read_text():
+        return False
+    if not metrics.is_file() or "runtime" not in json.loads(metrics.read_text()):
         return False
     return set(OmegaConf.load(config)) == {f.name for f in fields(Config)}
 
