@@ -21,10 +21,11 @@ test-flex:  ## the tests that need a Flex file (after make install-flex)
 ci:  ## what CI runs: fresh 3.11, 3.13 and flex venvs, all suites (~46-59 min)
 	bash .ci/run
 
-lint:  ## ruff + mypy
+lint:  ## ruff + mypy + the import layering (pyproject.toml [tool.importlinter])
 	ruff check fl_ondevice tests experiments
 	ruff format --check fl_ondevice tests experiments
 	mypy fl_ondevice
+	lint-imports
 
 bench:  ## device benchmark: TFLite vs TF vs Keras train step
 	python -m experiments.bench_device

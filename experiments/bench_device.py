@@ -20,9 +20,9 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 from fl_ondevice.config import ModelConfig  # noqa: E402
-from fl_ondevice.device import OnDeviceModel  # noqa: E402
-from fl_ondevice.export import convert  # noqa: E402
-from fl_ondevice.model import TrainableModel, build_model  # noqa: E402
+from fl_ondevice.ondevice.convert import convert  # noqa: E402
+from fl_ondevice.ondevice.device import OnDeviceModel  # noqa: E402
+from fl_ondevice.ondevice.model import TrainableModel, build_model  # noqa: E402
 
 INPUT_SHAPE = (28, 28)  # Fashion-MNIST images
 NUM_CLASSES = 10
@@ -54,9 +54,9 @@ class Result:
         return self.median_ms[a] / self.median_ms[b]
 
 
-# -- the Keras twin of each architecture in fl_ondevice.model._ARCHITECTURES --------------------
+# -- the Keras twin of each architecture of fl_ondevice.ondevice.model ---------------------------
 def keras_model(name: str) -> keras.Sequential:
-    """The same architecture as ``fl_ondevice.model`` builds, as Keras layers (same weight order).
+    """The architecture ``fl_ondevice.ondevice.model`` builds, as Keras layers (same weight order).
 
     CNN blocks are conv 5x5 (+bias) -> ReLU -> 2x2 max-pool with SAME padding, as in model.py;
     Flatten of NHWC matches model.py's ``tf.reshape`` row-major order.

@@ -27,9 +27,9 @@ import tensorflow as tf  # noqa: E402
 from ai_edge_litert.interpreter import Interpreter as LiteRtInterpreter  # noqa: E402
 
 from fl_ondevice.config import ModelConfig  # noqa: E402
-from fl_ondevice.export import convert  # noqa: E402
-from fl_ondevice.interpreters import flex_ops  # noqa: E402
-from fl_ondevice.model import build_model  # noqa: E402
+from fl_ondevice.ondevice.convert import convert  # noqa: E402
+from fl_ondevice.ondevice.interpreters import flex_ops  # noqa: E402
+from fl_ondevice.ondevice.model import build_model  # noqa: E402
 
 MODELS = ("mlp", "2nn", "cnn", "simple_cnn")
 INPUT_SHAPE, NUM_CLASSES, LEARNING_RATE, SEED = (28, 28), 10, 0.01, 0

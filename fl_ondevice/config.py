@@ -4,7 +4,7 @@ The dataclasses below are the defaults of every key (Hydra composes ``conf/`` on
 registered as the ``schema`` config) and the checks of every value. The strategy group is the
 exception: its keys are the arguments of whichever Flower strategy class ``strategy._target_``
 names, so their values live in ``conf/strategy/<name>.yaml`` and are checked when the strategy is
-built (``fl_ondevice.strategy.make_strategy``).
+built (``fl_ondevice.server.strategy.make_strategy``).
 """
 
 from __future__ import annotations
@@ -19,14 +19,20 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from fl_ondevice.encoding import ENCODINGS
 from fl_ondevice.errors import ConfigError
 
 DATASETS = ("digits", "fashion_mnist", "mnist")
 PARTITIONERS = ("iid", "dirichlet", "shards", "label_quantity")
 MODELS = ("mlp", "2nn", "cnn", "simple_cnn", "tflite", "transfer")
-# Classes per dataset, to check class lists before any data is loaded.
+# Classes and image shape (H, W) per dataset, to check class lists and export a model before any
+# data is loaded.
 DATASET_CLASSES = {"digits": 10, "fashion_mnist": 10, "mnist": 10}
+DATASET_SHAPES = {"digits": (8, 8), "fashion_mnist": (28, 28), "mnist": (28, 28)}
+# Where converted models, datasets' caches and a node's received models go (cache_dir).
+CACHE_DIR = "~/.cache/fl_ondevice"
+# What a client uploads (client.update_encoding; fl_ondevice.wire.encoding encodes and decodes).
+FLOAT32, FLOAT16, INT8 = "float32", "float16", "int8"
+ENCODINGS = (FLOAT32, FLOAT16, INT8)
 TRAINABLE = ("head", "all")
 OPTIMIZERS = ("sgd", "adam")
 ATTACKS = ("none", "sign_flip", "scale")
@@ -100,7 +106,7 @@ class ModelConfig:
     beta_2: float = 0.999  # adam only
     epsilon: float = 1e-7  # adam only (Keras' default)
     path: str | None = None  # model=tflite: the user's .tflite file
-    # model=transfer (fl_ondevice.transfer). `head`: the clients train a head on a frozen
+    # model=transfer (fl_ondevice.ondevice.transfer). `head`: the clients train a head on a frozen
     # base, in TensorFlow's model_personalization layout (load/train/infer/save/restore/
     # initialize), the on-device personalization use case; `all`: base and head are trained,
     # in the guide layout, for comparing with full-model FL.
@@ -177,8 +183,8 @@ class AttackConfig:
     """Clients that send manipulated updates, to test robust aggregation.
 
     The attackers are a fixed set of ``round(fraction * num_clients)`` clients drawn from the
-    seed (``fl_ondevice.client.attackers``). Each trains honestly, then sends, with the global
-    weights g and its trained weights w: ``scale``: g + scale * (w - g); ``sign_flip``:
+    seed (``fl_ondevice.client.client.attackers``). Each trains honestly, then sends, with the
+    global weights g and its trained weights w: ``scale``: g + scale * (w - g); ``sign_flip``:
     g - scale * (w - g).
     """
 
@@ -223,8 +229,8 @@ class ClientConfig:
     num_cpus: float = 1.0  # Ray resources per client: workers = cores / num_cpus
     dropout_rate: float = 0.0  # share of sampled clients that never reply (seeded per round)
     failure_rate: float = 0.0  # share of sampled clients that crash while training (seeded)
-    # What a client uploads (fl_ondevice.encoding): its weights as float32, or its change to the
-    # global weights as float16 or int8 with a per-tensor scale. A phone's upload is its
+    # What a client uploads (fl_ondevice.wire.encoding): its weights as float32, or its change to
+    # the global weights as float16 or int8 with a per-tensor scale. A phone's upload is its
     # slowest link: float16 sends 1/2 of float32's bytes, int8 about 1/4.
     update_encoding: str = "float32"
     # About how many simulated clients one engine message carries (trained one after another by
@@ -300,7 +306,7 @@ class DeviceClassConfig:
 
 @dataclass
 class DeviceConfig:
-    """The phones the clients run on: a simulated clock per round (``fl_ondevice.clock``).
+    """The phones the clients run on: a simulated clock per round (``devicetime.clock``).
 
     No classes (``device=none``, the default) means no device clock: the simulated-time
     columns stay empty.
@@ -388,7 +394,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     partition: PartitionConfig = field(default_factory=PartitionConfig)
     # A Flower Message-API strategy as a Hydra node: ``_target_`` (the class) and its arguments.
-    # Composed from conf/strategy/<name>.yaml; checked by fl_ondevice.strategy.make_strategy.
+    # Composed from conf/strategy/<name>.yaml; checked by fl_ondevice.server.strategy.make_strategy.
     strategy: dict[str, Any] = field(default_factory=dict)
     client: ClientConfig = field(default_factory=ClientConfig)
     backend: BackendConfig = field(default_factory=BackendConfig)
@@ -400,7 +406,7 @@ class Config:
     num_rounds: int = 50  # digits + mlp reach >= 90% central accuracy well before this
     target_accuracy: float | None = None  # report the first round whose accuracy reaches this
     eval_batch_size: int = 256  # central evaluation batch (infer); each interpreter keeps buffers
-    cache_dir: str = "~/.cache/fl_ondevice"  # converted .tflite files, keyed by model config
+    cache_dir: str = CACHE_DIR  # converted .tflite files, keyed by model config
     output_dir: str = "."  # the run directory; simulate.py sets it to Hydra's
     resume: str | None = None  # a run directory to continue from its last completed round
 
@@ -445,8 +451,9 @@ class Config:
         )
 
     @property
-    def workers(self) -> int:
-        """Clients this machine trains at once: its cores / ``client.num_cpus``."""
+    def local_workers(self) -> int:
+        """Workers this machine could run: its cores / ``client.num_cpus`` (the server evaluates
+        on as many interpreters; the engine's own count is ``runtime.cluster.engine_workers``)."""
         return max(1, int((os.cpu_count() or 1) // self.client.num_cpus))
 
 

@@ -4,7 +4,8 @@ Engine, with one SuperLink and ``num_nodes`` SuperNodes started on this machine.
 Same config groups as ``simulate`` plus ``num_nodes`` and ``insecure`` (``conf/deploy.yaml``).
 It checks the config as ``simulate`` does, packages this run as a Flower app (fl_ondevice's code
 and a pyproject.toml whose run config is the whole composed config), starts the SuperLink and
-SuperNodes (TLS and SuperNode authentication unless ``insecure=true``; ``fl_ondevice.federation``),
+SuperNodes (TLS and SuperNode authentication unless ``insecure=true``;
+``fl_ondevice.runtime.federation``),
 submits the app with ``flwr run``, shows the ServerApp's progress lines, and writes the same run
 directory as ``simulate``. Each SuperNode owns one partition (``partition-id=i
 num-partitions=num_nodes``), so ``num_clients`` is ``num_nodes``. Every process it started is
@@ -36,7 +37,7 @@ from omegaconf import DictConfig
 import fl_ondevice
 from fl_ondevice.config import Config, DeployConfig, to_dataclass, to_run_config
 from fl_ondevice.errors import FlOnDeviceError
-from fl_ondevice.federation import CONNECTION, Federation, FederationError, become_subreaper
+from fl_ondevice.runtime.federation import CONNECTION, Federation, FederationError, become_subreaper
 
 log = logging.getLogger("fl_ondevice.deploy")
 
@@ -76,8 +77,8 @@ def write_app(directory: Path, cfg: Config) -> Path:
                 "app": {
                     "publisher": "fl_ondevice",
                     "components": {
-                        "serverapp": "fl_ondevice.server_app:app",
-                        "clientapp": "fl_ondevice.client_app:app",
+                        "serverapp": "fl_ondevice.server.server_app:app",
+                        "clientapp": "fl_ondevice.client.client_app:app",
                     },
                     "config": unflatten_dict(to_run_config(cfg)),
                 }
@@ -92,8 +93,8 @@ def deploy(cfg: Config, insecure: bool = False) -> dict[str, Any]:
     """Run ``cfg`` on a SuperLink and ``cfg.num_clients`` SuperNodes started here; return the
     run's summary. Raises ``FlOnDeviceError`` subclasses with what went wrong."""
     from fl_ondevice.console import native_stderr_to_log
-    from fl_ondevice.node import local_node_config
-    from fl_ondevice.server import prepare
+    from fl_ondevice.server.prepare import prepare
+    from fl_ondevice.wire.node import local_node_config
 
     with native_stderr_to_log():
         prepare(cfg)  # bad input fails here, before any process starts; warms the model cache
@@ -160,7 +161,7 @@ def _relay(stream: subprocess.Popen, log_path: Path) -> None:
 def main(dcfg: DictConfig) -> float | None:
     """Hydra entry point; returns the final accuracy."""
     from fl_ondevice.console import quiet_console
-    from fl_ondevice.simulate import summary_line
+    from fl_ondevice.outputs.results import summary_line
 
     quiet_console()
     become_subreaper()
@@ -169,7 +170,7 @@ def main(dcfg: DictConfig) -> float | None:
     try:
         cfg, settings = parse_deploy(dcfg)
         if cfg.resume:
-            from fl_ondevice.resume import resumed_config
+            from fl_ondevice.server.resume import resumed_config
 
             cfg = resumed_config(cfg.resume)
         run_dir = cfg.output_dir
@@ -179,7 +180,7 @@ def main(dcfg: DictConfig) -> float | None:
         _resume_hint(run_dir)
         sys.exit(2)
     except KeyboardInterrupt as stop:  # the processes are stopped by now (Federation.stop)
-        from fl_ondevice.resume import log_stopped
+        from fl_ondevice.server.resume import log_stopped
 
         signum = stop.args[0] if stop.args else signal.SIGINT
         log_stopped(signum, run_dir, "fl_ondevice.deploy")
@@ -194,7 +195,7 @@ def _interrupt(signum: int, frame: object) -> None:
 
 
 def _resume_hint(run_dir: str) -> None:
-    from fl_ondevice.resume import completed_round
+    from fl_ondevice.server.resume import completed_round
 
     done = completed_round(run_dir)
     if done is not None:

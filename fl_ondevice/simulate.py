@@ -19,17 +19,18 @@ os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
 
 import hydra  # noqa: E402
 from hydra.core.hydra_config import HydraConfig  # noqa: E402
+from hydra.experimental.callback import Callback  # noqa: E402
 from hydra.types import RunMode  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
 from fl_ondevice.config import Config, parse_config  # noqa: E402
 from fl_ondevice.errors import EngineError, FlOnDeviceError  # noqa: E402
-from fl_ondevice.results import record_error  # noqa: E402
+from fl_ondevice.outputs.results import record_error, summary_line, sweep_summary  # noqa: E402
 
 if TYPE_CHECKING:
     from flwr.clientapp import ClientApp
 
-    from fl_ondevice.server import Prepared
+    from fl_ondevice.server.prepare import Prepared
 
 log = logging.getLogger("fl_ondevice")
 
@@ -37,8 +38,8 @@ log = logging.getLogger("fl_ondevice")
 def backend_config(cfg: Config) -> dict[str, Any]:
     """Ray settings: one actor per ``client.num_cpus`` of the machine's cores, or of the
     cluster's at ``backend.address``; and the node config of the simulated nodes
-    (``fl_ondevice.node``), which the engine gives its workers."""
-    from fl_ondevice.node import BACKEND_KEY, local_node_config
+    (``fl_ondevice.wire.node``), which the engine gives its workers."""
+    from fl_ondevice.wire.node import BACKEND_KEY, local_node_config
 
     init: dict[str, Any] = {"log_to_driver": False, "logging_level": logging.WARNING}
     if cfg.backend.address is None:  # "local": a new instance even if `ray start` ran here
@@ -52,16 +53,15 @@ def backend_config(cfg: Config) -> dict[str, Any]:
     }
 
 
-def engine_nodes(prep: Prepared) -> int:
+def engine_nodes(prep: Prepared, engine_workers: int) -> int:
     """Simulated nodes a run needs: the engine messages of its largest round.
 
     The round sizes come from the strategy's sampling settings (``fraction_train``,
     ``min_train_nodes``, and the evaluate pair) where it has them, else every client. More nodes
     than messages cost Flower's engine a look at every node on each 0.1 s poll.
     """
-    from fl_ondevice.cluster import workers
-    from fl_ondevice.strategy import sample_size, setting
-    from fl_ondevice.transport import messages_per_round
+    from fl_ondevice.server.strategy import sample_size, setting
+    from fl_ondevice.wire.transport import messages_per_round
 
     cfg, strategy = prep.cfg, prep.strategy
     n = cfg.num_clients
@@ -73,7 +73,7 @@ def engine_nodes(prep: Prepared) -> int:
         if evaluate > 0:
             minimum = int(setting(strategy, "min_evaluate_nodes", 1))
             largest = max(largest, sample_size(n, evaluate, minimum))
-    return messages_per_round(min(largest, n), workers(cfg), cfg.client.clients_per_message)
+    return messages_per_round(min(largest, n), engine_workers, cfg.client.clients_per_message)
 
 
 def import_flower_simulation() -> None:
@@ -82,10 +82,14 @@ def import_flower_simulation() -> None:
     ``flwr.simulation.ray_transport.utils`` runs ``import tensorflow`` whenever TensorFlow is
     installed, for a GPU-growth helper that fl_ondevice never calls: in this process that costs
     ~660 MiB for the whole run and prints TensorFlow's start-up lines to the console. Blocked
-    here as in the workers (``fl_ondevice.cluster.SETUP_HOOK``), for this import only: a later
-    ``import tensorflow`` (a conversion, the final checkpoint) works as usual.
+    here as in the workers (``fl_ondevice.runtime.cluster.SETUP_HOOK``), for this import only: a
+    later ``import tensorflow`` (a conversion, the final checkpoint) works as usual.
     """
-    from fl_ondevice.interpreters import allow_tensorflow, block_tensorflow, tensorflow_imported
+    from fl_ondevice.ondevice.interpreters import (
+        allow_tensorflow,
+        block_tensorflow,
+        tensorflow_imported,
+    )
 
     if "flwr.simulation" in sys.modules or tensorflow_imported():
         return
@@ -106,27 +110,31 @@ def simulate(
 
     Everything that can fail on bad input (data, partitions, model, strategy, config) is
     checked here, before the simulation engine starts. ``keep_engine`` leaves the engine up
-    for the next run of this process (a sweep's next job; ``fl_ondevice.engine``).
+    for the next run of this process (a sweep's next job; ``fl_ondevice.runtime.engine``).
     ``client_app`` replaces fl_ondevice's ClientApp (e.g. a misbehaving device in a test).
     """
-    from fl_ondevice.client_app import app as default_client_app
-    from fl_ondevice.cluster import check_cpus, connect
+    from fl_ondevice.client.client_app import app as default_client_app
     from fl_ondevice.console import native_stderr_to_log, quiet_libraries
-    from fl_ondevice.engine import abandon_engine, close_engine, engine_for
-    from fl_ondevice.server import prepare, write_model_files
+    from fl_ondevice.runtime.cluster import check_cpus, connect, engine_workers
+    from fl_ondevice.runtime.engine import abandon_engine, close_engine, engine_for
+    from fl_ondevice.server.prepare import prepare
+    from fl_ondevice.server.server import write_model_files
 
     with native_stderr_to_log():  # the TF converter's and TFLite runtime's own lines
         prep = prepare(cfg)
     quiet_libraries()
     backend = backend_config(cfg)
-    connect(cfg, backend)  # backend.address: join the Ray cluster now, or say why not
+    # backend.address: join the Ray cluster now, or say why not; an engine of a sweep's earlier
+    # job on another Ray is stopped first.
+    connect(cfg, backend, stop_engine=close_engine)
     check_cpus(cfg)
+    workers = engine_workers(cfg)
     import_flower_simulation()  # before the engine's thread imports it, importing TensorFlow
-    engine = engine_for(engine_nodes(prep), backend, client_app or default_client_app)
+    engine = engine_for(engine_nodes(prep, workers), backend, client_app or default_client_app)
     try:
         # A run that stops the engine writes the TensorFlow-made files after it: TensorFlow
         # (~660 MiB) and the Ray workers are then never resident at once.
-        summary = engine.run(prep, overrides, model_files=keep_engine)
+        summary = engine.run(prep, workers, overrides, model_files=keep_engine)
     except KeyboardInterrupt:
         abandon_engine()  # do not wait for the round in flight: it ends with the process
         raise
@@ -134,38 +142,6 @@ def simulate(
         close_engine()
         write_model_files(prep)
     return summary
-
-
-def summary_line(summary: dict[str, Any], out_dir: str) -> str:
-    """One line a researcher reads at the end of a run."""
-    parts = [
-        f"final accuracy {summary['final_accuracy']:.4f}",
-        f"best {summary['best_accuracy']:.4f}",
-        f"{summary['rounds']} rounds",
-        f"{summary['seconds_per_round']:.2f} s/round",
-    ]
-    if summary.get("sim_hours") is not None:
-        parts.append(f"{sim_time(summary['sim_hours'])} on the phones")
-    if summary.get("final_local_acc_personal") is not None:
-        parts.append(
-            f"local accuracy {summary['final_local_acc_global']:.4f} global -> "
-            f"{summary['final_local_acc_personal']:.4f} personalized "
-            f"(round {summary['final_local_round']})"
-        )
-    if summary.get("target_accuracy"):
-        reached, hours = summary["rounds_to_target"], summary.get("sim_hours_to_target")
-        parts.append(
-            f"target {summary['target_accuracy']} reached in round {reached}"
-            + (f" after {sim_time(hours)}" if hours is not None else "")
-            if reached
-            else f"target {summary['target_accuracy']} not reached"
-        )
-    return f"fl_ondevice: {', '.join(parts)} -> {out_dir}"
-
-
-def sim_time(hours: float) -> str:
-    """Simulated time for a reader: ``2.41 h`` or, under an hour, ``12.3 min``."""
-    return f"{hours:.2f} h" if hours >= 1.0 else f"{hours * 60:.1f} min"
 
 
 @hydra.main(config_path="../conf", config_name="config", version_base=None)
@@ -181,7 +157,7 @@ def main(dcfg: DictConfig) -> float | None:
     try:
         cfg = parse_config(dcfg)
         if cfg.resume:
-            from fl_ondevice.resume import resumed_config
+            from fl_ondevice.server.resume import resumed_config
 
             ignored = sorted(set(overrides) - {"resume"})
             if ignored:
@@ -205,6 +181,17 @@ def main(dcfg: DictConfig) -> float | None:
     return float(summary["final_accuracy"])
 
 
+class SweepSummaryCallback(Callback):
+    """Hydra callback (conf/hydra/default.yaml): when a sweep ends, stop the engine its jobs
+    shared and write summary.csv/png."""
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        from fl_ondevice.runtime.engine import close_engine
+
+        close_engine()
+        sweep_summary(config.hydra.sweep.dir)
+
+
 def _interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt(signum)
 
@@ -216,9 +203,9 @@ def _stop(run_dir: str, signum: int) -> NoReturn:
     The engine's threads are not waited for: the round in flight would hold the exit for its
     whole length, and Flower's executor would hang at the interpreter's exit. Stopping at any
     moment is safe because every file of a round is written aside and renamed, ``state.json``
-    last (``fl_ondevice.resume``).
+    last (``fl_ondevice.server.resume``).
     """
-    from fl_ondevice.resume import SAVING, log_stopped
+    from fl_ondevice.server.resume import SAVING, log_stopped
 
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, signal.SIG_IGN)  # a second Ctrl-C while stopping changes nothing
@@ -255,7 +242,7 @@ def _stop_local_ray() -> None:
     node = getattr(ray._private.worker, "_global_node", None)
     if node is None or not node.is_head():
         return
-    from fl_ondevice.federation import descendants, process_table
+    from fl_ondevice.processes import descendants, process_table
 
     started = {info.process.pid for infos in node.all_processes.values() for info in infos}
     for pid in started | descendants(started, process_table()):  # the agents of the raylet

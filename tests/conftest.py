@@ -12,9 +12,9 @@ import tensorflow as tf
 from hydra import compose, initialize_config_dir
 
 from fl_ondevice.config import Config, ModelConfig, parse_config
-from fl_ondevice.export import convert
-from fl_ondevice.model import TrainableModel, build_model
-from fl_ondevice.results import TIME_COLUMNS
+from fl_ondevice.ondevice.convert import convert
+from fl_ondevice.ondevice.model import TrainableModel, build_model
+from fl_ondevice.outputs.results import TIME_COLUMNS
 
 # Files with Flex (select TF) ops run only on an interpreter that links the Flex delegate:
 # TensorFlow's up to 2.18 (the `flex` extra). Elsewhere the tests marked `flex` are skipped.
@@ -95,7 +95,7 @@ def _one_engine_per_session():
     """In-process simulations share one engine (Ray and its workers start once): see
     ``simulate(keep_engine=True)``; it stops when the session ends."""
     yield
-    from fl_ondevice.engine import close_engine
+    from fl_ondevice.runtime.engine import close_engine
 
     close_engine()
 
@@ -151,9 +151,9 @@ def reply(content, client: int = 0):
 @pytest.fixture
 def no_engine(monkeypatch):
     """Fails the test if a simulation engine (Ray) is asked for: bad input must stop first."""
-    import fl_ondevice.engine
+    import fl_ondevice.runtime.engine
 
     def refuse(*args, **kwargs):
         raise AssertionError("the simulation engine was started")
 
-    monkeypatch.setattr(fl_ondevice.engine, "engine_for", refuse)
+    monkeypatch.setattr(fl_ondevice.runtime.engine, "engine_for", refuse)

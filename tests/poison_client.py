@@ -8,8 +8,8 @@ from flwr.app import Array, Context, Message, MetricRecord
 from flwr.clientapp import ClientApp
 from flwr.clientapp.typing import ClientAppCallable
 
-from fl_ondevice.client_app import train as honest_train
-from fl_ondevice.message import ARRAYS, METRICS, NUM_EXAMPLES, PARTITION_ID, unpack
+from fl_ondevice.client.client_app import train as honest_train
+from fl_ondevice.wire.message import ARRAYS, METRICS, NUM_EXAMPLES, PARTITION_ID, unpack
 
 
 class Poison:

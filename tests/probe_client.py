@@ -12,7 +12,7 @@ from pathlib import Path
 from flwr.app import Context, Message
 from flwr.clientapp.typing import ClientAppCallable
 
-from fl_ondevice.node import ENV
+from fl_ondevice.wire.node import ENV
 
 
 class TensorflowProbe:

@@ -8,7 +8,7 @@ from flwr.app import ConfigRecord, Error, Message, RecordDict
 from flwr.app.metadata import Metadata
 from flwr.proto.node_pb2 import NodeInfo  # pylint: disable=E0611
 
-from fl_ondevice.message import unpack
+from fl_ondevice.wire.message import unpack
 
 
 def meta(dst: int, kind: str, reply_to: str = "", src: int = 1) -> Metadata:

@@ -59,7 +59,7 @@ def test_sampler_counts_cpu_of_a_busy_loop():
 def test_keras_twin_has_fl_ondevice_weight_shapes_in_order(name):
     from experiments.bench.peer import keras_twin
     from fl_ondevice.config import ModelConfig
-    from fl_ondevice.model import build_model
+    from fl_ondevice.ondevice.model import build_model
 
     ours = build_model(ModelConfig(name=name), (28, 28), 10, 0)
     twin = keras_twin(name, (28, 28), 10, 0.1)

@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from fl_ondevice.checkpoint import read_checkpoint, write_checkpoint
 from fl_ondevice.errors import CheckpointError
-from fl_ondevice.weights import WeightSpec
+from fl_ondevice.ondevice.checkpoint import read_checkpoint, write_checkpoint
+from fl_ondevice.ondevice.weights import WeightSpec
 
 
 def _weights() -> dict[str, np.ndarray]:

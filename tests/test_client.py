@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from fl_ondevice.client import StagedWeights, attacked, attackers, local_seed, train_client
+from fl_ondevice.client.client import StagedWeights, attacked, attackers, local_seed, train_client
 from fl_ondevice.config import AttackConfig, ClientConfig, Config, ModelConfig
-from fl_ondevice.device import clear_pool, pooled_model
-from fl_ondevice.export import build_tflite
+from fl_ondevice.ondevice.convert import build_tflite
+from fl_ondevice.ondevice.device import clear_pool, pooled_model
 
 
 def _update(cfg: Config, path: str, client: int, start: dict, mu: float = 0.0):

@@ -12,8 +12,9 @@ import numpy as np
 import pytest
 from conftest import compose_config, metrics_rows, stable_rows
 
-from fl_ondevice.calibration import Calibration
-from fl_ondevice.clock import (
+from fl_ondevice.config import DeviceConfig
+from fl_ondevice.devicetime.calibration import Calibration
+from fl_ondevice.devicetime.clock import (
     SECONDS_PER_DAY,
     DeviceClass,
     DeviceClock,
@@ -21,7 +22,6 @@ from fl_ondevice.clock import (
     close_round,
     device_classes,
 )
-from fl_ondevice.config import DeviceConfig
 from fl_ondevice.errors import ConfigError
 
 HOUR = 3600.0
@@ -273,7 +273,7 @@ def test_a_calibration_of_another_model_is_refused(run, tmp_path):
 
 
 def test_resume_keeps_the_runs_own_calibration(run, tmp_path):
-    from fl_ondevice.resume import resumed_config
+    from fl_ondevice.server.resume import resumed_config
     from fl_ondevice.simulate import simulate
 
     stopped = tmp_path / "stopped"

@@ -11,7 +11,7 @@ from hydra import compose, initialize_config_dir
 
 from fl_ondevice.config import Config, from_run_config, parse_config, to_run_config
 from fl_ondevice.errors import ConfigError
-from fl_ondevice.transport import messages_per_round
+from fl_ondevice.wire.transport import messages_per_round
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -32,7 +32,7 @@ def test_run_config_round_trip_keeps_every_value_including_nulls():
     )
     assert from_run_config(to_run_config(cfg)) == cfg
     assert to_run_config(cfg)["client.batch-size"] == ""
-    assert to_run_config(cfg)["strategy.strategy.-target-"] == "fl_ondevice.fedavg.FedAvg"
+    assert to_run_config(cfg)["strategy.strategy.-target-"] == "fl_ondevice.server.fedavg.FedAvg"
 
 
 def test_model_transfer_composes_with_its_classes_and_lists_survive_the_run_config():
@@ -63,8 +63,8 @@ def test_flwr_run_config_in_pyproject_equals_the_defaults():
     }
     assert differing == {}
     assert pyproject["tool"]["flwr"]["app"]["components"] == {
-        "serverapp": "fl_ondevice.server_app:app",
-        "clientapp": "fl_ondevice.client_app:app",
+        "serverapp": "fl_ondevice.server.server_app:app",
+        "clientapp": "fl_ondevice.client.client_app:app",
     }
 
 
@@ -79,7 +79,7 @@ def test_defaults_live_in_config_py_only():
 
 
 def test_every_group_option_composes_and_validates():
-    from fl_ondevice.strategy import make_strategy
+    from fl_ondevice.server.strategy import make_strategy
 
     for group in ("dataset", "model", "partition", "strategy"):
         for option in sorted((ROOT / "conf" / group).glob("*.yaml")):
@@ -103,7 +103,7 @@ def test_an_unknown_update_encoding_names_the_choices():
 
 
 def test_a_bad_strategy_argument_names_what_the_class_takes():
-    from fl_ondevice.strategy import make_strategy
+    from fl_ondevice.server.strategy import make_strategy
 
     with pytest.raises(
         ConfigError, match=r"unexpected keyword argument 'proximal_mu'.*FedAvg takes"

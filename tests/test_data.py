@@ -1,4 +1,4 @@
-"""Tests of fl_ondevice.data: IDX reader, lookup, download, offline errors, digits, real files."""
+"""Tests of fl_ondevice.data.datasets: IDX reader, lookup, download, offline errors, digits."""
 
 from __future__ import annotations
 
@@ -20,9 +20,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fl_ondevice import data
 from fl_ondevice.config import DatasetConfig
-from fl_ondevice.data import Dataset, load_dataset, read_idx
+from fl_ondevice.data import datasets as data
+from fl_ondevice.data.datasets import Dataset, load_dataset, read_idx
 from fl_ondevice.errors import DataError
 
 FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
@@ -544,7 +544,7 @@ def test_download_and_load_do_not_import_tensorflow(server: Server, tmp_path: Pa
         """
         import json, sys
         from pathlib import Path
-        from fl_ondevice import data
+        from fl_ondevice.data import datasets as data
         url, sha256, tmp = sys.argv[1], json.loads(sys.argv[2]), Path(sys.argv[3])
         data.SYSTEM_DIRS = {"fashion_mnist": tmp / "none", "mnist": tmp / "none"}
         data.fetch_dataset("fashion_mnist", base_url=url, sha256=sha256)
@@ -624,7 +624,7 @@ def test_digits_is_a_seeded_stratified_split_of_all_1797_images_scaled_by_16() -
 DIGITS_CHILD = """
 import hashlib, json, sys
 from fl_ondevice.config import DatasetConfig
-from fl_ondevice.data import load_dataset
+from fl_ondevice.data.datasets import load_dataset
 d = load_dataset(DatasetConfig(name="digits", test_fraction=0.2), seed=3, cache_dir=sys.argv[1])
 arrays = (d.train_images, d.y_train, d.test_images, d.y_test)
 digest = hashlib.sha256(b"".join(a.tobytes() for a in arrays)).hexdigest()

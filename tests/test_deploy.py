@@ -18,7 +18,7 @@ from flwr.common.config import flatten_dict, validate_fields_in_config
 
 from fl_ondevice.config import from_run_config, to_run_config
 from fl_ondevice.deploy import write_app
-from fl_ondevice.federation import Federation
+from fl_ondevice.runtime.federation import Federation
 
 ROUNDS = 4
 slow = pytest.mark.slow  # starts a SuperLink and SuperNodes: 0.5-4 min

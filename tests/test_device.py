@@ -12,13 +12,6 @@ import tensorflow as tf
 from conftest import FLEX, flex_param
 from guide_model import BuiltinGuideModel, guide_tflite_bytes, to_tflite
 
-from fl_ondevice.checkpoint import read_checkpoint, write_checkpoint
-from fl_ondevice.device import (
-    OnDeviceModel,
-    evaluate_split,
-    explain_load_error,
-    remove_stale_scratch,
-)
 from fl_ondevice.errors import (
     CheckpointError,
     InputError,
@@ -26,7 +19,14 @@ from fl_ondevice.errors import (
     RuntimeUnsupportedError,
     TrainingError,
 )
-from fl_ondevice.interpreters import FLEX_MISSING
+from fl_ondevice.ondevice.checkpoint import read_checkpoint, write_checkpoint
+from fl_ondevice.ondevice.device import (
+    OnDeviceModel,
+    evaluate_split,
+    explain_load_error,
+    remove_stale_scratch,
+)
+from fl_ondevice.ondevice.interpreters import FLEX_MISSING
 
 _GUIDE: dict[bool, bytes] = {}
 

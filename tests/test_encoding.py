@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 from conftest import metrics_rows
 
-from fl_ondevice.checkpoint import read_checkpoint
-from fl_ondevice.encoding import ENCODINGS, decode_update, encode_update, encoded_bytes
-from fl_ondevice.message import num_bytes, to_arrays
-from fl_ondevice.weights import WeightSpec
+from fl_ondevice.ondevice.checkpoint import read_checkpoint
+from fl_ondevice.ondevice.weights import WeightSpec
+from fl_ondevice.wire.encoding import ENCODINGS, decode_update, encode_update, encoded_bytes
+from fl_ondevice.wire.message import num_bytes, to_arrays
 
 SHAPES = {"a/scalar": (), "b/bias": (7,), "c/kernel": (6, 5), "d/conv": (3, 2, 4)}
 

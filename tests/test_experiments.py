@@ -95,7 +95,7 @@ def tflite_cache(tmp_path_factory) -> str:
 @pytest.mark.slow
 @pytest.mark.parametrize("name", EXPERIMENTS)
 def test_experiment_runs_one_tiny_round(name, tmp_path, tflite_cache):
-    from fl_ondevice.data import load_dataset
+    from fl_ondevice.data.datasets import load_dataset
     from fl_ondevice.simulate import simulate
 
     full = compose_experiment(name)

@@ -9,10 +9,11 @@ import numpy as np
 import pytest
 
 from fl_ondevice.config import ModelConfig
-from fl_ondevice.device import OnDeviceModel
 from fl_ondevice.errors import ModelError
-from fl_ondevice.export import build_tflite, cache_key, describe, verify
-from fl_ondevice.model import build_model
+from fl_ondevice.export import describe
+from fl_ondevice.ondevice.convert import build_tflite, cache_key, verify
+from fl_ondevice.ondevice.device import OnDeviceModel
+from fl_ondevice.ondevice.model import build_model
 
 MLP = ModelConfig(name="mlp", learning_rate=0.1)
 
@@ -109,9 +110,9 @@ def test_every_baked_global_model_is_flex_free_and_trains_saves_restores_in_lite
     # Prepare: global_model.tflite as a run bakes it, from weights other than the initial ones.
     # (build_tflite's own conversions are checked for Flex ops by verify, on every conversion.)
     from fl_ondevice.config import DatasetConfig
-    from fl_ondevice.export import bake
-    from fl_ondevice.interpreters import LITERT, operators
-    from fl_ondevice.transfer import HEAD, head_init, pretrained_base
+    from fl_ondevice.ondevice.convert import bake
+    from fl_ondevice.ondevice.interpreters import LITERT, operators
+    from fl_ondevice.ondevice.transfer import HEAD, head_init, pretrained_base
 
     cfg = ModelConfig(name=name, **opt)
     classes = 5 if name == "transfer" else 10

@@ -21,14 +21,14 @@ from layout_models import (
     personalization_tflite_bytes,
 )
 
-from fl_ondevice.checkpoint import read_checkpoint, write_checkpoint
 from fl_ondevice.config import parse_config
-from fl_ondevice.data import load_dataset
-from fl_ondevice.device import OnDeviceModel
+from fl_ondevice.data.datasets import load_dataset
+from fl_ondevice.data.partitioners import make_partitions
 from fl_ondevice.errors import ModelError, RuntimeUnsupportedError
-from fl_ondevice.interpreters import LITERT, TENSORFLOW
-from fl_ondevice.layouts import CHECKPOINT_IO, TENSOR_IO
-from fl_ondevice.partition import make_partitions
+from fl_ondevice.ondevice.checkpoint import read_checkpoint, write_checkpoint
+from fl_ondevice.ondevice.device import OnDeviceModel
+from fl_ondevice.ondevice.interpreters import LITERT, TENSORFLOW
+from fl_ondevice.ondevice.layouts import CHECKPOINT_IO, TENSOR_IO
 
 _FILES: dict[tuple[str, str], bytes] = {}
 LAYOUTS = ("guide", "personalization", "android")

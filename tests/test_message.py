@@ -6,7 +6,14 @@ import numpy as np
 import pytest
 from flwr.app import Array, ConfigRecord, MetricRecord, RecordDict
 
-from fl_ondevice.message import array_view, pack, pack_replies, to_arrays, unpack, unpack_replies
+from fl_ondevice.wire.message import (
+    array_view,
+    pack,
+    pack_replies,
+    to_arrays,
+    unpack,
+    unpack_replies,
+)
 
 
 def test_a_group_message_round_trips_and_hides_its_transport_records():

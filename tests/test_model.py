@@ -8,9 +8,9 @@ import pytest
 import tensorflow as tf
 
 from fl_ondevice.config import ModelConfig
-from fl_ondevice.device import OnDeviceModel
 from fl_ondevice.errors import ConfigError
-from fl_ondevice.model import build_model
+from fl_ondevice.ondevice.device import OnDeviceModel
+from fl_ondevice.ondevice.model import build_model
 
 
 def _batches(shape: tuple[int, int], steps: int, batch: int, seed: int = 1):

@@ -10,13 +10,13 @@ from flwr.app import ConfigRecord, Context, Message, RecordDict
 from scripted_engine import meta
 from test_data import write_idx_dataset
 
-from fl_ondevice import data
-from fl_ondevice.client_app import app
+from fl_ondevice.client.client_app import app
 from fl_ondevice.config import to_run_config
-from fl_ondevice.device import OnDeviceModel
+from fl_ondevice.data import datasets as data
 from fl_ondevice.errors import ConfigError, ModelError
-from fl_ondevice.message import MODEL_MISSING, pack, to_arrays, unpack_replies
-from fl_ondevice.node import (
+from fl_ondevice.ondevice.device import OnDeviceModel
+from fl_ondevice.wire.message import MODEL_MISSING, pack, to_arrays, unpack_replies
+from fl_ondevice.wire.node import (
     ENV,
     ModelMissing,
     NodeSettings,
@@ -66,7 +66,7 @@ def test_a_received_model_is_kept_by_its_hash_and_checked(tmp_path):
     other = str(tmp_path / "other")  # a damaged copy on disk counts as missing
     received_model(sha, tflite, other)
     (Path(other) / "received" / f"{sha}.tflite").write_bytes(b"truncated")
-    from fl_ondevice import node
+    from fl_ondevice.wire import node
 
     node._CHECKED.clear()  # a new process: nothing checked yet
     with pytest.raises(ModelMissing):

@@ -1,4 +1,4 @@
-"""Tests of fl_ondevice.partition: partitioner properties, local splits, memory, report and CLI."""
+"""Tests of fl_ondevice.data.partitioners and .report: properties, local splits, report, CLI."""
 
 from __future__ import annotations
 
@@ -14,15 +14,15 @@ import numpy as np
 import pytest
 
 from fl_ondevice.config import PartitionConfig
-from fl_ondevice.data import Dataset
-from fl_ondevice.errors import DataError
-from fl_ondevice.partition import (
+from fl_ondevice.data.datasets import Dataset
+from fl_ondevice.data.partitioners import (
     Partition,
     local_split,
     make_partitions,
     partition_indices,
-    write_partition_report,
 )
+from fl_ondevice.data.report import write_partition_report
+from fl_ondevice.errors import DataError
 
 NUM_CLASSES = 10
 SEEDS = [0, 1, 7]

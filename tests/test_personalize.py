@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from conftest import compose_config, metrics_rows, stable_rows
 
-from fl_ondevice.client import (
+from fl_ondevice.client.client import (
     StagedWeights,
     client_data,
     evaluate_client,
@@ -19,11 +19,11 @@ from fl_ondevice.client import (
     train_client,
 )
 from fl_ondevice.config import Config, ModelConfig, PartitionConfig, PersonalizeConfig
-from fl_ondevice.device import OnDeviceModel, clear_pool, pooled_model
 from fl_ondevice.errors import ConfigError
-from fl_ondevice.export import build_tflite
-from fl_ondevice.results import LOCAL_ACCURACIES, SPREAD
-from fl_ondevice.strategy import make_strategy
+from fl_ondevice.ondevice.convert import build_tflite
+from fl_ondevice.ondevice.device import OnDeviceModel, clear_pool, pooled_model
+from fl_ondevice.outputs.results import LOCAL_ACCURACIES, SPREAD
+from fl_ondevice.server.strategy import make_strategy
 
 # -- one client, without Flower -------------------------------------------------------------------
 # Momentum: optimizer state that would leak from the fine-tuning into the next client's training.
@@ -228,7 +228,7 @@ def test_a_personalization_layout_fine_tunes_its_head_on_bottlenecks(tmp_path):
 
 
 def test_a_resumed_run_keeps_the_clients_record_of_the_rounds_before(run, tmp_path):
-    from fl_ondevice.resume import resumed_config
+    from fl_ondevice.server.resume import resumed_config
     from fl_ondevice.simulate import simulate
 
     whole = run(*SKEWED, "personalize.epochs=1")

@@ -16,12 +16,12 @@ from conftest import compose_config, metrics_rows, stable_rows
 from flwr.app import Array, ArrayRecord, MetricRecord, RecordDict
 from poison_client import dying_app
 
-from fl_ondevice.checkpoint import read_checkpoint
-from fl_ondevice.client import injected_failure
+from fl_ondevice.client.client import injected_failure
 from fl_ondevice.errors import ConfigError, ResumeError
+from fl_ondevice.ondevice.checkpoint import read_checkpoint
+from fl_ondevice.ondevice.weights import WeightSpec
 from fl_ondevice.simulate import simulate
-from fl_ondevice.updates import checked_update
-from fl_ondevice.weights import WeightSpec
+from fl_ondevice.wire.updates import checked_update
 
 FAULTY = ("num_clients=10", "num_rounds=4", "client.dropout_rate=0.3", "client.failure_rate=0.2")
 
@@ -58,7 +58,7 @@ def test_crash_is_reported_with_client_round_and_cause(tmp_path, cache, caplog):
 
     simulate(compose_config(tmp_path, *overrides), keep_engine=True)
 
-    warnings = [r.getMessage() for r in caplog.records if r.name == "fl_ondevice.transport"]
+    warnings = [r.getMessage() for r in caplog.records if r.name == "fl_ondevice.wire.transport"]
     for c in failing:
         expected = (
             f"round 1: client {c}, round 1, train: injected failure (client.failure_rate=0.5)"
@@ -76,7 +76,7 @@ def test_a_crashed_message_fails_each_of_its_clients_and_the_rest_average(tmp_pa
     row = metrics_rows(tmp_path)[1]
     assert (row["clients_replied"], row["clients_failed"], row["skipped"]) == ("4", "2", "0")
     assert int(row["examples"]) > 0
-    warnings = [r.getMessage() for r in caplog.records if r.name == "fl_ondevice.transport"]
+    warnings = [r.getMessage() for r in caplog.records if r.name == "fl_ondevice.wire.transport"]
     for c in (0, 1):
         assert any(f"client {c}, round 1" in w and w.endswith("device lost") for w in warnings)
 
@@ -153,7 +153,7 @@ def test_poisoned_update_never_reaches_the_global_model(run, cache, tmp_path, ki
 
     row = metrics_rows(out)[1]
     got = read_checkpoint(out / "global_model.ckpt")
-    from fl_ondevice.server import prepare
+    from fl_ondevice.server.prepare import prepare
 
     start = prepare(initial).server_model.get_weights()
     assert row["clients_rejected"] == "1" and row["skipped"] == "1"
@@ -251,7 +251,7 @@ def test_sigterm_stops_a_run_as_ctrl_c_does(tmp_path, cache):
 def test_resume_of_a_directory_without_a_completed_round_says_so(tmp_path, cache):
     cfg = compose_config(tmp_path, f"cache_dir={cache}")
     (tmp_path / "config.yaml").write_text("seed: 0\n")
-    from fl_ondevice.resume import resumed_config
+    from fl_ondevice.server.resume import resumed_config
 
     with pytest.raises(ResumeError, match="no state.json there"):
         simulate(resumed_config(str(tmp_path)))

@@ -8,7 +8,7 @@ import math
 
 import pytest
 
-from fl_ondevice.results import COLUMNS, MetricsLog, record_error, summarize, sweep_summary
+from fl_ondevice.outputs.results import COLUMNS, MetricsLog, record_error, summarize, sweep_summary
 
 
 def _row(r: int, acc: float, seconds: float = 2.0) -> dict:
@@ -107,7 +107,7 @@ def test_process_tree_rss_counts_every_process_while_threads_come_and_go():
     import time
     from pathlib import Path
 
-    from fl_ondevice.results import process_tree_rss_mib
+    from fl_ondevice.processes import process_tree_rss_mib
 
     child = subprocess.Popen(
         [sys.executable, "-c", "import time; x = bytearray(200 * 2**20); time.sleep(60)"]

@@ -17,9 +17,9 @@ from flwr.serverapp.strategy import (
     FedAvgM,
 )
 
-from fl_ondevice.checkpoint import read_checkpoint
 from fl_ondevice.errors import ResumeError
-from fl_ondevice.resume import restore_strategy_state, strategy_state
+from fl_ondevice.ondevice.checkpoint import read_checkpoint
+from fl_ondevice.server.resume import restore_strategy_state, strategy_state
 
 
 def test_strategy_state_round_trips_every_layer_and_kind():
@@ -74,7 +74,7 @@ def _truncate(path: Path) -> None:
 
 
 def test_a_truncated_last_checkpoint_resumes_from_the_round_before(run, tmp_path, caplog):
-    from fl_ondevice.resume import resumed_config
+    from fl_ondevice.server.resume import resumed_config
     from fl_ondevice.simulate import simulate
 
     whole, cut = _copy(run, tmp_path)
@@ -122,7 +122,7 @@ def test_a_truncated_last_checkpoint_resumes_from_the_round_before(run, tmp_path
 def test_a_damaged_run_directory_is_named_before_anything_runs(
     run, tmp_path, request, damage, message
 ):
-    from fl_ondevice.resume import resumed_config
+    from fl_ondevice.server.resume import resumed_config
     from fl_ondevice.simulate import simulate
 
     _, cut = _copy(run, tmp_path)
@@ -134,7 +134,7 @@ def test_a_damaged_run_directory_is_named_before_anything_runs(
 
 
 def test_each_round_keeps_its_weights_as_npz_equal_to_the_final_tf_checkpoint(run):
-    from fl_ondevice.resume import read_weights
+    from fl_ondevice.server.resume import read_weights
 
     whole = run(*FEDADAM_RUN)
 
@@ -155,8 +155,8 @@ def test_each_round_keeps_its_weights_as_npz_equal_to_the_final_tf_checkpoint(ru
 
 def test_a_run_directory_with_tf_checkpoints_resumes_from_them(run, tmp_path):
     # Runs written before the weights were kept as .npz have TF checkpoints, round-r.ckpt.
-    from fl_ondevice.checkpoint import write_checkpoint
-    from fl_ondevice.resume import resumed_config
+    from fl_ondevice.ondevice.checkpoint import write_checkpoint
+    from fl_ondevice.server.resume import resumed_config
     from fl_ondevice.simulate import simulate
 
     whole, cut = _copy(run, tmp_path)
@@ -188,7 +188,7 @@ def test_a_run_directory_with_tf_checkpoints_resumes_from_them(run, tmp_path):
 )
 def test_read_weights_names_a_file_it_cannot_use(tmp_path, content, message):
     from fl_ondevice.errors import CheckpointError
-    from fl_ondevice.resume import read_weights
+    from fl_ondevice.server.resume import read_weights
 
     path = tmp_path / "round-1.weights.npz"
     if content == "empty":

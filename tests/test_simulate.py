@@ -13,12 +13,12 @@ import pytest
 from conftest import compose_config, flex_param, metrics_rows, reply, stable_rows
 from guide_model import guide_tflite_bytes
 
-from fl_ondevice.checkpoint import read_checkpoint
-from fl_ondevice.client import local_seed
+from fl_ondevice.client.client import local_seed
 from fl_ondevice.config import parse_config
-from fl_ondevice.data import load_dataset
-from fl_ondevice.device import OnDeviceModel
-from fl_ondevice.server import prepare
+from fl_ondevice.data.datasets import load_dataset
+from fl_ondevice.ondevice.checkpoint import read_checkpoint
+from fl_ondevice.ondevice.device import OnDeviceModel
+from fl_ondevice.server.prepare import prepare
 from fl_ondevice.simulate import simulate
 
 rows = metrics_rows
@@ -85,7 +85,7 @@ def test_streaming_fedavg_equals_flowers_fedavg_and_the_hand_computed_average():
     from flwr.app import Array, ArrayRecord, MetricRecord, RecordDict
     from flwr.serverapp.strategy import FedAvg as FlowerFedAvg
 
-    from fl_ondevice.fedavg import FedAvg
+    from fl_ondevice.server.fedavg import FedAvg
 
     # Six updates with different example counts, as replies.
     rng = np.random.default_rng(0)
@@ -280,7 +280,7 @@ def test_sweep_runs_each_job_and_writes_a_summary(tmp_path, cache):
 )
 def test_invalid_config_names_the_key_and_allowed_values(tmp_path, override, message):
     from fl_ondevice.errors import ConfigError
-    from fl_ondevice.strategy import make_strategy
+    from fl_ondevice.server.strategy import make_strategy
 
     with pytest.raises(ConfigError, match=message):
         make_strategy(compose_config(tmp_path, *override.split()))

@@ -14,12 +14,13 @@ from flwr.serverapp.strategy import FedAdam, FedAvg, FedMedian
 from flwr.supercore.task_identity import TaskIdentity
 from scripted_engine import ScriptedEngine
 
-from fl_ondevice.checkpoint import read_checkpoint
-from fl_ondevice.message import pack_replies, to_arrays
-from fl_ondevice.rounds import train_round
-from fl_ondevice.strategy import CONFIGURE_TRAIN, seeded
-from fl_ondevice.transport import FIRST_NODE_ID, ClientGrid
-from fl_ondevice.weights import WeightSpec
+from fl_ondevice.ondevice.checkpoint import read_checkpoint
+from fl_ondevice.ondevice.weights import WeightSpec
+from fl_ondevice.seeds import CONFIGURE_TRAIN
+from fl_ondevice.server.rounds import train_round
+from fl_ondevice.server.strategy import seeded
+from fl_ondevice.wire.message import pack_replies, to_arrays
+from fl_ondevice.wire.transport import FIRST_NODE_ID, ClientGrid
 
 ROOT = Path(__file__).resolve().parents[1]
 STRATEGIES = sorted(p.stem for p in (ROOT / "conf" / "strategy").glob("*.yaml"))
@@ -143,7 +144,7 @@ def test_every_strategy_runs_and_repeats_exactly_for_a_seed(run, name):
 
 
 def _initial_weights(run_dir: Path) -> dict[str, np.ndarray]:
-    from fl_ondevice.device import OnDeviceModel
+    from fl_ondevice.ondevice.device import OnDeviceModel
 
     model_file = json.loads((run_dir / "metrics.json").read_text())["model_file"]
     return OnDeviceModel(model_file).get_weights()
@@ -154,9 +155,9 @@ def test_a_users_own_strategy_class_runs_by_target(run, cache, tmp_path):
 
     # FirstClientWins keeps the update of the first client in client order: client 0's.
     cfg = compose_config(tmp_path, f"cache_dir={cache}", "num_clients=2", "num_rounds=1")
-    from fl_ondevice.client import local_seed
-    from fl_ondevice.device import OnDeviceModel
-    from fl_ondevice.server import prepare
+    from fl_ondevice.client.client import local_seed
+    from fl_ondevice.ondevice.device import OnDeviceModel
+    from fl_ondevice.server.prepare import prepare
 
     prep = prepare(cfg)
     device = OnDeviceModel(prep.model_file)
@@ -178,9 +179,9 @@ def test_fedprox_client_takes_proximal_steps_on_the_device(run, cache, tmp_path)
     prox = run(*overrides, "strategy=fedprox", "strategy.proximal_mu=0.5")
     plain = run(*overrides)
     cfg = compose_config(tmp_path, f"cache_dir={cache}", *overrides)
-    from fl_ondevice.client import local_seed
-    from fl_ondevice.device import OnDeviceModel
-    from fl_ondevice.server import prepare
+    from fl_ondevice.client.client import local_seed
+    from fl_ondevice.ondevice.device import OnDeviceModel
+    from fl_ondevice.server.prepare import prepare
 
     prep = prepare(cfg)
     (part,) = prep.partitions
@@ -237,7 +238,7 @@ def test_a_resumed_fedadam_run_equals_the_uninterrupted_one(run, tmp_path):
     # differs. Interrupt a finished run's record after round 2 and resume it.
     import shutil
 
-    from fl_ondevice.resume import resumed_config
+    from fl_ondevice.server.resume import resumed_config
     from fl_ondevice.simulate import simulate
 
     whole = run("num_clients=4", "num_rounds=3", "strategy=fedadam")

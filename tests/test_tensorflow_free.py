@@ -11,11 +11,11 @@ import sys
 import numpy as np
 from conftest import compose_config, metrics_rows
 
-from fl_ondevice.client import client_data, evaluate_client, train_client
+from fl_ondevice.client.client import client_data, evaluate_client, train_client
 from fl_ondevice.config import to_run_config
-from fl_ondevice.device import OnDeviceModel
-from fl_ondevice.interpreters import tensorflow_imported
-from fl_ondevice.node import local_node_config
+from fl_ondevice.ondevice.device import OnDeviceModel
+from fl_ondevice.ondevice.interpreters import tensorflow_imported
+from fl_ondevice.wire.node import local_node_config
 
 PROBE = "+client.mods.probe._target_=probe_client.TensorflowProbe"
 TF_PACKAGES = ("tensorflow", "keras", "tf_keras")
@@ -45,10 +45,10 @@ def test_simulation_workers_train_without_importing_tensorflow(run, cache, tmp_p
 CHILD = f"""
 import json, sys
 import numpy as np
-import fl_ondevice.client_app
-from fl_ondevice.client import evaluate_client, train_client
+import fl_ondevice.client.client_app
+from fl_ondevice.client.client import evaluate_client, train_client
 from fl_ondevice.config import from_run_config
-from fl_ondevice.device import pooled_model
+from fl_ondevice.ondevice.device import pooled_model
 
 run_config, model_file, weights_file = json.loads(sys.argv[1]), sys.argv[2], sys.argv[3]
 cfg = from_run_config(run_config)
@@ -107,12 +107,12 @@ SERVER_CHILD = f"""
 import json, sys
 from pathlib import Path
 import numpy as np
-import fl_ondevice.engine, fl_ondevice.server_app, fl_ondevice.simulate
+import fl_ondevice.runtime.engine, fl_ondevice.server.server_app, fl_ondevice.simulate
 from fl_ondevice.config import from_run_config
-from fl_ondevice.device import evaluate_split
-from fl_ondevice.results import MetricsLog
-from fl_ondevice.resume import load_resume_point, save_round
-from fl_ondevice.server import prepare
+from fl_ondevice.ondevice.device import evaluate_split
+from fl_ondevice.outputs.results import MetricsLog
+from fl_ondevice.server.resume import load_resume_point, save_round
+from fl_ondevice.server.prepare import prepare
 from fl_ondevice.simulate import import_flower_simulation
 
 cfg = from_run_config(json.loads(sys.argv[1]))
@@ -127,14 +127,14 @@ save_round(out, 0, weights, prep.strategy, MetricsLog(out, {{}}), row)
 back = load_resume_point(out, prep.server_model.weight_spec)
 same = all(back.weights[n].tobytes() == w.tobytes() for n, w in weights.items())
 tf = sorted(m for m in sys.modules if m.split(".")[0] in {TF_PACKAGES!r})
-from fl_ondevice.checkpoint import write_checkpoint
+from fl_ondevice.ondevice.checkpoint import write_checkpoint
 write_checkpoint(out / "global_model.ckpt", weights)
 print(json.dumps(dict(tf=tf, accuracy=central["accuracy"], resumed=back.round, same=same)))
 """
 
 
 def test_a_server_with_a_cached_model_runs_its_rounds_without_tensorflow(cache, tmp_path):
-    from fl_ondevice.server import prepare
+    from fl_ondevice.server.prepare import prepare
 
     cfg = compose_config(tmp_path / "run", f"cache_dir={cache}", "num_clients=3")
     prep = prepare(cfg)  # here, with TensorFlow: converts the model into the cache if need be

@@ -12,11 +12,11 @@ from sklearn.datasets import load_digits
 from sklearn.linear_model import LogisticRegression
 
 from fl_ondevice.config import Config, DatasetConfig, ModelConfig, parse_config
-from fl_ondevice.data import load_dataset
-from fl_ondevice.device import OnDeviceModel
+from fl_ondevice.data.datasets import load_dataset
 from fl_ondevice.errors import ConfigError
-from fl_ondevice.export import bake, build_tflite, cache_key
-from fl_ondevice.transfer import (
+from fl_ondevice.ondevice.convert import bake, build_tflite, cache_key
+from fl_ondevice.ondevice.device import OnDeviceModel
+from fl_ondevice.ondevice.transfer import (
     HEAD,
     PERSONALIZATION_SIGNATURES,
     bottleneck,

@@ -9,12 +9,12 @@ import pytest
 from flwr.app import ConfigRecord, Error, Message, MetricRecord, RecordDict
 from scripted_engine import ScriptedEngine, meta
 
-from fl_ondevice.encoding import encode_update
 from fl_ondevice.errors import ConfigError
-from fl_ondevice.message import MODEL_MISSING, pack_replies, to_arrays
-from fl_ondevice.node import model_sha256
-from fl_ondevice.transport import FIRST_NODE_ID, ClientGrid, group_clients
-from fl_ondevice.weights import WeightSpec
+from fl_ondevice.ondevice.weights import WeightSpec
+from fl_ondevice.wire.encoding import encode_update
+from fl_ondevice.wire.message import MODEL_MISSING, pack_replies, to_arrays
+from fl_ondevice.wire.node import model_sha256
+from fl_ondevice.wire.transport import FIRST_NODE_ID, ClientGrid, group_clients
 
 SPEC = WeightSpec.of({"w": np.zeros(3, np.float32)})
 MODEL = (model_sha256(b"tflite"), b"tflite")

@@ -20,7 +20,7 @@ COLUMNS = ("model", "contender", "piece", "median_ms", "p25_ms", "p75_ms", "upda
 def run_breakdown(out: Path, conf_dir: Path, n_updates: int, clients: int = 100) -> None:
     """Time the pieces of ``n_updates`` client updates of mlp and cnn, ours and peer interleaved.
 
-    Ours follows ``fl_ondevice.client.train_client`` step by step (plus the ClientApp's
+    Ours follows ``fl_ondevice.client.client.train_client`` step by step (plus the ClientApp's
     ArrayRecord conversions); the peer follows experiments.bench.peer's ``train``.
     """
     for key, value in CHILD_ENV.items():  # one TF thread, as in the simulations
@@ -50,11 +50,11 @@ def _time_updates(cfg, n: int) -> dict[tuple[str, str], list[float]]:  # noqa: A
     from flwr.app import ArrayRecord
 
     from experiments.bench.peer import keras_twin
-    from fl_ondevice.client import StagedWeights, client_data, local_seed, train_client
-    from fl_ondevice.device import OnDeviceModel
-    from fl_ondevice.export import build_tflite
-    from fl_ondevice.message import from_arrays, to_arrays
-    from fl_ondevice.model import build_model
+    from fl_ondevice.client.client import StagedWeights, client_data, local_seed, train_client
+    from fl_ondevice.ondevice.convert import build_tflite
+    from fl_ondevice.ondevice.device import OnDeviceModel
+    from fl_ondevice.ondevice.model import build_model
+    from fl_ondevice.wire.message import from_arrays, to_arrays
 
     dataset, partitions = client_data(cfg)
     shape, classes = dataset.input_shape, dataset.num_classes
@@ -72,7 +72,7 @@ def _time_updates(cfg, n: int) -> dict[tuple[str, str], list[float]]:  # noqa: A
 
     for i in range(n + 1):  # update 0 warms both up (arena allocation, tracing) and is dropped
         cid = i % cfg.num_clients
-        # -- ours: the steps of fl_ondevice.client.train_client, timed one by one
+        # -- ours: the steps of fl_ondevice.client.client.train_client, timed one by one
         t0 = start = time.perf_counter()
         weights = from_arrays(record)
         t0 = lap("ours", "message->arrays", t0)
@@ -125,18 +125,18 @@ def _time_updates(cfg, n: int) -> dict[tuple[str, str], list[float]]:  # noqa: A
 
 def _checkpoint_pieces(device, weights, lap) -> None:  # noqa: ANN001
     """What set_weights and get_weights spend: validation, checkpoint file I/O, Flex ops."""
-    from fl_ondevice.checkpoint import read_checkpoint, write_checkpoint
-    from fl_ondevice.device import _path_tensor
+    from fl_ondevice.ondevice.checkpoint import read_checkpoint, write_checkpoint
+    from fl_ondevice.ondevice.device import scratch_dir
 
-    ckpt = device._ckpt
+    ckpt = os.path.join(scratch_dir(), f"breakdown-{os.getpid()}.ckpt")
     t0 = time.perf_counter()
     device.weight_spec.validate(weights, "weights")
     t0 = lap("ours", "  set: validate", t0)
     write_checkpoint(ckpt, weights)
     t0 = lap("ours", "  set: write_checkpoint", t0)
-    device._invoke("restore", **{device._path_name["restore"]: _path_tensor(ckpt)})
+    device.restore_checkpoint(ckpt)
     t0 = lap("ours", "  set: restore signature", t0)
-    device._invoke("save", **{device._path_name["save"]: _path_tensor(ckpt)})
+    device.save_checkpoint(ckpt)
     t0 = lap("ours", "  get: save signature", t0)
     read_checkpoint(ckpt)
     lap("ours", "  get: read_checkpoint", t0)

@@ -17,11 +17,11 @@ from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedAvg
 
-from fl_ondevice.client import client_data
+from fl_ondevice.client.client import client_data
 from fl_ondevice.config import Config, from_run_config, to_run_config
-from fl_ondevice.data import load_dataset
-from fl_ondevice.model import build_model
-from fl_ondevice.results import process_tree_rss_mib
+from fl_ondevice.data.datasets import load_dataset
+from fl_ondevice.ondevice.model import build_model
+from fl_ondevice.processes import process_tree_rss_mib
 
 NUM_EXAMPLES = "num-examples"
 TRAIN_LOSS = "train-loss"
@@ -32,7 +32,7 @@ ROUND_HOOK: Callable[[int], object] | None = None  # called after each evaluated
 
 
 def keras_twin(name: str, input_shape: tuple[int, int], num_classes: int, lr: float) -> Any:
-    """A compiled Keras Sequential with fl_ondevice.model's architecture and weight order.
+    """A compiled Keras Sequential with fl_ondevice.ondevice.model's architecture and weight order.
 
     mlp: Flatten -> Dense 128 ReLU -> Dense classes. cnn (arXiv:1602.05629): 5x5 conv 32 ->
     2x2 max-pool -> 5x5 conv 64 -> 2x2 max-pool -> Dense 512 ReLU -> Dense classes, SAME padding.

@@ -9,7 +9,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from fl_ondevice.results import process_tree
+from fl_ondevice.processes import process_tree
 
 _TICK = os.sysconf("SC_CLK_TCK")  # clock ticks per second of utime/stime in /proc/<pid>/stat
 _PAGE_MIB = os.sysconf("SC_PAGE_SIZE") / 2**20

@@ -23,13 +23,13 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-from fl_ondevice.client import client_data, evaluate_client
+from fl_ondevice.client.client import client_data, evaluate_client
 from fl_ondevice.config import Config, PersonalizeConfig, parse_config
-from fl_ondevice.device import OnDeviceModel
-from fl_ondevice.export import build_tflite
-from fl_ondevice.results import spread
-from fl_ondevice.resume import RESOLVED_CONFIG
-from fl_ondevice.strategy import make_strategy, sample_size
+from fl_ondevice.ondevice.convert import build_tflite
+from fl_ondevice.ondevice.device import OnDeviceModel
+from fl_ondevice.outputs.results import spread
+from fl_ondevice.server.resume import RESOLVED_CONFIG
+from fl_ondevice.server.strategy import make_strategy, sample_size
 
 log = logging.getLogger(__name__)
 
@@ -52,8 +52,8 @@ def local_only(cfg: Config, epochs: int) -> list[dict[str, Any]]:
     """Each client's accuracy on its local test split of the initial model and of the initial
     model trained ``epochs`` local epochs on its local train split alone.
 
-    The training is ``fl_ondevice.client``'s fine-tuning (``personalize_client``) started from
-    the initial global weights: same batches, learning rate and fresh optimizer as a client's.
+    The training is ``fl_ondevice.client.client``'s fine-tuning (``personalize_client``) started
+    from the initial global weights: same batches, learning rate and fresh optimizer as a client's.
     Clients without a local test split are left out.
     """
     dataset, partitions = client_data(cfg)

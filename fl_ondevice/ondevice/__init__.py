@@ -1,0 +1,23 @@
+"""The only place that builds or runs ``.tflite`` files.
+
+- ``layouts``: the signature layouts fl_ondevice federates (guide, personalization, android);
+- ``interpreters``: which interpreter opens a file (LiteRT, or TF 2.18's for Flex ops);
+- ``device``: :class:`OnDeviceModel`, training and checkpointing through the signatures;
+- ``weights``, ``checkpoint``: weights by name, and TF checkpoint files of them;
+- ``model``, ``transfer``: the trainable TensorFlow modules (TensorFlow is imported there only);
+- ``convert``: conversion to ``.tflite``, verified and cached, and baking trained weights in.
+"""
+
+from fl_ondevice.ondevice.convert import bake, build_tflite
+from fl_ondevice.ondevice.device import OnDeviceModel, evaluate_split, pooled_model
+from fl_ondevice.ondevice.weights import Weights, WeightSpec
+
+__all__ = [
+    "OnDeviceModel",
+    "WeightSpec",
+    "Weights",
+    "bake",
+    "build_tflite",
+    "evaluate_split",
+    "pooled_model",
+]
