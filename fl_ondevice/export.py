@@ -12,7 +12,8 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from fl_ondevice.config import DATASET_CLASSES, DATASET_SHAPES, parse_config
-from fl_ondevice.ondevice import OnDeviceModel, build_tflite
+from fl_ondevice.ondevice import OnDeviceModel
+from fl_ondevice.ondevice.convert import build_tflite
 
 
 def _tensors(details: dict[str, dict]) -> str:

@@ -6,9 +6,11 @@
 - ``weights``, ``checkpoint``: weights by name, and TF checkpoint files of them;
 - ``model``, ``transfer``: the trainable TensorFlow modules (TensorFlow is imported there only);
 - ``convert``: conversion to ``.tflite``, verified and cached, and baking trained weights in.
+
+Only the interpreter side is re-exported here: a Ray worker imports this package (its setup hook
+is in ``interpreters``) and a client runs on it, neither needs conversion's configuration.
 """
 
-from fl_ondevice.ondevice.convert import bake, build_tflite
 from fl_ondevice.ondevice.device import OnDeviceModel, evaluate_split, pooled_model
 from fl_ondevice.ondevice.weights import Weights, WeightSpec
 
@@ -16,8 +18,6 @@ __all__ = [
     "OnDeviceModel",
     "WeightSpec",
     "Weights",
-    "bake",
-    "build_tflite",
     "evaluate_split",
     "pooled_model",
 ]
