@@ -89,7 +89,9 @@ def test_the_app_deploy_submits_carries_the_whole_config(tmp_path):
     run_config = flatten_dict(project["tool"]["flwr"]["app"]["config"])
     assert run_config == to_run_config(cfg) and from_run_config(run_config) == cfg
     assert run_config["strategy.proximal-mu"] == 0.01
-    assert (app / "fl_ondevice" / "server_app.py").is_file()
+    # The whole package, subpackages included: the components below live in them.
+    assert (app / "fl_ondevice" / "server" / "server_app.py").is_file()
+    assert (app / "fl_ondevice" / "client" / "client_app.py").is_file()
     assert not list(app.rglob("__pycache__"))
 
 
