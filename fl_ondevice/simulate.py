@@ -61,7 +61,7 @@ def engine_nodes(prep: Prepared, engine_workers: int) -> int:
     than messages cost Flower's engine a look at every node on each 0.1 s poll.
     """
     from fl_ondevice.server.strategy import sample_size, setting
-    from fl_ondevice.wire.transport import messages_per_round
+    from fl_ondevice.wire.grouping import messages_per_round
 
     cfg, strategy = prep.cfg, prep.strategy
     n = cfg.num_clients

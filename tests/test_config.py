@@ -11,7 +11,7 @@ from hydra import compose, initialize_config_dir
 
 from fl_ondevice.config import Config, from_run_config, parse_config, to_run_config
 from fl_ondevice.errors import ConfigError
-from fl_ondevice.wire.transport import messages_per_round
+from fl_ondevice.wire.grouping import messages_per_round
 
 ROOT = Path(__file__).resolve().parents[1]
 

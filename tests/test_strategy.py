@@ -20,6 +20,7 @@ from fl_ondevice.seeds import CONFIGURE_TRAIN
 from fl_ondevice.server.rounds import train_round
 from fl_ondevice.server.strategy import seeded
 from fl_ondevice.wire.message import pack_replies, to_arrays
+from fl_ondevice.wire.replies import ReplyCheck
 from fl_ondevice.wire.transport import FIRST_NODE_ID, ClientGrid
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -50,7 +51,7 @@ def _clients_send(updates: dict[int, tuple[np.ndarray, int]]) -> ClientGrid:
 
     spec = WeightSpec.of({"w": np.zeros(4, np.float32)})
     model = ("0" * 64, b"")
-    grid = ClientGrid(ScriptedEngine(answer), len(updates), 0, spec, model, ConfigRecord())
+    grid = ClientGrid(ScriptedEngine(answer), len(updates), model, ConfigRecord(), ReplyCheck(spec))
     grid.round = 1
     return grid
 

@@ -12,9 +12,12 @@ from scripted_engine import ScriptedEngine, meta
 from fl_ondevice.errors import ConfigError
 from fl_ondevice.ondevice.weights import WeightSpec
 from fl_ondevice.wire.encoding import encode_update
+from fl_ondevice.wire.grouping import Executors, PartitionOwners, group_clients
 from fl_ondevice.wire.message import MODEL_MISSING, pack_replies, to_arrays
 from fl_ondevice.wire.node import model_sha256
-from fl_ondevice.wire.transport import FIRST_NODE_ID, ClientGrid, group_clients
+from fl_ondevice.wire.policy import RoundPolicy
+from fl_ondevice.wire.replies import ReplyCheck
+from fl_ondevice.wire.transport import FIRST_NODE_ID, ClientGrid
 
 SPEC = WeightSpec.of({"w": np.zeros(3, np.float32)})
 MODEL = (model_sha256(b"tflite"), b"tflite")
@@ -29,8 +32,24 @@ def _update(value: float, examples: int = 5) -> RecordDict:
     )
 
 
-def _grid(engine, **kw) -> ClientGrid:
-    grid = ClientGrid(engine, 6, 0, SPEC, MODEL, ConfigRecord({"seed": 0}), **kw)
+def _grid(
+    engine,
+    workers=1,
+    clients_per_message=None,
+    dropout_rate=0.0,
+    pull_seconds=0.005,
+    update_encoding="float32",
+) -> ClientGrid:
+    grid = ClientGrid(
+        engine,
+        6,
+        MODEL,
+        ConfigRecord({"seed": 0}),
+        ReplyCheck(SPEC, update_encoding),
+        Executors(workers, clients_per_message),
+        RoundPolicy(0, dropout_rate),
+        pull_seconds,
+    )
     grid.round = 1
     return grid
 
@@ -203,7 +222,7 @@ def test_a_node_that_lost_the_model_is_sent_its_bytes_again_and_its_clients_stil
 def test_supernodes_that_own_their_data_each_get_their_own_clients_messages():
     # Nodes 1..3 own partitions 2, 0, 1 (their node configs); the strategy sees clients.
     engine = ScriptedEngine(_answer_all, nodes=3, partitions={1: (2, 3), 2: (0, 3), 3: (1, 3)})
-    grid = ClientGrid(engine, 3, 0, SPEC, MODEL, ConfigRecord(), nodes_own_data=True)
+    grid = ClientGrid(engine, 3, MODEL, ConfigRecord(), ReplyCheck(SPEC), PartitionOwners())
     grid.round = 1
 
     nodes = list(grid.get_node_ids())
@@ -219,7 +238,7 @@ def test_supernodes_that_own_their_data_each_get_their_own_clients_messages():
 
 def test_a_node_gone_offline_takes_its_client_out_of_the_sample_until_it_is_back():
     engine = ScriptedEngine(_answer_all, nodes=2, partitions={1: (0, 2), 2: (1, 2), 3: (1, 2)})
-    grid = ClientGrid(engine, 2, 0, SPEC, MODEL, ConfigRecord(), nodes_own_data=True)
+    grid = ClientGrid(engine, 2, MODEL, ConfigRecord(), ReplyCheck(SPEC), PartitionOwners())
     assert list(grid.get_node_ids()) == [FIRST_NODE_ID, FIRST_NODE_ID + 1]
 
     engine.get_node_ids = lambda: [1]  # node 2 crashed
@@ -233,7 +252,7 @@ def test_a_node_gone_offline_takes_its_client_out_of_the_sample_until_it_is_back
 
 def test_a_supernode_with_another_num_partitions_stops_the_run_with_the_fix():
     engine = ScriptedEngine(_answer_all, nodes=1, partitions={1: (0, 2)})
-    grid = ClientGrid(engine, 4, 0, SPEC, MODEL, ConfigRecord(), nodes_own_data=True)
+    grid = ClientGrid(engine, 4, MODEL, ConfigRecord(), ReplyCheck(SPEC), PartitionOwners())
 
     with pytest.raises(ConfigError, match="num-partitions=2 but the run has num_clients=4"):
         list(grid.get_node_ids())

@@ -97,7 +97,7 @@ def connect(
 def engine_workers(cfg: Config) -> int:
     """The engine's workers, the clients it trains at once: the Ray cluster's CPUs (this
     machine's without ``backend.address``) divided by ``client.num_cpus``. The server groups
-    each round's clients into messages for them (``fl_ondevice.wire.transport``)."""
+    each round's clients into messages for them (``fl_ondevice.wire.grouping``)."""
     return max(1, int(_cpus(cfg) // cfg.client.num_cpus))
 
 

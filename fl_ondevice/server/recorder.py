@@ -38,7 +38,8 @@ from fl_ondevice.wire.message import (
     TRAIN_LOSS,
     from_arrays,
 )
-from fl_ondevice.wire.transport import ClientGrid, RoundTraffic
+from fl_ondevice.wire.traffic import RoundTraffic
+from fl_ondevice.wire.transport import ClientGrid
 
 log = logging.getLogger(__name__)
 

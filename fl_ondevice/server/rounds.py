@@ -95,7 +95,7 @@ def train_round(
         new, metrics = strategy.aggregate_train(r, replies)
     if _too_few(grid, r, minimum) or new is None:
         return None, None
-    return conform(new, grid.weight_spec, type(strategy).__name__), metrics
+    return conform(new, grid.replies.weight_spec, type(strategy).__name__), metrics
 
 
 def _too_few(grid: ClientGrid, r: int, minimum: int) -> bool:

@@ -45,11 +45,14 @@ from fl_ondevice.server.resume import (
 )
 from fl_ondevice.server.rounds import run_rounds
 from fl_ondevice.server.strategy import layers
+from fl_ondevice.wire.grouping import Executors, PartitionOwners, Placement
 from fl_ondevice.wire.message import (
     from_arrays,
     to_arrays,
 )
 from fl_ondevice.wire.node import bottleneck_dir, model_sha256
+from fl_ondevice.wire.policy import RoundPolicy
+from fl_ondevice.wire.replies import ReplyCheck
 from fl_ondevice.wire.transport import ClientGrid
 
 log = logging.getLogger(__name__)
@@ -76,7 +79,7 @@ def run_server(
     ``nodes_own_data``: ``grid``'s nodes are SuperNodes, each owning the partition its node
     config names (``flwr run``); else they train the clients the server names (the simulation).
     ``engine_workers``: the clients the engine trains at once, for whom the server groups a
-    round's clients into messages (``fl_ondevice.wire.transport.messages_per_round``); unused
+    round's clients into messages (``fl_ondevice.wire.grouping.messages_per_round``); unused
     when the nodes own their data (each gets its own clients' messages).
     ``model_files=False`` leaves ``global_model.ckpt`` and ``global_model.tflite`` to the caller
     (:func:`write_model_files`), which can stop the engine first.
@@ -88,25 +91,7 @@ def run_server(
     if resumed:
         restore_strategy_state(prep.strategy, resumed.strategy_state)
     metrics = _start_outputs(prep, overrides, resumed)
-    tflite = prep.model_file.read_bytes()
-    clients = ClientGrid(
-        grid,
-        num_clients=cfg.num_clients,
-        seed=cfg.seed,
-        weight_spec=prep.server_model.weight_spec,
-        model=(model_sha256(tflite), tflite),
-        run_config=ConfigRecord(to_run_config(cfg)),  # type: ignore[arg-type]
-        workers=engine_workers,
-        clients_per_message=cfg.client.clients_per_message,
-        client_sizes=[len(p.train_indices) for p in prep.partitions],
-        dropout_rate=cfg.client.dropout_rate,
-        pull_seconds=pull_seconds(grid),
-        nodes_own_data=nodes_own_data,
-        update_encoding=cfg.client.update_encoding,
-        clock=prep.clock,
-        overcommit=cfg.round.overcommit,
-        deadline_s=cfg.round.deadline_s,
-    )
+    clients = client_grid(grid, prep, nodes_own_data, engine_workers)
     recorder = RoundRecorder(prep, clients, metrics)
     if resumed:
         initial, first = resumed.weights, resumed.round + 1
@@ -127,6 +112,36 @@ def run_server(
     # The clients' bottlenecks (personalization layout) are of this run only.
     shutil.rmtree(bottleneck_dir(cfg, grid.run.run_id), ignore_errors=True)
     return summarize(metrics.rows, metrics.run_info)
+
+
+def client_grid(
+    grid: Grid, prep: Prepared, nodes_own_data: bool, engine_workers: int
+) -> ClientGrid:
+    """The grid the strategy sees over the engine's ``grid``: one node per client (see
+    :func:`run_server` for ``nodes_own_data`` and ``engine_workers``)."""
+    cfg, tflite = prep.cfg, prep.model_file.read_bytes()
+    placement: Placement = (
+        PartitionOwners()
+        if nodes_own_data
+        else Executors(
+            engine_workers,
+            cfg.client.clients_per_message,
+            [len(p.train_indices) for p in prep.partitions],
+        )
+    )
+    policy = RoundPolicy(
+        cfg.seed, cfg.client.dropout_rate, prep.clock, cfg.round.overcommit, cfg.round.deadline_s
+    )
+    return ClientGrid(
+        grid,
+        cfg.num_clients,
+        model=(model_sha256(tflite), tflite),
+        run_config=ConfigRecord(to_run_config(cfg)),  # type: ignore[arg-type]
+        replies=ReplyCheck(prep.server_model.weight_spec, cfg.client.update_encoding),
+        placement=placement,
+        policy=policy,
+        pull_seconds=pull_seconds(grid),
+    )
 
 
 def pull_seconds(grid: Grid) -> float:
