@@ -1,13 +1,15 @@
-"""After each round: central evaluation, the metrics row, clients.csv, the resume save and the
-progress line."""
+"""After each round, one hook per concern, called in order: central evaluation, the metrics
+row, clients.csv, the resume save (which writes the metrics) and the progress line."""
 
 from __future__ import annotations
 
 import logging
 import math
 import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, Protocol, cast
 
 import numpy as np
 
@@ -39,82 +41,154 @@ from fl_ondevice.wire.message import (
     from_arrays,
 )
 from fl_ondevice.wire.traffic import RoundTraffic
-from fl_ondevice.wire.transport import ClientGrid
 
 log = logging.getLogger(__name__)
 
 
-class RoundRecorder:
-    """After each round: evaluate the global model centrally (``infer`` on the test set), add
-    the round's row to the metrics, save what a resume needs, and log a progress line."""
+@dataclass
+class RoundRecord:
+    """What the hooks see of one round, and the metrics row they fill in turn."""
 
-    def __init__(self, prep: Prepared, clients: ClientGrid, metrics: MetricsLog) -> None:
-        self.prep, self.clients, self.metrics = prep, clients, metrics
-        cfg = prep.cfg
-        # Central evaluation runs while the workers wait: one interpreter per worker's core.
-        self.evaluators = [prep.server_model] + [
-            OnDeviceModel(prep.model_file) for _ in range(cfg.local_workers - 1)
-        ]
-        done = metrics.rows[-1]["elapsed_seconds"] if metrics.rows else 0.0
-        self.t_start = time.perf_counter() - done
-        self.t_last = time.perf_counter()
-        self.clients_seen = client_records(prep)  # clients.csv, updated after every round
-        if prep.resumed is not None and cfg.resume:
-            self.clients_seen = resumed_clients(
-                self.clients_seen, Path(cfg.resume) / CLIENTS_CSV, prep.resumed.round
-            )
+    round: int
+    weights: Weights  # the global model after the round
+    result: RoundResult | None  # None: round 0, the initial model
+    traffic: RoundTraffic  # what crossed the wire in the round
+    since: float  # time.perf_counter() when the round before it had been recorded
+    row: dict[str, Any] = field(default_factory=dict)  # its metrics row (results.COLUMNS)
+
+
+class RoundHook(Protocol):
+    """One concern of what happens after a round."""
+
+    def __call__(self, record: RoundRecord) -> None:
+        """Do this hook's part for ``record``'s round."""
+        ...
+
+
+class RoundRecorder:
+    """After each round: its record to each of ``hooks``, in order.
+
+    ``traffic``: the client grid's per-round traffic; a round's is taken out when it is
+    recorded.
+    """
+
+    def __init__(self, hooks: Sequence[RoundHook], traffic: dict[int, RoundTraffic]) -> None:
+        self.hooks, self.traffic = list(hooks), traffic
+        self.since = time.perf_counter()
 
     def after_round(self, result: RoundResult) -> None:
         """Record round ``result.round`` of the run."""
         self.record(result.round, from_arrays(result.arrays), result)
 
     def record(self, r: int, weights: Weights, result: RoundResult | None = None) -> None:
-        """Evaluate ``weights`` as the global model after round ``r`` and persist the round."""
-        cfg = self.prep.cfg
+        """Record ``weights`` as the global model after round ``r``."""
+        traffic = self.traffic.pop(r, RoundTraffic())
+        record = RoundRecord(r, weights, result, traffic, self.since, {"round": r})
+        for hook in self.hooks:
+            hook(record)
+        self.since = time.perf_counter()
+
+
+class CentralEvaluation:
+    """The global model's ``accuracy`` and ``loss`` on the test set (its ``infer``
+    signature), and the ``eval_seconds`` that took."""
+
+    def __init__(self, prep: Prepared) -> None:
+        # Central evaluation runs while the workers wait: one interpreter per worker's core.
+        self.evaluators = [prep.server_model] + [
+            OnDeviceModel(prep.model_file) for _ in range(prep.cfg.local_workers - 1)
+        ]
+        self.dataset, self.batch_size = prep.dataset, prep.cfg.eval_batch_size
+
+    def __call__(self, record: RoundRecord) -> None:
         t_eval = time.perf_counter()
         central = evaluate_split(
             self.evaluators,
-            weights,
-            self.prep.dataset.test_x(),  # (M, H, W) float32, for this evaluation only
-            self.prep.dataset.y_test,
-            cfg.eval_batch_size,
+            record.weights,
+            self.dataset.test_x(),  # (M, H, W) float32, for this evaluation only
+            self.dataset.y_test,
+            self.batch_size,
         )
-        now = time.perf_counter()
-        traffic = self.clients.traffic.pop(r, RoundTraffic())
-        row = {
-            "round": r,
-            "accuracy": central["accuracy"],
-            "loss": central["loss"],
-            **_client_columns(traffic, result),
-            "seconds": now - self.t_last if r else 0.0,
-            "eval_seconds": now - t_eval,
-            "elapsed_seconds": now - self.t_start,
-            "rss_mib": process_tree_rss_mib(),
-            **_sim_columns(traffic, self.prep.clock),
-            **_local_columns(traffic, cfg.personalize.epochs),
-        }
-        self._note_clients(r, traffic, result)
-        save_round(Path(cfg.output_dir), r, weights, self.prep.strategy, self.metrics, row)
-        self.t_last = time.perf_counter()
-        _progress(row, cfg.num_rounds)
+        record.row["accuracy"], record.row["loss"] = central["accuracy"], central["loss"]
+        record.row["eval_seconds"] = time.perf_counter() - t_eval
 
-    def _note_clients(self, r: int, traffic: RoundTraffic, result: RoundResult | None) -> None:
-        # Each client's part in round r, then clients.csv rewritten (100 clients: ~3 ms a round).
+
+class MetricsRow:
+    """The rest of the round's metrics row: what its clients did, its wall time (central
+    evaluation included) and simulated time, the run's memory, the local accuracies' spread."""
+
+    def __init__(self, prep: Prepared, metrics: MetricsLog) -> None:
+        done = metrics.rows[-1]["elapsed_seconds"] if metrics.rows else 0.0
+        self.t_start = time.perf_counter() - done
+        self.clock, self.personalize_epochs = prep.clock, prep.cfg.personalize.epochs
+
+    def __call__(self, record: RoundRecord) -> None:
+        now, traffic = time.perf_counter(), record.traffic
+        record.row.update(
+            {
+                **_client_columns(traffic, record.result),
+                "seconds": now - record.since if record.round else 0.0,
+                "elapsed_seconds": now - self.t_start,
+                "rss_mib": process_tree_rss_mib(),
+                **_sim_columns(traffic, self.clock),
+                **_local_columns(traffic, self.personalize_epochs),
+            }
+        )
+
+
+class ClientsCsv:
+    """Each client's part in the round, then ``clients.csv`` rewritten (100 clients: ~3 ms a
+    round). ``records``: one per client, as the file has them."""
+
+    def __init__(self, prep: Prepared) -> None:
+        cfg = prep.cfg
+        self.path = Path(cfg.output_dir) / CLIENTS_CSV
+        self.personalize = cfg.personalize.epochs > 0
+        self.records = client_records(prep)
+        if prep.resumed is not None and cfg.resume:
+            self.records = resumed_clients(
+                self.records, Path(cfg.resume) / CLIENTS_CSV, prep.resumed.round
+            )
+
+    def __call__(self, record: RoundRecord) -> None:
+        r, traffic, result = record.round, record.traffic, record.result
         if result is not None and not result.skipped:
             for c in traffic.updated:
-                record = self.clients_seen[c]
-                record.rounds += 1
-                record.train_rounds = f"{record.train_rounds};{r}".lstrip(";")
-        personalize = self.prep.cfg.personalize.epochs > 0
+                client = self.records[c]
+                client.rounds += 1
+                client.train_rounds = f"{client.train_rounds};{r}".lstrip(";")
         for c, metrics in traffic.evaluations.items():
             if EVAL_ACCURACY in metrics:
-                record = self.clients_seen[c]
-                record.last_eval_round = r
-                record.local_acc_global = metrics[EVAL_ACCURACY]
-                record.local_acc_personal = (
-                    metrics.get(EVAL_ACCURACY_PERSONAL) if personalize else None
+                client = self.records[c]
+                client.last_eval_round = r
+                client.local_acc_global = metrics[EVAL_ACCURACY]
+                client.local_acc_personal = (
+                    metrics.get(EVAL_ACCURACY_PERSONAL) if self.personalize else None
                 )
-        write_clients(self.clients_seen, Path(self.prep.cfg.output_dir) / CLIENTS_CSV)
+        write_clients(self.records, self.path)
+
+
+class ResumeSave:
+    """What a resume needs (``fl_ondevice.server.resume.save_round``): the global weights and
+    the strategy's state, then the metrics row appended to ``metrics.csv``/``.json``, then
+    ``state.json`` naming the round. The metrics are written here, between the two, so that
+    ``state.json`` never names a round the metrics do not hold."""
+
+    def __init__(self, prep: Prepared, metrics: MetricsLog) -> None:
+        self.out, self.strategy, self.metrics = Path(prep.cfg.output_dir), prep.strategy, metrics
+
+    def __call__(self, record: RoundRecord) -> None:
+        save_round(self.out, record.round, record.weights, self.strategy, self.metrics, record.row)
+
+
+class ProgressLine:
+    """One line per round on the console: accuracy, loss, clients, seconds and the ETA."""
+
+    def __init__(self, num_rounds: int) -> None:
+        self.num_rounds = num_rounds
+
+    def __call__(self, record: RoundRecord) -> None:
+        _progress(record.row, self.num_rounds)
 
 
 def client_records(prep: Prepared) -> list[ClientRecord]:

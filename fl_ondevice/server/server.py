@@ -36,7 +36,15 @@ from fl_ondevice.outputs.results import (
     summarize,
 )
 from fl_ondevice.server.prepare import Prepared
-from fl_ondevice.server.recorder import RoundRecorder
+from fl_ondevice.server.recorder import (
+    CentralEvaluation,
+    ClientsCsv,
+    MetricsRow,
+    ProgressLine,
+    ResumeSave,
+    RoundHook,
+    RoundRecorder,
+)
 from fl_ondevice.server.resume import (
     RESOLVED_CONFIG,
     ResumePoint,
@@ -92,7 +100,15 @@ def run_server(
         restore_strategy_state(prep.strategy, resumed.strategy_state)
     metrics = _start_outputs(prep, overrides, resumed)
     clients = client_grid(grid, prep, nodes_own_data, engine_workers)
-    recorder = RoundRecorder(prep, clients, metrics)
+    clients_csv = ClientsCsv(prep)
+    hooks: list[RoundHook] = [
+        CentralEvaluation(prep),
+        MetricsRow(prep, metrics),
+        clients_csv,
+        ResumeSave(prep, metrics),
+        ProgressLine(cfg.num_rounds),
+    ]
+    recorder = RoundRecorder(hooks, clients.traffic)
     if resumed:
         initial, first = resumed.weights, resumed.round + 1
     else:
@@ -108,7 +124,7 @@ def run_server(
         recorder.after_round,
         min_updates=cfg.round.min_updates,
     )
-    _finish_outputs(prep, from_arrays(final), metrics, recorder.clients_seen, model_files)
+    _finish_outputs(prep, from_arrays(final), metrics, clients_csv.records, model_files)
     # The clients' bottlenecks (personalization layout) are of this run only.
     shutil.rmtree(bottleneck_dir(cfg, grid.run.run_id), ignore_errors=True)
     return summarize(metrics.rows, metrics.run_info)
