@@ -25,7 +25,8 @@ from omegaconf import DictConfig  # noqa: E402
 
 from fl_ondevice.config import Config, parse_config  # noqa: E402
 from fl_ondevice.errors import EngineError, FlOnDeviceError  # noqa: E402
-from fl_ondevice.outputs.results import record_error, summary_line, sweep_summary  # noqa: E402
+from fl_ondevice.outputs.results import summary_line  # noqa: E402
+from fl_ondevice.outputs.sweep import record_error, sweep_summary  # noqa: E402
 
 if TYPE_CHECKING:
     from flwr.clientapp import ClientApp

@@ -8,7 +8,8 @@ import math
 
 import pytest
 
-from fl_ondevice.outputs.results import COLUMNS, MetricsLog, record_error, summarize, sweep_summary
+from fl_ondevice.outputs.results import COLUMNS, MetricsLog, summarize
+from fl_ondevice.outputs.sweep import record_error, sweep_summary
 
 
 def _row(r: int, acc: float, seconds: float = 2.0) -> dict:

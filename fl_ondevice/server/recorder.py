@@ -19,15 +19,13 @@ from fl_ondevice.data import (
 from fl_ondevice.devicetime.clock import DeviceClock
 from fl_ondevice.ondevice.device import OnDeviceModel, evaluate_split
 from fl_ondevice.ondevice.weights import Weights
-from fl_ondevice.outputs.results import (
+from fl_ondevice.outputs.clients import (
     CLIENTS_CSV,
-    LOCAL_ACCURACIES,
     ClientRecord,
-    MetricsLog,
     resumed_clients,
-    spread,
     write_clients,
 )
+from fl_ondevice.outputs.results import LOCAL_ACCURACIES, MetricsLog, spread
 from fl_ondevice.processes import process_tree_rss_mib
 from fl_ondevice.server.prepare import Prepared
 from fl_ondevice.server.resume import (

@@ -26,15 +26,14 @@ from fl_ondevice.devicetime.calibration import (
 )
 from fl_ondevice.ondevice.convert import bake
 from fl_ondevice.ondevice.weights import Weights
-from fl_ondevice.outputs.results import (
+from fl_ondevice.outputs.clients import ClientRecord
+from fl_ondevice.outputs.plots import (
     ACCURACY_PNG,
     PERSONALIZATION_PNG,
-    ClientRecord,
-    MetricsLog,
     plot_accuracy,
     plot_personalization,
-    summarize,
 )
+from fl_ondevice.outputs.results import MetricsLog, summarize
 from fl_ondevice.server.prepare import Prepared
 from fl_ondevice.server.recorder import (
     CentralEvaluation,
