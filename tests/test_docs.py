@@ -38,6 +38,9 @@ from hydra import compose, initialize_config_dir
 from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from hydra.core.config_store import ConfigStore
 from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.errors import ConfigCompositionException
+
+from fl_ondevice.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
@@ -101,7 +104,7 @@ def commands(path: Path) -> list[Command]:
     """Every command of ``path``'s shell blocks: continuation lines joined, comments dropped,
     ``a && b`` split in two; in ``console`` blocks only the ``$ `` lines."""
     found = []
-    name = str(path.relative_to(ROOT))
+    name = str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else path.name
     for first, language, body, example in shell_blocks(path):
         logical: list[tuple[int, str]] = []
         pending = ""
@@ -220,14 +223,39 @@ def test_every_fl_ondevice_command_composes_and_validates(command, tmp_path):
     check_entry_point(command, tmp_path)
 
 
-def test_a_doc_command_with_a_wrong_key_fails(tmp_path):
-    from fl_ondevice.errors import ConfigError
+@pytest.mark.parametrize(
+    ("args", "error", "named"),
+    [
+        ("client.local_epoch=5", ConfigCompositionException, "client.local_epoch"),  # no such key
+        ("num_clients=0", ConfigError, "num_clients=0"),  # a value the dataclass rejects
+        ("strategy=fedprox +strategy.proximal_m=0.1", ConfigError, "proximal_m"),  # FedProx's args
+        ("-m model=mlp,cnm", ConfigCompositionException, "cnm"),  # one job of a sweep
+    ],
+)
+def test_a_doc_command_with_a_wrong_key_or_value_fails(args, error, named, tmp_path):
+    words = ("python", "-m", "fl_ondevice.simulate", *args.split())
 
-    for bad in ("client.local_epoch=5", "strategy=fedprox strategy.proximal_m=0.1"):
-        words = ("python", "-m", "fl_ondevice.simulate", *bad.split())
-        with pytest.raises((ConfigError, Exception)) as err:
-            check_entry_point(Command("test", words, False), tmp_path)
-        assert bad.split()[-1].split("=")[0].split(".")[-1] in str(err.value)
+    with pytest.raises(error) as err:
+        check_entry_point(Command("test", words, False), tmp_path)
+
+    assert named in str(err.value)
+
+
+def test_only_marked_blocks_may_hold_unchecked_commands(tmp_path, monkeypatch):
+    page = tmp_path / "page.md"
+    page.write_text(
+        "```bash\nray start --head\n```\n\n"
+        '!!! example "On other machines"\n\n    ```bash\n    ray start --head\n    ```\n\n'
+        f"{EXAMPLE_MARKER}\n```bash\nray start --head  # a comment\n```\n"
+    )
+
+    plain, admonition, marked = commands(page)
+
+    assert plain.words == admonition.words == marked.words == ("ray", "start", "--head")
+    assert (plain.example, admonition.example, marked.example) == (False, True, True)
+    with pytest.raises(AssertionError, match="neither checked nor run"):
+        check_other(plain, monkeypatch)
+    check_other(admonition, monkeypatch)
 
 
 # --- everything else --------------------------------------------------------------------------
