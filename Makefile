@@ -1,4 +1,4 @@
-.PHONY: help install install-flex test test-full test-flex ci lint bench
+.PHONY: help install install-flex test test-full test-flex ci lint bench docs docs-serve
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -29,3 +29,9 @@ lint:  ## ruff + mypy + the import layering (pyproject.toml [tool.importlinter])
 
 bench:  ## device benchmark: TFLite vs TF vs Keras train step
 	python -m experiments.bench_device
+
+docs:  ## build the documentation site strictly into site/ (needs the docs extra: pip install -e ".[docs]")
+	NO_MKDOCS_2_WARNING=1 mkdocs build --strict
+
+docs-serve:  ## serve the documentation site at http://127.0.0.1:8000, rebuilt on every edit
+	NO_MKDOCS_2_WARNING=1 mkdocs serve
