@@ -4,7 +4,8 @@ A variant is ``NAME=PYTHON:CHECKOUT``: a venv's interpreter and a checkout of th
 (e.g. a git worktree of an older commit); its children run with cwd and PYTHONPATH = CHECKOUT
 and FLWR_TELEMETRY_ENABLED=0.
 
-- ``import``: wall time of ``PYTHON -c "import fl_ondevice.client_app"`` in a fresh process
+- ``import``: wall time of importing the ClientApp's module in a fresh process
+  (``fl_ondevice.client.client_app``; ``fl_ondevice.client_app`` in checkouts before issue 23)
   (``in_process_s``: the import alone), whether ``tensorflow`` ended up in sys.modules, and
   which fl_ondevice was imported (both venvs may hold an editable install of some checkout).
 - ``memory``: ``python -m fl_ondevice.simulate dataset=fashion_mnist num_clients=100
@@ -53,7 +54,9 @@ MODULE_ARGS = {  # python -m ...
 }
 MARKER = {"memory": "ClientAppActor", "deploy": "flwr-clientapp"}  # in a client's cmdline
 IMPORT_CHILD = (
-    "import json, sys, time; t = time.perf_counter(); import fl_ondevice.client_app; "
+    "import json, pathlib, sys, time; t = time.perf_counter(); import fl_ondevice; "
+    "new = pathlib.Path(fl_ondevice.__file__).with_name('client').is_dir(); "
+    "__import__('fl_ondevice.client.client_app' if new else 'fl_ondevice.client_app'); "
     "print(json.dumps({'in_process_s': time.perf_counter() - t, "
     "'tensorflow': 'tensorflow' in sys.modules, 'module': fl_ondevice.__file__}))"
 )
