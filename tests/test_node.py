@@ -12,7 +12,7 @@ from test_data import write_idx_dataset
 
 from fl_ondevice.client.client_app import app
 from fl_ondevice.config import to_run_config
-from fl_ondevice.data import datasets as data
+from fl_ondevice.data import datasets, idx
 from fl_ondevice.errors import ConfigError, ModelError
 from fl_ondevice.ondevice.device import OnDeviceModel
 from fl_ondevice.wire.message import MODEL_MISSING, pack, to_arrays, unpack_replies
@@ -79,10 +79,10 @@ def test_a_received_model_is_kept_by_its_hash_and_checked(tmp_path):
 def fashion_node(tmp_path, monkeypatch, converted):
     """A train message for client 1 of a tiny Fashion-MNIST run whose run config names the
     server's paths, and a node whose own config points at its own data and cache."""
-    monkeypatch.setattr(data, "SYSTEM_DIRS", {"fashion_mnist": tmp_path / "none"})
+    monkeypatch.setattr(idx, "SYSTEM_DIRS", {"fashion_mnist": tmp_path / "none"})
     monkeypatch.setenv("KERAS_HOME", str(tmp_path / "keras-home"))
     monkeypatch.delenv(ENV, raising=False)
-    data.clear_cache()
+    datasets.clear_cache()
     write_idx_dataset(tmp_path / "node-data", n_train=40, n_test=10)
     cfg = compose_config(
         tmp_path / "server-out",
@@ -102,7 +102,7 @@ def fashion_node(tmp_path, monkeypatch, converted):
     )
     packed = pack(content, [1], (model_sha256(tflite), tflite), ConfigRecord(to_run_config(cfg)))
     yield Message(packed, metadata=meta(1, "train")), tmp_path
-    data.clear_cache()
+    datasets.clear_cache()
 
 
 def _serve(msg: Message, node_config: dict) -> Message:

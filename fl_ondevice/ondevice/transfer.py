@@ -40,7 +40,8 @@ import tensorflow as tf
 
 from fl_ondevice import seeds
 from fl_ondevice.config import DatasetConfig, ModelConfig
-from fl_ondevice.data.datasets import Dataset, load_dataset
+from fl_ondevice.data.dataset import Dataset
+from fl_ondevice.data.datasets import load_dataset
 from fl_ondevice.ondevice.layouts import INITIALIZE, PERSONALIZATION
 from fl_ondevice.ondevice.model import (
     Layer,

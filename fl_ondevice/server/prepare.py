@@ -15,7 +15,8 @@ from fl_ondevice.data import (
     Partition,
     make_partitions,
 )
-from fl_ondevice.data.datasets import Dataset, load_dataset
+from fl_ondevice.data.dataset import Dataset
+from fl_ondevice.data.datasets import load_dataset
 from fl_ondevice.devicetime.calibration import (
     CALIBRATION_JSON,
     Calibration,
