@@ -21,10 +21,10 @@ from fl_ondevice.devicetime.calibration import (
     CALIBRATION_JSON,
     Calibration,
     batch_sizes_needed,
-    load_or_measure,
     read_calibration,
 )
 from fl_ondevice.devicetime.clock import DeviceClock, device_classes
+from fl_ondevice.devicetime.measure import load_or_measure
 from fl_ondevice.ondevice.convert import build_tflite
 from fl_ondevice.ondevice.device import OnDeviceModel
 from fl_ondevice.server.resume import (
