@@ -24,9 +24,9 @@ from fl_ondevice.ondevice.device import (
     OnDeviceModel,
     evaluate_split,
     explain_load_error,
-    remove_stale_scratch,
 )
 from fl_ondevice.ondevice.interpreters import FLEX_MISSING
+from fl_ondevice.ondevice.scratch import remove_stale_scratch
 
 _GUIDE: dict[bool, bytes] = {}
 

@@ -91,7 +91,7 @@ def test_hand_written_gradients_equal_the_tapes_with_ties(name, shape):
     y = rng.integers(0, 10, 16).astype(np.int32)
     # Execute: the tape through the plain forward (conv -> ReLU -> pool) vs the hand-written pass.
     with tf.GradientTape() as tape:
-        want_loss = _cross_entropy(module._forward(module.weights_, x), y)
+        want_loss = _cross_entropy(module.forward(module.weights_, x), y)
     want = tape.gradient(want_loss, module.weights_)
     loss, grads = tf.function(module.loss_and_gradients)(x, y)
     # Assert: same loss; gradients equal up to summation order (a misrouted tie is ~1e-2 off).
@@ -338,7 +338,7 @@ def test_each_interpreter_step_equals_a_tape_and_keras_optimizer(converted, name
             w.assign(start[n])
         lite_loss = device.train_step(x, y)
         with tf.GradientTape() as tape:
-            loss = _cross_entropy(module._forward(twins, x), y)
+            loss = _cross_entropy(module.forward(twins, x), y)
         optimizer.apply_gradients(zip(tape.gradient(loss, twins), twins, strict=True))
         # Assert: the same loss and weights after every step (the bound: 1e-5).
         assert abs(lite_loss - float(loss)) <= 1e-5

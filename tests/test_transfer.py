@@ -16,9 +16,9 @@ from fl_ondevice.data.datasets import load_dataset
 from fl_ondevice.errors import ConfigError
 from fl_ondevice.ondevice.convert import bake, build_tflite, cache_key
 from fl_ondevice.ondevice.device import OnDeviceModel
+from fl_ondevice.ondevice.layouts import OWN_PERSONALIZATION_SIGNATURES
 from fl_ondevice.ondevice.transfer import (
     HEAD,
-    PERSONALIZATION_SIGNATURES,
     bottleneck,
     head_init,
     pretrain,
@@ -157,7 +157,7 @@ def test_the_cache_key_follows_the_data_the_base_learns_from():
 def test_the_file_has_the_model_personalization_signatures(lite):
     signatures = lite.get_signature_list()
 
-    assert sorted(signatures) == sorted(PERSONALIZATION_SIGNATURES)
+    assert sorted(signatures) == sorted(OWN_PERSONALIZATION_SIGNATURES)
     assert signatures["train"]["inputs"] == ["bottleneck", "label"]
     assert signatures["load"]["outputs"] == ["bottleneck"]
     assert signatures["infer"]["outputs"] == ["output"]

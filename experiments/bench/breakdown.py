@@ -126,7 +126,7 @@ def _time_updates(cfg, n: int) -> dict[tuple[str, str], list[float]]:  # noqa: A
 def _checkpoint_pieces(device, weights, lap) -> None:  # noqa: ANN001
     """What set_weights and get_weights spend: validation, checkpoint file I/O, Flex ops."""
     from fl_ondevice.ondevice.checkpoint import read_checkpoint, write_checkpoint
-    from fl_ondevice.ondevice.device import scratch_dir
+    from fl_ondevice.ondevice.scratch import scratch_dir
 
     ckpt = os.path.join(scratch_dir(), f"breakdown-{os.getpid()}.ckpt")
     t0 = time.perf_counter()

@@ -42,11 +42,9 @@ from fl_ondevice import seeds
 from fl_ondevice.config import DatasetConfig, ModelConfig
 from fl_ondevice.data.dataset import Dataset
 from fl_ondevice.data.datasets import load_dataset
-from fl_ondevice.ondevice.layouts import INITIALIZE, PERSONALIZATION
+from fl_ondevice.ondevice.architectures import Layer, architecture_layers
 from fl_ondevice.ondevice.model import (
-    Layer,
     TrainableModel,
-    architecture_layers,
     build_model,
     initial_weight,
     restore_variables,
@@ -58,8 +56,6 @@ log = logging.getLogger(__name__)
 
 # Bump when the base's graph or the pretraining changes, so stale cached bases are ignored.
 BASE_CODE_VERSION = 1
-# The model_personalization signatures, in the order an app calls them.
-PERSONALIZATION_SIGNATURES = (*PERSONALIZATION.required, INITIALIZE)
 HEAD = ("output/kernel", "output/bias")  # the names of architecture_layers("transfer")'s head
 BOTTLENECK = 64  # units of the base's dense layer
 PRETRAIN_BATCH = 32
@@ -370,7 +366,6 @@ def build_transfer(
 __all__ = [
     "BOTTLENECK",
     "HEAD",
-    "PERSONALIZATION_SIGNATURES",
     "PretrainedBase",
     "TransferHead",
     "base_key",
