@@ -5,7 +5,7 @@ the phone. The base (3x3 conv 16 + ReLU + 2x2 max-pool, 3x3 conv 32 + ReLU + 2x2
 flatten, dense 64 + ReLU = the bottleneck; SAME padding, so 8x8 digits and 28x28 images both
 fit) is pretrained centrally on ``model.base_classes`` of the run's dataset (its train split),
 with a temporary head; the clients then train a new head (dense 64 -> classes) on
-``dataset.classes``, which the base has never seen (config.py enforces the two are disjoint).
+``dataset.classes``, which the base has never seen (the config keeps the two disjoint).
 
 ``model.trainable=head`` builds TensorFlow's model_personalization layout:
 

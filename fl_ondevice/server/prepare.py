@@ -9,7 +9,7 @@ from pathlib import Path
 
 from flwr.serverapp.strategy import Strategy
 
-from fl_ondevice.config import Config, ConfigError
+from fl_ondevice.config import Config
 from fl_ondevice.console import native_stderr_to_log
 from fl_ondevice.data import (
     Partition,
@@ -25,6 +25,7 @@ from fl_ondevice.devicetime.calibration import (
 )
 from fl_ondevice.devicetime.clock import DeviceClock, device_classes
 from fl_ondevice.devicetime.measure import load_or_measure
+from fl_ondevice.errors import ConfigError
 from fl_ondevice.ondevice.convert import build_tflite
 from fl_ondevice.ondevice.device import OnDeviceModel
 from fl_ondevice.server.resume import (
