@@ -85,7 +85,7 @@ def prepare(cfg: Config) -> Prepared:
             f"model.path={cfg.model.path!r} predicts {model.num_classes} classes but "
             f"dataset.name={cfg.dataset.name!r} has {dataset.num_classes}"
         )
-    model.check_proximal(float(setting(strategy, "proximal_mu", 0.0)))
+    model.check_proximal(float(setting(strategy, "proximal_mu")))
     resumed = load_resume_point(Path(cfg.resume), model.weight_spec) if cfg.resume else None
     clock = _device_clock(cfg, dataset, partitions, model_file, strategy)
     if clock is not None and resumed is not None and resumed.rows:
