@@ -38,8 +38,8 @@ from fl_ondevice.ondevice.scratch import scratch_dir
 from fl_ondevice.ondevice.signatures import Signatures, read_signatures
 from fl_ondevice.ondevice.weights import Weights, WeightSpec
 
-# Examples per `infer` (and `load`) call when evaluating: each interpreter keeps buffers of this
-# batch; the run's evaluation batch is the config key eval_batch_size, whose default this is.
+# Examples per `infer` (and `load`) call, unless the caller says otherwise: each interpreter
+# keeps buffers of this batch. A run passes its config's eval_batch_size (same default).
 EVAL_BATCH_SIZE = 256
 
 
