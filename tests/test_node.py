@@ -20,6 +20,7 @@ from fl_ondevice.wire.node import (
     ENV,
     ModelMissing,
     NodeSettings,
+    forget_checked,
     local_node_config,
     model_sha256,
     node_settings,
@@ -66,9 +67,7 @@ def test_a_received_model_is_kept_by_its_hash_and_checked(tmp_path):
     other = str(tmp_path / "other")  # a damaged copy on disk counts as missing
     received_model(sha, tflite, other)
     (Path(other) / "received" / f"{sha}.tflite").write_bytes(b"truncated")
-    from fl_ondevice.wire import node
-
-    node._CHECKED.clear()  # a new process: nothing checked yet
+    forget_checked()  # a new process: nothing checked yet
     with pytest.raises(ModelMissing):
         received_model(sha, None, other)
     with pytest.raises(ModelError, match="not a SHA-256"):

@@ -98,6 +98,11 @@ class ModelMissing(Exception):
 _CHECKED: dict[tuple[str, str], str] = {}  # (cache dir, sha256) -> a file checked this process
 
 
+def forget_checked() -> None:
+    """Forget which received model files this process has checked (tests: a new process)."""
+    _CHECKED.clear()
+
+
 def received_model(sha256: str, data: bytes | None, cache_dir: str) -> str:
     """The node's file of the model ``sha256``: ``data`` written to the node's cache (after
     checking that it hashes to ``sha256``), or the copy received earlier.
