@@ -10,6 +10,7 @@ import tensorflow as tf
 from fl_ondevice.config import ModelConfig
 from fl_ondevice.errors import ConfigError
 from fl_ondevice.ondevice.device import OnDeviceModel
+from fl_ondevice.ondevice.layouts import INFER, TRAIN_PROXIMAL
 from fl_ondevice.ondevice.model import build_model
 
 
@@ -140,7 +141,7 @@ def test_restore_then_infer_matches_tf_logits(converted):
     x = rng.random((50, 28, 28), dtype=np.float32)
 
     device.set_weights(new)
-    lite_logits = device.interpreter.get_signature_runner("infer")(x=x)["logits"]
+    lite_logits = device.interpreter.get_signature_runner(INFER)(x=x)["logits"]
 
     np.testing.assert_allclose(lite_logits, module.infer(x)["logits"].numpy(), atol=1e-5)
 
@@ -267,7 +268,7 @@ def test_fedprox_step_with_mu_zero_is_fedavgs_step_bitwise(converted):
         d.train_step(x1, y1)  # weights differ from the anchor: the term is 0 * (w - w_global)
 
     devices[0].train_step(x2, y2)
-    runner = devices[1].interpreter.get_signature_runner("train_proximal")
+    runner = devices[1].interpreter.get_signature_runner(TRAIN_PROXIMAL)
     runner(x=x2, y=y2.astype(np.int32), mu=np.float32(0.0))
 
     a, b = (d.get_weights() for d in devices)
