@@ -6,7 +6,8 @@
 - ``signatures``: what a file's signatures take and return, read and checked once;
 - ``pool``: this process's interpreters, shared by its clients; ``scratch``: its checkpoint files;
 - ``weights``, ``checkpoint``: weights by name, and TF checkpoint files of them;
-- ``model``, ``transfer``: the trainable TensorFlow modules (TensorFlow is imported there only);
+- ``model``, ``transfer``: the trainable TensorFlow modules; ``architectures``, ``backprop``:
+  the networks ``model.name`` selects and their hand-written gradients;
 - ``convert``: conversion to ``.tflite``, verified and cached, and baking trained weights in.
 
 Only the interpreter side is re-exported here: a Ray worker imports this package (its setup hook
