@@ -66,7 +66,11 @@ def _mlp(hidden: Sequence[int]) -> Callable[[tuple[int, int], int], Architecture
 def _cnn(
     convs: Sequence[int], dense: Sequence[int], padding: str, kernel: int = 5
 ) -> Callable[[tuple[int, int], int], Architecture]:
-    """kxk conv + ReLU + 2x2 max-pool blocks, then dense ReLU layers, then the output layer."""
+    """kxk conv + ReLU + 2x2 max-pool blocks, then dense ReLU layers, then the output layer.
+
+    Longer than a screen: ``forward`` and ``gradients`` are closures over the layer shapes the
+    builder computes, and the backward pass reads best beside its forward pass.
+    """
 
     def build(input_shape: tuple[int, int], num_classes: int) -> Architecture:
         h, w = input_shape
