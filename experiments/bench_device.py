@@ -22,6 +22,7 @@ import tensorflow as tf  # noqa: E402
 from fl_ondevice.config import ModelConfig  # noqa: E402
 from fl_ondevice.ondevice.convert import convert  # noqa: E402
 from fl_ondevice.ondevice.device import OnDeviceModel  # noqa: E402
+from fl_ondevice.ondevice.layouts import TRAIN  # noqa: E402
 from fl_ondevice.ondevice.model import TrainableModel, build_model  # noqa: E402
 
 INPUT_SHAPE = (28, 28)  # Fashion-MNIST images
@@ -102,7 +103,7 @@ class Contenders:
         self.device = OnDeviceModel(convert(to_convert), num_threads=threads)
         # Time the `train` signature runner itself, not OnDeviceModel.train_step, whose input
         # checks (dtype, shape, label range, finite loss) would add ~10-20 us per step.
-        self.runner = self.device.interpreter.get_signature_runner("train")
+        self.runner = self.device.interpreter.get_signature_runner(TRAIN)
         self.keras = keras_model(name)
         shapes = [tuple(w.shape) for w in self.keras.weights]
         if shapes != [w.shape for w in self.initial]:

@@ -29,6 +29,7 @@ from ai_edge_litert.interpreter import Interpreter as LiteRtInterpreter  # noqa:
 from fl_ondevice.config import ModelConfig  # noqa: E402
 from fl_ondevice.ondevice.convert import convert  # noqa: E402
 from fl_ondevice.ondevice.interpreters import flex_ops  # noqa: E402
+from fl_ondevice.ondevice.layouts import INFER, TRAIN  # noqa: E402
 from fl_ondevice.ondevice.model import build_model  # noqa: E402
 
 MODELS = ("mlp", "2nn", "cnn", "simple_cnn")
@@ -45,8 +46,8 @@ def runners(before: bytes, after: bytes, batch: int, seed: int) -> dict[str, dic
     new = LiteRtInterpreter(model_content=after, num_threads=1)
     out: dict[str, dict[str, Call]] = {"train": {}, "infer": {}}
     for label, interpreter in (("before", old), ("after", new)):
-        train = interpreter.get_signature_runner("train")
-        infer = interpreter.get_signature_runner("infer")
+        train = interpreter.get_signature_runner(TRAIN)
+        infer = interpreter.get_signature_runner(INFER)
         out["train"][label] = lambda t=train: t(x=x, y=y)
         out["infer"][label] = lambda i=infer: i(x=x)
     return out

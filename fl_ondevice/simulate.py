@@ -69,10 +69,10 @@ def engine_nodes(prep: Prepared, engine_workers: int) -> int:
     largest = n
     fraction = setting(strategy, "fraction_train")
     if fraction is not None:
-        largest = sample_size(n, fraction, int(setting(strategy, "min_train_nodes", 1)))
-        evaluate = float(setting(strategy, "fraction_evaluate", 0.0))
+        largest = sample_size(n, fraction, int(setting(strategy, "min_train_nodes")))
+        evaluate = float(setting(strategy, "fraction_evaluate"))
         if evaluate > 0:
-            minimum = int(setting(strategy, "min_evaluate_nodes", 1))
+            minimum = int(setting(strategy, "min_evaluate_nodes"))
             largest = max(largest, sample_size(n, evaluate, minimum))
     return messages_per_round(min(largest, n), engine_workers, cfg.client.clients_per_message)
 

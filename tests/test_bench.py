@@ -10,7 +10,7 @@ import pytest
 
 from experiments.bench.grid import plan, updates_per_round
 from experiments.bench.procstat import TreeSampler, tree_stat
-from experiments.bench.report import _targets
+from experiments.bench.report import issue_targets
 
 
 def test_updates_per_round_follows_fedavg_sampling_rule():
@@ -82,7 +82,7 @@ def test_targets_compare_ratios_with_issue_limits():
         {"model": "cnn", "clients": 10, "fraction": 0.1, "ratio": 1.5},
     ]
 
-    verdicts = {(t["target"], t["where"]): t["verdict"] for t in _targets(by, compare)}
+    verdicts = {(t["target"], t["where"]): t["verdict"] for t in issue_targets(by, compare)}
 
     assert verdicts[("mlp round time / peer", "n=100 C=1.0")] == "PASS"  # 0.4 <= 0.5
     assert verdicts[("cnn round time / peer", "n=10 C=0.1")] == "FAIL"  # 1.5 > 1.0

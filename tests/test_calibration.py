@@ -9,15 +9,14 @@ from pathlib import Path
 
 import pytest
 
-import fl_ondevice.devicetime.calibration as calibration
+import fl_ondevice.devicetime.measure as measuring
 from fl_ondevice.devicetime.calibration import (
     Calibration,
     batch_sizes_needed,
-    load_or_measure,
-    measure,
     read_calibration,
     write_calibration,
 )
+from fl_ondevice.devicetime.measure import load_or_measure, measure
 from fl_ondevice.errors import ConfigError, InputError
 
 KEY = "mlp-digits"
@@ -43,13 +42,13 @@ def mlp_bytes(converted) -> bytes:
 def counted(monkeypatch):
     """The batch sizes of every call to ``measure`` (which still runs the real interpreter)."""
     calls: list[list[int]] = []
-    real = calibration.measure
+    real = measuring.measure
 
     def counting(model_file, x, y, batch_sizes, *args, **kwargs):
         calls.append(sorted(batch_sizes))
         return real(model_file, x, y, batch_sizes, *args, **kwargs)
 
-    monkeypatch.setattr(calibration, "measure", counting)
+    monkeypatch.setattr(measuring, "measure", counting)
     return calls
 
 
@@ -58,7 +57,7 @@ def test_measure_times_each_size_with_the_stated_repeats(mlp_bytes, digits, capl
     x, y = digits[0], digits[1]
     sizes = [1, 32, len(x) + 5]  # the last is larger than the data: cycled
 
-    with caplog.at_level(logging.INFO, logger="fl_ondevice.devicetime.calibration"):
+    with caplog.at_level(logging.INFO, logger="fl_ondevice.devicetime.measure"):
         got = measure(mlp_bytes, x, y, sizes, model_key=KEY, min_repeats=3, max_repeats=7)
 
     assert sorted(got.step_seconds) == sizes == sorted(got.repeats)
@@ -326,7 +325,7 @@ def test_load_or_measure_measures_again_over_a_corrupt_cache(
     (cached,) = (tmp_path / "calibration").glob("*.json")
     cached.write_text('{"model_key": "mlp-dig')  # a half-written file
 
-    with caplog.at_level(logging.WARNING, logger="fl_ondevice.devicetime.calibration"):
+    with caplog.at_level(logging.WARNING, logger="fl_ondevice.devicetime.measure"):
         got = load_or_measure(tmp_path, KEY, mlp_bytes, x, y, [1], 1)
 
     assert counted == [[1], [1]]
@@ -345,7 +344,7 @@ def test_a_cached_calibration_of_another_runtime_is_measured_again(
     doc = json.loads(cached.read_text())
     cached.write_text(json.dumps({**doc, "runtime": "tensorflow 2.18.1"}))
 
-    with caplog.at_level(logging.WARNING, logger="fl_ondevice.devicetime.calibration"):
+    with caplog.at_level(logging.WARNING, logger="fl_ondevice.devicetime.measure"):
         got = load_or_measure(tmp_path, KEY, mlp_bytes, x, y, [1], 1)
 
     assert counted == [[1], [1]]

@@ -8,7 +8,7 @@ import pytest
 from fl_ondevice.client.client import StagedWeights, attacked, attackers, local_seed, train_client
 from fl_ondevice.config import AttackConfig, ClientConfig, Config, ModelConfig
 from fl_ondevice.ondevice.convert import build_tflite
-from fl_ondevice.ondevice.device import clear_pool, pooled_model
+from fl_ondevice.ondevice.pool import clear_pool, pooled_model
 
 
 def _update(cfg: Config, path: str, client: int, start: dict, mu: float = 0.0):

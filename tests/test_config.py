@@ -11,6 +11,7 @@ from hydra import compose, initialize_config_dir
 
 from fl_ondevice.config import Config, from_run_config, parse_config, to_run_config
 from fl_ondevice.errors import ConfigError
+from fl_ondevice.ondevice.device import EVAL_BATCH_SIZE
 from fl_ondevice.wire.grouping import messages_per_round
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -59,7 +60,7 @@ def test_flwr_run_config_in_pyproject_equals_the_defaults():
     differing = {
         k: (flwr.get(k), hydra.get(k))
         for k in set(flwr) | set(hydra)
-        if flwr.get(k) != hydra.get(k) and k not in ("output-dir", "cache-dir")
+        if flwr.get(k) != hydra.get(k) and k != "output-dir"
     }
     assert differing == {}
     assert pyproject["tool"]["flwr"]["app"]["components"] == {
@@ -68,7 +69,7 @@ def test_flwr_run_config_in_pyproject_equals_the_defaults():
     }
 
 
-def test_defaults_live_in_config_py_only():
+def test_defaults_live_in_the_config_dataclasses_only():
     # The composed defaults are the dataclasses' (conf/ holds only what differs from them),
     # apart from the strategy, which only conf/strategy/*.yaml describes.
     composed = _default()
@@ -76,6 +77,9 @@ def test_defaults_live_in_config_py_only():
     assert composed.dataset == bare.dataset and composed.model == bare.model
     assert composed.partition == bare.partition and composed.client == bare.client
     assert (composed.num_rounds, composed.seed, composed.num_clients) == (50, 0, 10)
+    assert composed.cache_dir == bare.cache_dir == "~/.cache/fl_ondevice"
+    # OnDeviceModel's default batch is the run's: the config cannot import the interpreter.
+    assert composed.eval_batch_size == EVAL_BATCH_SIZE
 
 
 def test_every_group_option_composes_and_validates():

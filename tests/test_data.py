@@ -1,4 +1,4 @@
-"""Tests of fl_ondevice.data.datasets: IDX reader, lookup, download, offline errors, digits."""
+"""Tests of fl_ondevice.data's sources: IDX reader, lookup, download, offline errors, digits."""
 
 from __future__ import annotations
 
@@ -21,8 +21,11 @@ import numpy as np
 import pytest
 
 from fl_ondevice.config import DatasetConfig
-from fl_ondevice.data import datasets as data
-from fl_ondevice.data.datasets import Dataset, load_dataset, read_idx
+from fl_ondevice.data import datasets, download, idx
+from fl_ondevice.data.dataset import Dataset, select_classes, unit_float32
+from fl_ondevice.data.datasets import load_dataset
+from fl_ondevice.data.digits import digits_cache_file
+from fl_ondevice.data.idx import read_idx
 from fl_ondevice.errors import DataError
 
 FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
@@ -52,7 +55,7 @@ def write_idx_dataset(
     }
     arrays["x_train"][0, 0, 0] = 255  # the maximum must map to exactly 1.0
     directory.mkdir(parents=True, exist_ok=True)
-    for key, stem in data.IDX_FILES.items():
+    for key, stem in idx.IDX_FILES.items():
         write_idx(directory / f"{stem}.gz", arrays[key], gz=True)
     return arrays
 
@@ -61,14 +64,14 @@ def write_idx_dataset(
 def isolated_lookup(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     """Point the system dirs and the Keras cache at empty tmp dirs; forget cached datasets."""
     monkeypatch.setattr(
-        data,
+        idx,
         "SYSTEM_DIRS",
         {"fashion_mnist": tmp_path / "system-fashion", "mnist": tmp_path / "system-mnist"},
     )
     monkeypatch.setenv("KERAS_HOME", str(tmp_path / "keras-home"))
-    data.clear_cache()
+    datasets.clear_cache()
     yield
-    data.clear_cache()
+    datasets.clear_cache()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -225,16 +228,16 @@ def test_unit_float32_maps_every_pixel_value_to_its_nearest_float32_of_p_over_25
     pixels = np.arange(256, dtype=np.uint8)
 
     # Execute
-    scaled = data.unit_float32(pixels)
+    scaled = unit_float32(pixels)
 
     # Assert
     expected = np.array([np.float32(p / 255.0) for p in range(256)], dtype=np.float32)
     assert scaled.tobytes() == expected.tobytes()
     assert scaled[255] == 1.0 and scaled[0] == 0.0
     floats = np.array([0.5, 1.0], np.float32)
-    assert data.unit_float32(floats) is floats  # digits: already in [0, 1]
+    assert unit_float32(floats) is floats  # digits: already in [0, 1]
     with pytest.raises(DataError, match=r"images are int32; expected uint8 0\.\.255 or float32"):
-        data.unit_float32(np.zeros(3, np.int32))
+        unit_float32(np.zeros(3, np.int32))
 
 
 def test_whole_split_float32_is_converted_once_read_only(tmp_path: Path) -> None:
@@ -257,7 +260,7 @@ def test_select_classes_keeps_images_as_stored(tmp_path: Path) -> None:
     full = load_dataset(DatasetConfig(name="mnist", data_dir=str(tmp_path / "mine")))
 
     # Execute
-    picked = data.select_classes(full, (3, 1))
+    picked = select_classes(full, (3, 1))
 
     # Assert: class 3 becomes 0, class 1 becomes 1; the images stay uint8
     assert picked.train_images.dtype == np.uint8
@@ -268,17 +271,17 @@ def test_select_classes_keeps_images_as_stored(tmp_path: Path) -> None:
 def test_load_dataset_prefers_data_dir_then_system_dir_then_keras_cache(tmp_path: Path) -> None:
     # Prepare: three complete copies of different sizes, so the one read is identifiable
     write_idx_dataset(tmp_path / "mine", n_train=11)
-    write_idx_dataset(data.SYSTEM_DIRS["fashion_mnist"], n_train=12)
-    write_idx_dataset(data.keras_cache_dir() / "fashion-mnist", n_train=13)
+    write_idx_dataset(idx.SYSTEM_DIRS["fashion_mnist"], n_train=12)
+    write_idx_dataset(download.keras_cache_dir() / "fashion-mnist", n_train=13)
     with_dir = DatasetConfig(name="fashion_mnist", data_dir=str(tmp_path / "mine"), download=False)
     without_dir = DatasetConfig(name="fashion_mnist", download=False)
 
     # Execute
     from_data_dir = len(load_dataset(with_dir).y_train)
     from_system = len(load_dataset(without_dir).y_train)
-    for stem in data.IDX_FILES.values():
-        (data.SYSTEM_DIRS["fashion_mnist"] / f"{stem}.gz").unlink()
-    data.clear_cache()
+    for stem in idx.IDX_FILES.values():
+        (idx.SYSTEM_DIRS["fashion_mnist"] / f"{stem}.gz").unlink()
+    datasets.clear_cache()
     from_keras = len(load_dataset(without_dir).y_train)
 
     # Assert
@@ -288,7 +291,7 @@ def test_load_dataset_prefers_data_dir_then_system_dir_then_keras_cache(tmp_path
 def test_load_dataset_accepts_uncompressed_idx_files(tmp_path: Path) -> None:
     # Prepare: the four files gunzip'd, without the .gz suffix
     raw = write_idx_dataset(tmp_path / "gz")
-    for stem in data.IDX_FILES.values():
+    for stem in idx.IDX_FILES.values():
         plain = gzip.decompress((tmp_path / "gz" / f"{stem}.gz").read_bytes())
         (tmp_path / "plain").mkdir(exist_ok=True)
         (tmp_path / "plain" / stem).write_bytes(plain)
@@ -303,7 +306,7 @@ def test_load_dataset_accepts_uncompressed_idx_files(tmp_path: Path) -> None:
 def test_mnist_is_read_from_keras_npz(tmp_path: Path) -> None:
     # Prepare: keras.datasets.mnist stores mnist.npz directly in the Keras cache
     rng = np.random.default_rng(1)
-    cache = data.keras_cache_dir()
+    cache = download.keras_cache_dir()
     cache.mkdir(parents=True)
     np.savez(
         cache / "mnist.npz",
@@ -336,7 +339,7 @@ def test_offline_error_lists_every_place_looked_and_how_to_get_fashion_mnist(
 
     # Assert
     message = str(info.value)
-    for place in (empty, data.SYSTEM_DIRS["fashion_mnist"], data.keras_cache_dir()):
+    for place in (empty, idx.SYSTEM_DIRS["fashion_mnist"], download.keras_cache_dir()):
         assert str(place) in message
     assert "apt-get install dataset-fashion-mnist" in message
     assert "dataset.data_dir=PATH" in message and "dataset.download=true" in message
@@ -353,8 +356,8 @@ def test_offline_error_for_mnist_mentions_keras_npz(tmp_path: Path) -> None:
 
     # Assert
     message = str(info.value)
-    assert str(data.SYSTEM_DIRS["mnist"]) in message
-    assert str(data.keras_cache_dir() / "mnist.npz") in message
+    assert str(idx.SYSTEM_DIRS["mnist"]) in message
+    assert str(download.keras_cache_dir() / "mnist.npz") in message
 
 
 # ---------------------------------------------------------------------------------------------
@@ -422,12 +425,12 @@ def test_fetch_fashion_mnist_downloads_the_idx_files_into_the_keras_cache_and_lo
     raw = write_idx_dataset(server.root)
 
     # Execute
-    dataset = data.fetch_dataset("fashion_mnist", base_url=server.url, sha256=server.sha256())
+    dataset = idx.fetch_dataset("fashion_mnist", base_url=server.url, sha256=server.sha256())
 
     # Assert: keras' layout, byte-identical copies, values as written
-    cache = data.keras_cache_dir() / "fashion-mnist"
-    names = sorted(f"{stem}.gz" for stem in data.IDX_FILES.values())
-    assert [p.name for p in files_under(data.keras_cache_dir())] == names
+    cache = download.keras_cache_dir() / "fashion-mnist"
+    names = sorted(f"{stem}.gz" for stem in idx.IDX_FILES.values())
+    assert [p.name for p in files_under(download.keras_cache_dir())] == names
     for name in names:
         assert (cache / name).read_bytes() == (server.root / name).read_bytes()
     for key in ("x_train", "x_test"):
@@ -446,10 +449,10 @@ def test_fetch_mnist_downloads_keras_npz_into_the_keras_cache_and_loads_it(
     raw = write_mnist_npz(server.root / "mnist.npz")
 
     # Execute
-    dataset = data.fetch_dataset("mnist", base_url=server.url, sha256=server.sha256())
+    dataset = idx.fetch_dataset("mnist", base_url=server.url, sha256=server.sha256())
 
     # Assert
-    assert files_under(data.keras_cache_dir()) == [data.keras_cache_dir() / "mnist.npz"]
+    assert files_under(download.keras_cache_dir()) == [download.keras_cache_dir() / "mnist.npz"]
     np.testing.assert_array_equal(dataset.x_test * 255.0, raw["x_test"].astype(np.float32))
     np.testing.assert_array_equal(dataset.y_train, raw["y_train"])
 
@@ -458,12 +461,12 @@ def test_fetch_skips_files_already_downloaded_with_the_expected_sha256(server: S
     # Prepare: a first fetch, then the server loses its files
     raw = write_idx_dataset(server.root)
     sha256 = server.sha256()
-    data.fetch_dataset("fashion_mnist", base_url=server.url, sha256=sha256)
+    idx.fetch_dataset("fashion_mnist", base_url=server.url, sha256=sha256)
     for path in server.root.iterdir():
         path.unlink()
 
     # Execute
-    dataset = data.fetch_dataset("fashion_mnist", base_url=server.url, sha256=sha256)
+    dataset = idx.fetch_dataset("fashion_mnist", base_url=server.url, sha256=sha256)
 
     # Assert
     np.testing.assert_array_equal(dataset.y_test, raw["y_test"])
@@ -489,10 +492,10 @@ def test_download_rejects_a_file_whose_sha256_is_not_the_published_one_leaving_n
     # Assert
     message = str(info.value)
     assert f"cannot download {server.url}{first_file}" in message
-    assert f"sha256 is {served}, expected {data.DOWNLOAD_SHA256[name][first_file]}" in message
-    assert str(data.SYSTEM_DIRS[name]) in message and str(data.keras_cache_dir()) in message
-    assert data.HOW_TO_GET[name] in message
-    assert files_under(data.keras_cache_dir()) == []
+    assert f"sha256 is {served}, expected {download.DOWNLOAD_SHA256[name][first_file]}" in message
+    assert str(idx.SYSTEM_DIRS[name]) in message and str(download.keras_cache_dir()) in message
+    assert download.HOW_TO_GET[name] in message
+    assert files_under(download.keras_cache_dir()) == []
 
 
 def test_download_from_a_server_without_the_files_names_the_url_and_the_http_error(
@@ -509,9 +512,9 @@ def test_download_from_a_server_without_the_files_names_the_url_and_the_http_err
     message = str(info.value)
     assert f"cannot download {server.url}train-images-idx3-ubyte.gz" in message
     assert "HTTPError: HTTP Error 404" in message
-    assert str(data.SYSTEM_DIRS["fashion_mnist"]) in message
+    assert str(idx.SYSTEM_DIRS["fashion_mnist"]) in message
     assert "apt-get install dataset-fashion-mnist" in message
-    assert files_under(data.keras_cache_dir()) == []
+    assert files_under(download.keras_cache_dir()) == []
 
 
 def test_download_from_an_unreachable_server_names_the_url(
@@ -532,9 +535,9 @@ def test_download_from_an_unreachable_server_names_the_url(
     message = str(info.value)
     assert f"cannot download {url}mnist.npz" in message
     assert "URLError" in message and "refused" in message
-    assert str(data.keras_cache_dir() / "mnist.npz") in message  # among the places looked
+    assert str(download.keras_cache_dir() / "mnist.npz") in message  # among the places looked
     assert "dataset.data_dir=PATH" in message
-    assert files_under(data.keras_cache_dir()) == []
+    assert files_under(download.keras_cache_dir()) == []
 
 
 def test_download_and_load_do_not_import_tensorflow(server: Server, tmp_path: Path) -> None:
@@ -544,13 +547,13 @@ def test_download_and_load_do_not_import_tensorflow(server: Server, tmp_path: Pa
         """
         import json, sys
         from pathlib import Path
-        from fl_ondevice.data import datasets as data
+        from fl_ondevice.data import datasets, idx
         url, sha256, tmp = sys.argv[1], json.loads(sys.argv[2]), Path(sys.argv[3])
-        data.SYSTEM_DIRS = {"fashion_mnist": tmp / "none", "mnist": tmp / "none"}
-        data.fetch_dataset("fashion_mnist", base_url=url, sha256=sha256)
-        data.clear_cache()
+        idx.SYSTEM_DIRS = {"fashion_mnist": tmp / "none", "mnist": tmp / "none"}
+        idx.fetch_dataset("fashion_mnist", base_url=url, sha256=sha256)
+        datasets.clear_cache()
         from fl_ondevice.config import DatasetConfig
-        dataset = data.load_dataset(DatasetConfig(name="fashion_mnist", download=False))
+        dataset = datasets.load_dataset(DatasetConfig(name="fashion_mnist", download=False))
         print(json.dumps({
             "y_train": dataset.y_train.tolist(),
             "imported": sorted(m for m in ("tensorflow", "keras") if m in sys.modules),
@@ -643,7 +646,7 @@ def test_digits_split_is_cached_and_read_back_by_a_process_without_scikit_learn(
     # Prepare: the split as scikit-learn makes it, without a cache
     cfg = DatasetConfig(name="digits", test_fraction=0.2)
     split = load_dataset(cfg, seed=3)
-    data.clear_cache()
+    datasets.clear_cache()
 
     # Execute: the first load with a cache dir writes the file, a new process reads it
     first = load_dataset(cfg, seed=3, cache_dir=str(tmp_path))
@@ -660,14 +663,14 @@ def test_digits_split_is_cached_and_read_back_by_a_process_without_scikit_learn(
     report = json.loads(child.stdout)
     assert report == {"sha256": _digest(split), "sklearn": False}
     assert _digest(first) == _digest(split)
-    path = data.digits_cache_file(tmp_path, 0.2, 3)
+    path = digits_cache_file(tmp_path, 0.2, 3)
     assert path.parent == tmp_path / "datasets" and path.is_file()
     assert [p.name for p in path.parent.iterdir()] == [path.name]  # no temporary file left
 
 
 def test_digits_cache_file_differs_by_seed_and_test_fraction() -> None:
     # Execute
-    names = {data.digits_cache_file("c", f, s).name for f in (0.2, 0.25) for s in (0, 1)}
+    names = {digits_cache_file("c", f, s).name for f in (0.2, 0.25) for s in (0, 1)}
 
     # Assert
     assert len(names) == 4
@@ -676,7 +679,7 @@ def test_digits_cache_file_differs_by_seed_and_test_fraction() -> None:
 def test_digits_classes_are_selected_from_the_cached_full_split(tmp_path: Path) -> None:
     # Prepare
     full = load_dataset(DatasetConfig(name="digits"), seed=0)
-    data.clear_cache()
+    datasets.clear_cache()
 
     # Execute
     picked = load_dataset(DatasetConfig(name="digits", classes=[7, 2]), 0, str(tmp_path))
@@ -692,8 +695,8 @@ def test_a_corrupt_digits_cache_file_is_split_anew_and_replaced(
     # Prepare
     cfg = DatasetConfig(name="digits")
     split = load_dataset(cfg, seed=0)
-    data.clear_cache()
-    path = data.digits_cache_file(tmp_path, cfg.test_fraction, 0)
+    datasets.clear_cache()
+    path = digits_cache_file(tmp_path, cfg.test_fraction, 0)
     path.parent.mkdir(parents=True)
     path.write_bytes(b"PK\x03\x04 cut short")
 
@@ -724,7 +727,7 @@ def test_an_unwritable_digits_cache_warns_and_loads(
 
 def test_fashion_mnist_real_files_load_with_official_split() -> None:
     # Prepare
-    if not all((FASHION_DIR / f"{s}.gz").is_file() for s in data.IDX_FILES.values()):
+    if not all((FASHION_DIR / f"{s}.gz").is_file() for s in idx.IDX_FILES.values()):
         pytest.skip(f"Fashion-MNIST not in {FASHION_DIR}: apt-get install dataset-fashion-mnist")
     cfg = DatasetConfig(name="fashion_mnist", data_dir=str(FASHION_DIR), download=False)
 

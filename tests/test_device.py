@@ -24,9 +24,10 @@ from fl_ondevice.ondevice.device import (
     OnDeviceModel,
     evaluate_split,
     explain_load_error,
-    remove_stale_scratch,
 )
 from fl_ondevice.ondevice.interpreters import FLEX_MISSING
+from fl_ondevice.ondevice.layouts import INFER, RESTORE, SAVE, TRAIN
+from fl_ondevice.ondevice.scratch import remove_stale_scratch
 
 _GUIDE: dict[bool, bytes] = {}
 
@@ -141,7 +142,7 @@ def test_guide_model_trains_through_on_device_model(flex, digits):
 # -- bad input ------------------------------------------------------------------------------------
 def test_missing_signatures_are_named():
     m = BuiltinGuideModel()
-    sigs = {k: getattr(m, k).get_concrete_function() for k in ("train", "infer")}
+    sigs = {k: getattr(m, k).get_concrete_function() for k in (TRAIN, INFER)}
     with pytest.raises(ModelError, match=r"lacks the signature\(s\) \['save', 'restore'\]"):
         OnDeviceModel(to_tflite(m, sigs, flex=False))
 
@@ -159,8 +160,8 @@ def test_unexpected_train_inputs_are_named():
             return {"loss": tf.reduce_sum(self.model(x)) + tf.reduce_sum(y) + tf.reduce_sum(w)}
 
     m = ThreeInputs()
-    sigs = {k: getattr(m, k).get_concrete_function() for k in ("train", "infer", "save")}
-    sigs["restore"] = m.restore_signature()
+    sigs = {k: getattr(m, k).get_concrete_function() for k in (TRAIN, INFER, SAVE)}
+    sigs[RESTORE] = m.restore_signature()
     with pytest.raises(ModelError, match=r"train must take \(x, y\).*\['w', 'x', 'y'\]"):
         OnDeviceModel(to_tflite(m, sigs, flex=False))
 
@@ -240,7 +241,7 @@ def test_a_flex_op_failing_in_litert_says_to_install_the_flex_extra():
     interpreter = Interpreter(model_content=guide_file(flex=True))
     path = np.array(b"/tmp/x", dtype=np.bytes_)
     with pytest.raises(RuntimeError) as raised:
-        interpreter.get_signature_runner("save")(checkpoint_path=path)
+        interpreter.get_signature_runner(SAVE)(checkpoint_path=path)
     assert FLEX_MISSING in str(raised.value)  # the real message of a Flex-less interpreter
 
     err = explain_load_error(raised.value, "m.tflite")

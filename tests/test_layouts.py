@@ -28,7 +28,15 @@ from fl_ondevice.errors import ModelError, RuntimeUnsupportedError
 from fl_ondevice.ondevice.checkpoint import read_checkpoint, write_checkpoint
 from fl_ondevice.ondevice.device import OnDeviceModel
 from fl_ondevice.ondevice.interpreters import LITERT, TENSORFLOW
-from fl_ondevice.ondevice.layouts import CHECKPOINT_IO, TENSOR_IO
+from fl_ondevice.ondevice.layouts import (
+    CHECKPOINT_IO,
+    INFER,
+    PARAMETERS,
+    RESTORE,
+    SAVE,
+    TENSOR_IO,
+    TRAIN,
+)
 
 _FILES: dict[tuple[str, str], bytes] = {}
 LAYOUTS = ("guide", "personalization", "android")
@@ -102,7 +110,7 @@ def test_a_flex_file_without_the_flex_extra_names_its_flex_ops_and_the_extra(nam
 
 def test_a_file_of_no_layout_says_what_it_has_and_what_each_layout_needs():
     m = BuiltinGuideModel()
-    sigs = {k: getattr(m, k).get_concrete_function() for k in ("train", "infer")}
+    sigs = {k: getattr(m, k).get_concrete_function() for k in (TRAIN, INFER)}
 
     with pytest.raises(ModelError) as err:
         OnDeviceModel(to_tflite(m, sigs, flex=False))
@@ -124,9 +132,9 @@ def test_android_restore_that_does_not_take_parameters_outputs_is_refused():
     restore = m.restore.get_concrete_function(
         **{f"a{i}": tf.TensorSpec(v.shape, v.dtype, name=f"a{i}") for i, v in enumerate(m.vars)}
     )
-    sigs = {k: getattr(m, k).get_concrete_function() for k in ("train", "infer", "parameters")}
+    sigs = {k: getattr(m, k).get_concrete_function() for k in (TRAIN, INFER, PARAMETERS)}
     with pytest.raises(ModelError, match=r"restore must take the tensors parameters\(\) returns"):
-        OnDeviceModel(to_tflite(m, {**sigs, "restore": restore}, flex=False))
+        OnDeviceModel(to_tflite(m, {**sigs, RESTORE: restore}, flex=False))
 
 
 def test_save_that_takes_something_else_than_a_path_or_nothing_is_refused():
@@ -136,9 +144,9 @@ def test_save_that_takes_something_else_than_a_path_or_nothing_is_refused():
             return {n: v.read_value() * scale for n, v in zip(self.names, self.vars, strict=True)}
 
     m = Broken()
-    sigs = {k: getattr(m, k).get_concrete_function() for k in ("train", "infer", "save")}
+    sigs = {k: getattr(m, k).get_concrete_function() for k in (TRAIN, INFER, SAVE)}
     with pytest.raises(ModelError, match=r"save must take no input and return the weights"):
-        OnDeviceModel(to_tflite(m, {**sigs, "restore": m.restore_signature()}, flex=False))
+        OnDeviceModel(to_tflite(m, {**sigs, RESTORE: m.restore_signature()}, flex=False))
 
 
 # -- what each layout's signatures compute --------------------------------------------------------

@@ -10,6 +10,7 @@ import tensorflow as tf
 from fl_ondevice.config import ModelConfig
 from fl_ondevice.errors import ConfigError
 from fl_ondevice.ondevice.device import OnDeviceModel
+from fl_ondevice.ondevice.layouts import INFER, TRAIN_PROXIMAL
 from fl_ondevice.ondevice.model import build_model
 
 
@@ -91,7 +92,7 @@ def test_hand_written_gradients_equal_the_tapes_with_ties(name, shape):
     y = rng.integers(0, 10, 16).astype(np.int32)
     # Execute: the tape through the plain forward (conv -> ReLU -> pool) vs the hand-written pass.
     with tf.GradientTape() as tape:
-        want_loss = _cross_entropy(module._forward(module.weights_, x), y)
+        want_loss = _cross_entropy(module.forward(module.weights_, x), y)
     want = tape.gradient(want_loss, module.weights_)
     loss, grads = tf.function(module.loss_and_gradients)(x, y)
     # Assert: same loss; gradients equal up to summation order (a misrouted tie is ~1e-2 off).
@@ -140,7 +141,7 @@ def test_restore_then_infer_matches_tf_logits(converted):
     x = rng.random((50, 28, 28), dtype=np.float32)
 
     device.set_weights(new)
-    lite_logits = device.interpreter.get_signature_runner("infer")(x=x)["logits"]
+    lite_logits = device.interpreter.get_signature_runner(INFER)(x=x)["logits"]
 
     np.testing.assert_allclose(lite_logits, module.infer(x)["logits"].numpy(), atol=1e-5)
 
@@ -267,7 +268,7 @@ def test_fedprox_step_with_mu_zero_is_fedavgs_step_bitwise(converted):
         d.train_step(x1, y1)  # weights differ from the anchor: the term is 0 * (w - w_global)
 
     devices[0].train_step(x2, y2)
-    runner = devices[1].interpreter.get_signature_runner("train_proximal")
+    runner = devices[1].interpreter.get_signature_runner(TRAIN_PROXIMAL)
     runner(x=x2, y=y2.astype(np.int32), mu=np.float32(0.0))
 
     a, b = (d.get_weights() for d in devices)
@@ -338,7 +339,7 @@ def test_each_interpreter_step_equals_a_tape_and_keras_optimizer(converted, name
             w.assign(start[n])
         lite_loss = device.train_step(x, y)
         with tf.GradientTape() as tape:
-            loss = _cross_entropy(module._forward(twins, x), y)
+            loss = _cross_entropy(module.forward(twins, x), y)
         optimizer.apply_gradients(zip(tape.gradient(loss, twins), twins, strict=True))
         # Assert: the same loss and weights after every step (the bound: 1e-5).
         assert abs(lite_loss - float(loss)) <= 1e-5

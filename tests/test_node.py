@@ -12,7 +12,7 @@ from test_data import write_idx_dataset
 
 from fl_ondevice.client.client_app import app
 from fl_ondevice.config import to_run_config
-from fl_ondevice.data import datasets as data
+from fl_ondevice.data import datasets, idx
 from fl_ondevice.errors import ConfigError, ModelError
 from fl_ondevice.ondevice.device import OnDeviceModel
 from fl_ondevice.wire.message import MODEL_MISSING, pack, to_arrays, unpack_replies
@@ -20,6 +20,7 @@ from fl_ondevice.wire.node import (
     ENV,
     ModelMissing,
     NodeSettings,
+    forget_checked,
     local_node_config,
     model_sha256,
     node_settings,
@@ -66,9 +67,7 @@ def test_a_received_model_is_kept_by_its_hash_and_checked(tmp_path):
     other = str(tmp_path / "other")  # a damaged copy on disk counts as missing
     received_model(sha, tflite, other)
     (Path(other) / "received" / f"{sha}.tflite").write_bytes(b"truncated")
-    from fl_ondevice.wire import node
-
-    node._CHECKED.clear()  # a new process: nothing checked yet
+    forget_checked()  # a new process: nothing checked yet
     with pytest.raises(ModelMissing):
         received_model(sha, None, other)
     with pytest.raises(ModelError, match="not a SHA-256"):
@@ -79,10 +78,10 @@ def test_a_received_model_is_kept_by_its_hash_and_checked(tmp_path):
 def fashion_node(tmp_path, monkeypatch, converted):
     """A train message for client 1 of a tiny Fashion-MNIST run whose run config names the
     server's paths, and a node whose own config points at its own data and cache."""
-    monkeypatch.setattr(data, "SYSTEM_DIRS", {"fashion_mnist": tmp_path / "none"})
+    monkeypatch.setattr(idx, "SYSTEM_DIRS", {"fashion_mnist": tmp_path / "none"})
     monkeypatch.setenv("KERAS_HOME", str(tmp_path / "keras-home"))
     monkeypatch.delenv(ENV, raising=False)
-    data.clear_cache()
+    datasets.clear_cache()
     write_idx_dataset(tmp_path / "node-data", n_train=40, n_test=10)
     cfg = compose_config(
         tmp_path / "server-out",
@@ -102,7 +101,7 @@ def fashion_node(tmp_path, monkeypatch, converted):
     )
     packed = pack(content, [1], (model_sha256(tflite), tflite), ConfigRecord(to_run_config(cfg)))
     yield Message(packed, metadata=meta(1, "train")), tmp_path
-    data.clear_cache()
+    datasets.clear_cache()
 
 
 def _serve(msg: Message, node_config: dict) -> Message:

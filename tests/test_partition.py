@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from fl_ondevice.config import PartitionConfig
-from fl_ondevice.data.datasets import Dataset
+from fl_ondevice.data.dataset import Dataset
 from fl_ondevice.data.partitioners import (
     Partition,
     local_split,

@@ -21,7 +21,8 @@ from fl_ondevice.client.client import (
 from fl_ondevice.config import Config, ModelConfig, PartitionConfig, PersonalizeConfig
 from fl_ondevice.errors import ConfigError
 from fl_ondevice.ondevice.convert import build_tflite
-from fl_ondevice.ondevice.device import OnDeviceModel, clear_pool, pooled_model
+from fl_ondevice.ondevice.device import OnDeviceModel
+from fl_ondevice.ondevice.pool import clear_pool, pooled_model
 from fl_ondevice.outputs.results import LOCAL_ACCURACIES, SPREAD
 from fl_ondevice.server.strategy import make_strategy
 

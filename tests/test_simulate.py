@@ -18,6 +18,7 @@ from fl_ondevice.config import parse_config
 from fl_ondevice.data.datasets import load_dataset
 from fl_ondevice.ondevice.checkpoint import read_checkpoint
 from fl_ondevice.ondevice.device import OnDeviceModel
+from fl_ondevice.ondevice.layouts import GUIDE
 from fl_ondevice.server.prepare import prepare
 from fl_ondevice.simulate import simulate
 
@@ -147,7 +148,7 @@ def test_run_writes_every_output_and_the_global_model_reproduces_its_accuracy(ru
     assert json.loads((out / "metrics.json").read_text())["summary"]["rounds"] == 3
     # The exported model: four signatures, trained weights baked in.
     fresh = OnDeviceModel(out / "global_model.tflite")
-    assert {"train", "infer", "save", "restore"} <= set(fresh.signatures)
+    assert set(GUIDE.required) <= set(fresh.signatures)
     data = load_dataset(parse_config({}).dataset, 0)
     accuracy = fresh.evaluate(data.x_test, data.y_test)["accuracy"]
     assert accuracy == pytest.approx(float(last["accuracy"]), abs=1e-9)

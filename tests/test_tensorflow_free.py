@@ -48,7 +48,7 @@ import numpy as np
 import fl_ondevice.client.client_app
 from fl_ondevice.client.client import evaluate_client, train_client
 from fl_ondevice.config import from_run_config
-from fl_ondevice.ondevice.device import pooled_model
+from fl_ondevice.ondevice.pool import pooled_model
 
 run_config, model_file, weights_file = json.loads(sys.argv[1]), sys.argv[2], sys.argv[3]
 cfg = from_run_config(run_config)

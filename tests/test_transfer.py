@@ -16,9 +16,17 @@ from fl_ondevice.data.datasets import load_dataset
 from fl_ondevice.errors import ConfigError
 from fl_ondevice.ondevice.convert import bake, build_tflite, cache_key
 from fl_ondevice.ondevice.device import OnDeviceModel
+from fl_ondevice.ondevice.layouts import (
+    INFER,
+    INITIALIZE,
+    LOAD,
+    OWN_PERSONALIZATION_SIGNATURES,
+    RESTORE,
+    SAVE,
+    TRAIN,
+)
 from fl_ondevice.ondevice.transfer import (
     HEAD,
-    PERSONALIZATION_SIGNATURES,
     bottleneck,
     head_init,
     pretrain,
@@ -54,7 +62,7 @@ def _images(n: int, seed: int = 0) -> np.ndarray:
 
 def _train_some(lite: Interpreter, steps: int = 5) -> None:
     data = load_dataset(CLIENTS)
-    load, train = lite.get_signature_runner("load"), lite.get_signature_runner("train")
+    load, train = lite.get_signature_runner(LOAD), lite.get_signature_runner(TRAIN)
     for k in range(steps):
         x, y = data.x_train[16 * k : 16 * k + 16], data.y_train[16 * k : 16 * k + 16]
         features = load(feature=x)["bottleneck"]
@@ -62,7 +70,7 @@ def _train_some(lite: Interpreter, steps: int = 5) -> None:
 
 
 def _save(lite: Interpreter) -> dict[str, np.ndarray]:
-    return {n: np.array(t) for n, t in lite.get_signature_runner("save")().items()}
+    return {n: np.array(t) for n, t in lite.get_signature_runner(SAVE)().items()}
 
 
 # -- dataset.classes -------------------------------------------------------------------------------
@@ -157,22 +165,22 @@ def test_the_cache_key_follows_the_data_the_base_learns_from():
 def test_the_file_has_the_model_personalization_signatures(lite):
     signatures = lite.get_signature_list()
 
-    assert sorted(signatures) == sorted(PERSONALIZATION_SIGNATURES)
-    assert signatures["train"]["inputs"] == ["bottleneck", "label"]
-    assert signatures["load"]["outputs"] == ["bottleneck"]
-    assert signatures["infer"]["outputs"] == ["output"]
-    assert signatures["save"] == {"inputs": [], "outputs": sorted(HEAD)}
-    assert signatures["restore"]["inputs"] == sorted(HEAD)
+    assert sorted(signatures) == sorted(OWN_PERSONALIZATION_SIGNATURES)
+    assert signatures[TRAIN]["inputs"] == ["bottleneck", "label"]
+    assert signatures[LOAD]["outputs"] == ["bottleneck"]
+    assert signatures[INFER]["outputs"] == ["output"]
+    assert signatures[SAVE] == {"inputs": [], "outputs": sorted(HEAD)}
+    assert signatures[RESTORE]["inputs"] == sorted(HEAD)
 
 
 def test_training_changes_the_head_and_never_the_base(lite, tmp_path):
     x = _images(20)
-    before = lite.get_signature_runner("load")(feature=x)["bottleneck"].copy()
+    before = lite.get_signature_runner(LOAD)(feature=x)["bottleneck"].copy()
     head_before = _save(lite)
 
     _train_some(lite)
 
-    after = lite.get_signature_runner("load")(feature=x)["bottleneck"]
+    after = lite.get_signature_runner(LOAD)(feature=x)["bottleneck"]
     head_after = _save(lite)
     assert after.tobytes() == before.tobytes()
     assert sorted(head_after) == sorted(HEAD)
@@ -183,10 +191,10 @@ def test_save_then_restore_round_trips_bitwise(lite):
     _train_some(lite, 2)
     trained = _save(lite)
     other = head_init(5, seed=9)
-    lite.get_signature_runner("restore")(**other)
+    lite.get_signature_runner(RESTORE)(**other)
     assert all(_save(lite)[n].tobytes() == other[n].tobytes() for n in HEAD)
 
-    lite.get_signature_runner("restore")(**trained)
+    lite.get_signature_runner(RESTORE)(**trained)
 
     back = _save(lite)
     assert all(back[n].tobytes() == trained[n].tobytes() for n in HEAD)
@@ -197,9 +205,9 @@ def test_infer_is_the_softmax_of_the_head_on_the_bottleneck(lite):
     x = _images(12, seed=1)
     head = _save(lite)
 
-    probs = lite.get_signature_runner("infer")(feature=x)["output"]
+    probs = lite.get_signature_runner(INFER)(feature=x)["output"]
 
-    logits = lite.get_signature_runner("load")(feature=x)["bottleneck"] @ head["output/kernel"]
+    logits = lite.get_signature_runner(LOAD)(feature=x)["bottleneck"] @ head["output/kernel"]
     logits = logits + head["output/bias"]
     expected = np.exp(logits - logits.max(1, keepdims=True))
     expected /= expected.sum(1, keepdims=True)
@@ -209,7 +217,7 @@ def test_infer_is_the_softmax_of_the_head_on_the_bottleneck(lite):
 def test_initialize_sets_the_seeded_head(lite):
     _train_some(lite, 2)
 
-    out = lite.get_signature_runner("initialize")()
+    out = lite.get_signature_runner(INITIALIZE)()
 
     start = head_init(5, seed=0)
     assert all(out[n].tobytes() == start[n].tobytes() for n in HEAD)
@@ -225,10 +233,10 @@ def test_bake_keeps_the_base_and_starts_from_the_trained_head(cache, lite):
 
     assert all(_save(baked)[n].tobytes() == trained[n].tobytes() for n in HEAD)
     np.testing.assert_array_equal(
-        baked.get_signature_runner("infer")(feature=x)["output"],
-        lite.get_signature_runner("infer")(feature=x)["output"],
+        baked.get_signature_runner(INFER)(feature=x)["output"],
+        lite.get_signature_runner(INFER)(feature=x)["output"],
     )
-    start = baked.get_signature_runner("initialize")()
+    start = baked.get_signature_runner(INITIALIZE)()
     assert start["output/kernel"].tobytes() == head_init(5, 0)["output/kernel"].tobytes()
 
 

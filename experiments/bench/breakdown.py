@@ -46,6 +46,11 @@ def run_breakdown(out: Path, conf_dir: Path, n_updates: int, clients: int = 100)
 
 
 def _time_updates(cfg, n: int) -> dict[tuple[str, str], list[float]]:  # noqa: ANN001
+    """Seconds of each step of ``n`` client updates, ours and the Keras peer's, by (side, step).
+
+    Longer than a screen on purpose: the timed steps stay in the order a client runs them, side
+    by side with the peer's, so the table reads as the code does.
+    """
     import keras
     from flwr.app import ArrayRecord
 
@@ -126,7 +131,7 @@ def _time_updates(cfg, n: int) -> dict[tuple[str, str], list[float]]:  # noqa: A
 def _checkpoint_pieces(device, weights, lap) -> None:  # noqa: ANN001
     """What set_weights and get_weights spend: validation, checkpoint file I/O, Flex ops."""
     from fl_ondevice.ondevice.checkpoint import read_checkpoint, write_checkpoint
-    from fl_ondevice.ondevice.device import scratch_dir
+    from fl_ondevice.ondevice.scratch import scratch_dir
 
     ckpt = os.path.join(scratch_dir(), f"breakdown-{os.getpid()}.ckpt")
     t0 = time.perf_counter()

@@ -70,7 +70,11 @@ def sim_row(o: Outcome, cores: int) -> dict[str, Any]:
 
 
 def write_report(out: Path, cores: int) -> str:
-    """Write simulation.csv, comparison.csv, targets.csv and the plots; return markdown tables."""
+    """Write simulation.csv, comparison.csv, targets.csv and the plots; return markdown tables.
+
+    Longer than a screen on purpose: it lists the report's files and tables in the order the
+    report shows them; each computation is a helper of its own.
+    """
     outcomes = load_outcomes(out)
     rows = _merge_repeats([sim_row(o, cores) for o in outcomes.values()])
     rows.sort(key=lambda r: (r["model"], r["clients"], r["fraction"], r["contender"]))
@@ -101,7 +105,7 @@ def write_report(out: Path, cores: int) -> str:
     ab = _ab_rows(by)
     if ab:
         _write_csv(out / AB_CSV, ab)
-    targets = _targets(by, compare) + _ab_targets(ab)
+    targets = issue_targets(by, compare) + _ab_targets(ab)
     _write_csv(out / TARGETS_CSV, targets)
     _plots(out, rows, compare)
     breakdown = out / "breakdown.csv"
@@ -242,7 +246,9 @@ def _ab_targets(ab: list[dict]) -> list[dict[str, Any]]:
     return t
 
 
-def _targets(by: dict, compare: list[dict]) -> list[dict[str, Any]]:
+def issue_targets(by: dict, compare: list[dict]) -> list[dict[str, Any]]:
+    """The issues' performance targets checked against the measured ratios: one row per target
+    and place, with its verdict (PASS, FAIL, n/a)."""
     t: list[dict[str, Any]] = []
 
     def add(target: str, where: str, measured: float, limit: float, le: bool = True) -> None:

@@ -11,7 +11,8 @@ import numpy as np
 
 from fl_ondevice import seeds
 from fl_ondevice.config import Config
-from fl_ondevice.data.datasets import Dataset, load_dataset
+from fl_ondevice.data.dataset import Dataset
+from fl_ondevice.data.datasets import load_dataset
 from fl_ondevice.data.partitioners import Partition, make_partitions
 from fl_ondevice.errors import InputError, TrainingError
 from fl_ondevice.ondevice.device import OnDeviceModel, Staged

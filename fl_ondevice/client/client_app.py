@@ -43,8 +43,9 @@ from fl_ondevice.client.client import (
 )
 from fl_ondevice.config import Config, from_run_config
 from fl_ondevice.errors import FlOnDeviceError
-from fl_ondevice.ondevice.device import OnDeviceModel, Staged, pooled_model
+from fl_ondevice.ondevice.device import OnDeviceModel, Staged
 from fl_ondevice.ondevice.layouts import PERSONALIZATION
+from fl_ondevice.ondevice.pool import pooled_model
 from fl_ondevice.wire.encoding import FLOAT32, encode_update
 from fl_ondevice.wire.message import (
     ARRAYS,

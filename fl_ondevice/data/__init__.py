@@ -1,11 +1,15 @@
 """Datasets, their partition among clients, and the partition report.
 
-- ``datasets``: digits, Fashion-MNIST and MNIST as uint8 arrays (:func:`load_dataset`);
+- ``datasets``: digits, Fashion-MNIST or MNIST by name, once per process (:func:`load_dataset`);
+- ``dataset``: the :class:`Dataset` type (a fixed train/test split) and class subsets;
+- ``digits``, ``idx``, ``download``: the sources (scikit-learn's digits; IDX files, fetched
+  into the Keras cache when missing);
 - ``partitioners``: iid, dirichlet, shards, label_quantity as indices into one training set;
 - ``report``: ``partition.csv``, ``partition.json`` and ``partition.png``.
 """
 
-from fl_ondevice.data.datasets import Dataset, load_dataset
+from fl_ondevice.data.dataset import Dataset
+from fl_ondevice.data.datasets import load_dataset
 from fl_ondevice.data.partitioners import Partition, make_partitions
 from fl_ondevice.data.report import label_counts, write_partition_report
 

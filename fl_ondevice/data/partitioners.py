@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from fl_ondevice.config import PartitionConfig
-from fl_ondevice.data.datasets import Dataset
+from fl_ondevice.data.dataset import Dataset
 from fl_ondevice.errors import DataError
 
 log = logging.getLogger(__name__)

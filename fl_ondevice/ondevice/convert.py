@@ -25,6 +25,12 @@ from fl_ondevice.config import DatasetConfig, ModelConfig
 from fl_ondevice.errors import ModelError
 from fl_ondevice.ondevice.device import OnDeviceModel
 from fl_ondevice.ondevice.interpreters import LITERT, flex_ops
+from fl_ondevice.ondevice.layouts import (
+    GUIDE,
+    OWN_GUIDE_SIGNATURES,
+    OWN_PERSONALIZATION_SIGNATURES,
+    PERSONALIZATION,
+)
 
 if TYPE_CHECKING:
     import tensorflow as tf
@@ -51,16 +57,14 @@ def convert(module: tf.Module, signatures: Sequence[str] | None = None) -> bytes
     """Convert a trainable module to a ``.tflite`` flatbuffer with the named signatures.
 
     ``signatures`` name the module's ``tf.function`` attributes (with input signatures) to
-    export; None: the guide layout's (``fl_ondevice.ondevice.model.SIGNATURES``). TFLite builtin ops
+    export; None: the guide layout's and ours (``layouts.OWN_GUIDE_SIGNATURES``). TFLite builtin ops
     only (no ``SELECT_TF_OPS``: the file needs no Flex delegate, so LiteRT and a plain LiteRT
     app runtime run it; the converter fails on any TF op instead), and resource variables (the
     weights are variables the signatures read and assign).
     """
     import tensorflow as tf  # TensorFlow: see the module docstring
 
-    from fl_ondevice.ondevice.model import SIGNATURES
-
-    names = SIGNATURES if signatures is None else signatures
+    names = OWN_GUIDE_SIGNATURES if signatures is None else signatures
     functions = {name: getattr(module, name).get_concrete_function() for name in names}
     # The SavedModel/converter INFO lines (renamed resources, assets) say nothing to a user.
     logging.getLogger("absl").setLevel(logging.WARNING)
@@ -88,7 +92,7 @@ def verify(tflite: bytes, module: TrainableModel | TransferHead) -> OnDeviceMode
     device = OnDeviceModel(tflite)  # checks the layout's signatures and their inputs
     if device.runtime.name != LITERT:
         raise ModelError(f"converted model runs on {device.runtime.name}, not {LITERT}")
-    layout = "personalization" if isinstance(module, TransferHead) else "guide"
+    layout = PERSONALIZATION.name if isinstance(module, TransferHead) else GUIDE.name
     if device.layout.name != layout:
         raise ModelError(f"converted model has the {device.layout.name} layout, not {layout}")
     if device.x_shape != module.input_shape_ or device.num_classes != module.num_classes:
@@ -219,10 +223,10 @@ def convert_and_verify(module: tf.Module) -> bytes:
     """Convert a model module with the signatures of its layout and check the result."""
     # TensorFlow: see the module docstring
     from fl_ondevice.ondevice.model import TrainableModel
-    from fl_ondevice.ondevice.transfer import PERSONALIZATION_SIGNATURES, TransferHead
+    from fl_ondevice.ondevice.transfer import TransferHead
 
     if isinstance(module, TransferHead):
-        tflite = convert(module, PERSONALIZATION_SIGNATURES)
+        tflite = convert(module, OWN_PERSONALIZATION_SIGNATURES)
     else:
         assert isinstance(module, TrainableModel)
         tflite = convert(module)

@@ -2,19 +2,13 @@
 
 from __future__ import annotations
 
-import atexit
-import functools
-import logging
 import os
-import shutil
-import tempfile
 import time
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
-from typing import Any
 
 import numpy as np
 
@@ -27,53 +21,26 @@ from fl_ondevice.errors import (
 )
 from fl_ondevice.ondevice.interpreters import flex_unsupported, open_interpreter
 from fl_ondevice.ondevice.layouts import (
-    ANDROID,
-    CHECKPOINT_IO,
+    INFER,
     INITIALIZE,
+    LOAD,
     PERSONALIZATION,
-    PROXIMAL_SIGNATURE,
-    RESET_SIGNATURE,
+    RESET,
+    RESTORE,
+    SAVE,
     TENSOR_IO,
+    TRAIN,
+    TRAIN_PROXIMAL,
     Layout,
     detect_layout,
 )
+from fl_ondevice.ondevice.scratch import scratch_dir
+from fl_ondevice.ondevice.signatures import Signatures, read_signatures
 from fl_ondevice.ondevice.weights import Weights, WeightSpec
 
-log = logging.getLogger(__name__)
-
-_SCRATCH: list[str] = []
-
-
-def scratch_dir() -> str:
-    """This process's scratch directory for checkpoint files (RAM-backed where /dev/shm exists)."""
-    if not _SCRATCH:
-        base = "/dev/shm" if os.access("/dev/shm", os.W_OK) else tempfile.gettempdir()
-        remove_stale_scratch(base)
-        _SCRATCH.append(tempfile.mkdtemp(prefix=f"fl_ondevice-{os.getpid()}-", dir=base))
-        atexit.register(shutil.rmtree, _SCRATCH[0], True)
-    return _SCRATCH[0]
-
-
-def remove_stale_scratch(base: str) -> None:
-    """Delete the scratch directories in ``base`` of processes that no longer exist.
-
-    Ray ends its workers without running ``atexit``, so every worker of every run used to leave
-    its checkpoint files behind (up to 20 MiB each for the CNN, in RAM under /dev/shm).
-    """
-    for path in Path(base).glob("fl_ondevice-*-*"):
-        pid = path.name.split("-")[1]
-        if pid.isdigit() and not _process_exists(int(pid)):
-            shutil.rmtree(path, ignore_errors=True)
-
-
-def _process_exists(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process
-        return True
-    return True
+# Examples per `infer` (and `load`) call, unless the caller says otherwise: each interpreter
+# keeps buffers of this batch. A run passes its config's eval_batch_size (same default).
+EVAL_BATCH_SIZE = 256
 
 
 def _path_tensor(path: str | os.PathLike[str]) -> np.ndarray:
@@ -157,14 +124,22 @@ class OnDeviceModel:
         self.loaded_examples = 0  # examples run through `load` by this object, ever
         self._load()
         self.layout: Layout = detect_layout(self.signatures, self.source)
-        self._discover()
+        self.io: Signatures = read_signatures(
+            self.layout, self.signatures, self._runners, self.source
+        )
+        # What callers check their data against (see Signatures).
+        self.x_shape, self.train_x_shape = self.io.x_shape, self.io.train_x_shape
+        self.num_classes, self.one_hot = self.io.num_classes, self.io.one_hot
+        self.weight_io = self.io.weight_io
         try:
             initial = self.get_weights()
         except TrainingError as err:
-            raise ModelError(f"{self.source}: the {self._getter} signature failed: {err}") from None
+            raise ModelError(
+                f"{self.source}: the {self.io.getter} signature failed: {err}"
+            ) from None
         self.weight_spec = WeightSpec.of(initial)
 
-    # -- loading and signature discovery ------------------------------------------------------
+    # -- loading ------------------------------------------------------------------------------
     def _load(self) -> None:
         try:
             self.interpreter, self.runtime = open_interpreter(
@@ -176,128 +151,6 @@ class OnDeviceModel:
             }
         except (ValueError, RuntimeError) as err:
             raise explain_load_error(err, self.source) from None
-
-    def _discover(self) -> None:
-        self._discover_infer()
-        self._discover_load()
-        self._discover_train()
-        self._discover_weight_io()
-
-    def _discover_infer(self) -> None:
-        infer_in = self._inputs("infer")
-        if len(infer_in) != 1:
-            raise ModelError(f"{self.source}: infer must take one input, it takes {list(infer_in)}")
-        ((self.x_name_infer, x_spec),) = infer_in.items()
-        self.x_shape = tuple(int(d) for d in x_spec["shape_signature"][1:])
-        outputs = self.signatures["infer"]["outputs"]
-        # The class probabilities: `output`, or `logits` alone (Flower's Android example names
-        # its softmax output so); with both, `logits` are the pre-softmax scores.
-        self.prob_name = "output" if "output" in outputs else "logits"
-        if self.prob_name not in outputs:
-            raise ModelError(
-                f"{self.source}: infer must return 'output' (class probabilities) or, as "
-                f"Flower's Android example, 'logits'; it returns {outputs}"
-            )
-        self.has_logits = "output" in outputs and "logits" in outputs
-        probe = self._runners["infer"].get_output_details()[self.prob_name]["shape_signature"]
-        self.num_classes = int(probe[-1])
-
-    def _discover_load(self) -> None:
-        # train's x: images, or (personalization) the bottleneck `load` makes of them.
-        self.train_x_shape = self.x_shape
-        if self.layout is not PERSONALIZATION:
-            return
-        ins, outs = self._inputs("load"), self.signatures["load"]["outputs"]
-        shapes = {n: list(s["shape_signature"]) for n, s in ins.items()}
-        if len(ins) != 1 or tuple(next(iter(shapes.values()))[1:]) != self.x_shape:
-            raise ModelError(
-                f"{self.source}: load must take one input shaped like infer's {self.x_shape} "
-                f"(the images); it takes {shapes}"
-            )
-        self.x_name_load = next(iter(ins))
-        self.bottleneck_name = "bottleneck" if "bottleneck" in outs else outs[0]
-        if "bottleneck" not in outs and len(outs) != 1:
-            raise ModelError(f"{self.source}: load must return 'bottleneck'; it returns {outs}")
-        details = self._runners["load"].get_output_details()[self.bottleneck_name]
-        self.train_x_shape = tuple(int(d) for d in details["shape_signature"][1:])
-
-    def _discover_train(self) -> None:
-        train_in = self._inputs("train")
-        if len(train_in) != 2 or "loss" not in self.signatures["train"]["outputs"]:
-            raise ModelError(
-                f"{self.source}: train must take (x, y) and return 'loss'; it takes "
-                f"{list(train_in)} and returns {self.signatures['train']['outputs']}"
-            )
-        # x is the train input shaped like infer's input (or load's bottleneck); y the other.
-        names = sorted(train_in, key=lambda n: (n not in ("x", "bottleneck"), n))
-        x_like = [
-            n for n in names if tuple(train_in[n]["shape_signature"][1:]) == self.train_x_shape
-        ]
-        if not x_like:
-            what = "load's bottleneck" if self.layout is PERSONALIZATION else "infer's input"
-            raise ModelError(
-                f"{self.source}: no train input has {what} shape {self.train_x_shape}: "
-                f"{ {n: list(s['shape_signature']) for n, s in train_in.items()} }"
-            )
-        self.x_name = x_like[0]
-        self.y_name = next(n for n in train_in if n != self.x_name)
-        y_spec = train_in[self.y_name]
-        self.y_dtype = y_spec["dtype"]
-        self.one_hot = np.issubdtype(self.y_dtype, np.floating)
-        self.proximal = PROXIMAL_SIGNATURE in self.signatures
-        if self.proximal:
-            ins = self._inputs(PROXIMAL_SIGNATURE)
-            if set(ins) != {self.x_name, self.y_name, "mu"}:
-                raise ModelError(
-                    f"{self.source}: {PROXIMAL_SIGNATURE} must take train's inputs "
-                    f"({self.x_name}, {self.y_name}) and a scalar 'mu'; it takes {sorted(ins)}"
-                )
-
-    def _discover_weight_io(self) -> None:
-        # Weights out: `save` (`parameters` in the android layout); in: `restore`. Either both
-        # take a checkpoint path, or the getter takes nothing and returns the tensors `restore`
-        # takes.
-        self._getter = "parameters" if self.layout is ANDROID else "save"
-        getter_in, restore_in = self._inputs(self._getter), self._inputs("restore")
-        if not getter_in:
-            self.weight_io = TENSOR_IO
-            self._check_restore_takes(self._runners[self._getter].get_output_details(), restore_in)
-            return
-        if self.layout is not ANDROID and all(
-            len(ins) == 1 and next(iter(ins.values()))["dtype"] is np.bytes_
-            for ins in (getter_in, restore_in)
-        ):
-            self.weight_io = CHECKPOINT_IO
-            self._path_name = {"save": next(iter(getter_in)), "restore": next(iter(restore_in))}
-            return
-        raise ModelError(
-            f"{self.source}: {self._getter} must take no input and return the weights (then "
-            "restore takes those tensors)"
-            + (
-                ""
-                if self.layout is ANDROID
-                else ", or save and restore each take one string input (checkpoint_path)"
-            )
-            + f"; {self._getter} takes {sorted(getter_in)} and restore takes {sorted(restore_in)}"
-        )
-
-    def _check_restore_takes(self, out: dict[str, Any], ins: dict[str, Any]) -> None:
-        # restore(w0, ..., wN) must take exactly what the getter returns, shape for shape.
-        if set(out) != set(ins):
-            raise ModelError(
-                f"{self.source}: restore must take the tensors {self._getter}() returns; "
-                f"{self._getter} returns {sorted(out)}, restore takes {sorted(ins)}"
-            )
-        for name, spec in ins.items():
-            if list(spec["shape_signature"]) != list(out[name]["shape_signature"]):
-                raise ModelError(
-                    f"{self.source}: restore's input {name} has shape "
-                    f"{list(spec['shape_signature'])}, {self._getter} returns "
-                    f"{list(out[name]['shape_signature'])}"
-                )
-
-    def _inputs(self, signature: str) -> dict[str, Any]:
-        return dict(self._runners[signature].get_input_details())
 
     def _invoke(self, signature: str, **inputs: np.ndarray) -> dict[str, np.ndarray]:
         try:
@@ -345,18 +198,20 @@ class OnDeviceModel:
 
     def _encode_y(self, y: np.ndarray) -> np.ndarray:
         if self.one_hot:
-            return np.eye(self.num_classes, dtype=self.y_dtype)[y]
-        return y.astype(self.y_dtype)
+            return np.eye(self.num_classes, dtype=self.io.y_dtype)[y]
+        return y.astype(self.io.y_dtype)
 
     # -- the frozen base (personalization layout) ---------------------------------------------
-    def load(self, x: np.ndarray, batch_size: int = 256) -> np.ndarray:
+    def load(self, x: np.ndarray, batch_size: int = EVAL_BATCH_SIZE) -> np.ndarray:
         """``train``'s inputs for images ``x``: ``load``'s bottlenecks (personalization layout,
         counted in ``loaded_examples``), the images themselves for the other layouts."""
         x = self._check_x(x, self.x_shape)
         if self.layout is not PERSONALIZATION:
             return x
         parts = [
-            self._invoke("load", **{self.x_name_load: x[i : i + batch_size]})[self.bottleneck_name]
+            self._invoke(LOAD, **{self.io.x_name_load: x[i : i + batch_size]})[
+                self.io.bottleneck_name
+            ]
             for i in range(0, len(x), batch_size)
         ]
         self.loaded_examples += len(x)
@@ -366,11 +221,11 @@ class OnDeviceModel:
 
     # -- training -----------------------------------------------------------------------------
     def _train_batch(self, x: np.ndarray, y: np.ndarray, mu: float = 0.0) -> float:
-        inputs = {self.x_name: x, self.y_name: self._encode_y(y)}
+        inputs = {self.io.x_name: x, self.io.y_name: self._encode_y(y)}
         if mu:
-            out = self._invoke(PROXIMAL_SIGNATURE, **inputs, mu=np.array(mu, np.float32))
+            out = self._invoke(TRAIN_PROXIMAL, **inputs, mu=np.array(mu, np.float32))
         else:
-            out = self._invoke("train", **inputs)
+            out = self._invoke(TRAIN, **inputs)
         loss = float(out["loss"])
         if not np.isfinite(loss):
             raise TrainingError(
@@ -394,9 +249,9 @@ class OnDeviceModel:
         negative or non-finite mu, ``ModelError`` for mu > 0 without ``train_proximal``."""
         if mu < 0 or not np.isfinite(mu):
             raise InputError(f"proximal_mu={mu} must be a finite number >= 0")
-        if mu > 0 and not self.proximal:
+        if mu > 0 and not self.io.proximal:
             raise ModelError(
-                f"{self.source} has no {PROXIMAL_SIGNATURE}(x, y, mu) signature, so it cannot "
+                f"{self.source} has no {TRAIN_PROXIMAL}(x, y, mu) signature, so it cannot "
                 f"train with FedProx's proximal term (proximal_mu={mu}); use one of fl_ondevice's "
                 f"models, add that signature to the file, or set strategy.proximal_mu=0"
             )
@@ -453,8 +308,8 @@ class OnDeviceModel:
         interpreter is recreated from the model bytes, which also resets the weights to the
         file's: call ``set_weights`` after this.
         """
-        if RESET_SIGNATURE in self.signatures:
-            self._invoke(RESET_SIGNATURE)
+        if RESET in self.signatures:
+            self._invoke(RESET)
         else:
             self._load()
 
@@ -462,11 +317,11 @@ class OnDeviceModel:
     def _infer(self, x: np.ndarray, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
         probs, log_probs = [], []
         for start in range(0, len(x), batch_size):
-            out = self._invoke("infer", **{self.x_name_infer: x[start : start + batch_size]})
-            p = out[self.prob_name]
-            if self.has_logits:
+            out = self._invoke(INFER, **{self.io.x_name_infer: x[start : start + batch_size]})
+            p = out[self.io.prob_name]
+            if self.io.has_logits:
                 lp = _log_softmax(out["logits"].astype(np.float64))
-            elif self.prob_name == "output" or _are_probabilities(p):
+            elif self.io.prob_name == "output" or _are_probabilities(p):
                 lp = np.log(np.clip(p.astype(np.float64), 1e-12, None))
             else:  # `logits` that are scores after all: no softmax at the end of infer
                 lp = _log_softmax(p.astype(np.float64))
@@ -475,12 +330,14 @@ class OnDeviceModel:
             log_probs.append(lp)
         return np.concatenate(probs), np.concatenate(log_probs)
 
-    def predict(self, x: np.ndarray, batch_size: int = 256) -> np.ndarray:
+    def predict(self, x: np.ndarray, batch_size: int = EVAL_BATCH_SIZE) -> np.ndarray:
         """Class probabilities ``(N, classes)`` from the ``infer`` signature."""
         x = self._check_x(x, self.x_shape)
         return self._infer(x, batch_size)[0]
 
-    def evaluate(self, x: np.ndarray, y: np.ndarray, batch_size: int = 256) -> dict[str, float]:
+    def evaluate(
+        self, x: np.ndarray, y: np.ndarray, batch_size: int = EVAL_BATCH_SIZE
+    ) -> dict[str, float]:
         """Mean cross-entropy ``loss`` and ``accuracy`` of the model on images ``x`` and labels
         ``y`` (through ``infer``, base included for the personalization layout)."""
         x = self._check_x(x, self.x_shape)
@@ -499,7 +356,7 @@ class OnDeviceModel:
         android layout's ``parameters``') tensors, or the tensors of the checkpoint file
         ``save`` writes."""
         if self.weight_io == TENSOR_IO:
-            out = self._invoke(self._getter)
+            out = self._invoke(self.io.getter)
             return {n: np.array(out[n]) for n in sorted(out)}
         path = os.path.join(scratch_dir(), f"weights-{id(self)}.ckpt")
         self.save_checkpoint(path)
@@ -508,14 +365,14 @@ class OnDeviceModel:
     def save_checkpoint(self, path: str | os.PathLike[str]) -> None:
         """Run ``save(checkpoint_path)``: the model writes its weights as a TF checkpoint file at
         ``path`` (a model whose ``save`` takes a checkpoint path, ``weight_io`` checkpoint)."""
-        self._invoke("save", **{self._path_name["save"]: _path_tensor(path)})
+        self._invoke(SAVE, **{self.io.path_names[SAVE]: _path_tensor(path)})
         if not Path(path).is_file():
             raise CheckpointError(f"{self.source}: the save signature did not write {path!r}")
 
     def restore_checkpoint(self, path: str | os.PathLike[str]) -> None:
         """Run ``restore(checkpoint_path)`` on the TF checkpoint file at ``path``, unchecked
         (:meth:`stage` checks the weights and writes the file)."""
-        self._invoke("restore", **{self._path_name["restore"]: _path_tensor(path)})
+        self._invoke(RESTORE, **{self.io.path_names[RESTORE]: _path_tensor(path)})
 
     def set_weights(self, weights: Mapping[str, np.ndarray]) -> None:
         """Set the weights through ``restore`` (checked first: a wrong name, shape or dtype
@@ -537,7 +394,7 @@ class OnDeviceModel:
     def restore_staged(self, staged: Staged) -> None:
         """Load weights :meth:`stage` checked (for this model) through ``restore``."""
         if staged.path is None:
-            self._invoke("restore", **staged.weights)
+            self._invoke(RESTORE, **staged.weights)
         else:
             self.restore_checkpoint(staged.path)
 
@@ -563,7 +420,7 @@ def evaluate_split(
     weights: Mapping[str, np.ndarray],
     x: np.ndarray,
     y: np.ndarray,
-    batch_size: int = 256,
+    batch_size: int = EVAL_BATCH_SIZE,
 ) -> dict[str, float]:
     """``evaluate`` of ``weights`` on ``(x, y)``, the examples split over interpreters of one
     model, each in its own thread (``Invoke`` releases the GIL).
@@ -582,31 +439,3 @@ def evaluate_split(
         results = list(pool.map(lambda m, i: m.evaluate(x[i], y[i], batch_size), models, parts))
     n = np.array([len(i) for i in parts], dtype=np.float64)
     return {k: float(np.dot(n, [r[k] for r in results]) / n.sum()) for k in ("loss", "accuracy")}
-
-
-_POOL: dict[tuple[str, int], OnDeviceModel] = {}
-POOL_SIZE = 2  # interpreters a process keeps: the current run's, and the previous run's
-
-
-def pooled_model(path: str | os.PathLike[str], num_threads: int = 1) -> OnDeviceModel:
-    """This process's interpreter for a model file: one per (file, threads), never one per client.
-
-    A CNN interpreter holds ~137 MiB after its first training call, so simulated clients share
-    one per worker process; callers must ``reset_optimizer`` and ``set_weights`` before use.
-    """
-    key = (_canonical(os.fspath(path)), num_threads)
-    if key not in _POOL:
-        while len(_POOL) >= POOL_SIZE:  # a worker serves one run at a time; runs change models
-            _POOL.pop(next(iter(_POOL)))
-        _POOL[key] = OnDeviceModel(path, num_threads=num_threads)
-    return _POOL[key]
-
-
-@functools.lru_cache(maxsize=16)
-def _canonical(path: str) -> str:
-    return os.path.realpath(path)  # a few system calls: once per path, not once per client
-
-
-def clear_pool() -> None:
-    """Drop this process's pooled interpreters (tests; long-lived interactive sessions)."""
-    _POOL.clear()

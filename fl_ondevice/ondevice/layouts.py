@@ -27,6 +27,25 @@ from dataclasses import dataclass
 
 from fl_ondevice.errors import ModelError
 
+# The signature names, as every layout's file spells them (a signature's name is the key a
+# runner is looked up by; fl_ondevice's tf.Modules name their tf.function attributes alike).
+TRAIN, INFER, SAVE, RESTORE = "train", "infer", "save", "restore"
+LOAD = "load"  # personalization: the frozen base, images -> bottlenecks
+PARAMETERS = "parameters"  # android: its name for a tensor-returning `save`
+INITIALIZE = "initialize"  # personalization, optional: sets the head's starting weights
+# Optional signatures of any layout (fl_ondevice's models have both):
+# `reset()` zeroes optimizer slots and the step counter. Why a signature and not slots in the
+# weights: the weights are what crosses the wire (the server averages them), and FedAvg averages
+# weights, not optimizer state; a client starts every round from fresh optimizer state, as a new
+# local training session on a phone would. A pooled interpreter calls `reset` between clients.
+RESET = "reset"
+# FedProx (arXiv:1812.06127) on the device: `train_proximal(x, y, mu)` is `train` whose gradient
+# also has mu * (w - w_global), the gradient of mu/2 * ||w - w_global||^2. w_global is what
+# `restore` last loaded (the round's global model), kept in variables of its own. A separate
+# signature, not a third input of `train`, so FedAvg's step costs nothing extra and `train(x, y)`
+# keeps the layout of TensorFlow's on-device training guide.
+TRAIN_PROXIMAL = "train_proximal"
+
 
 @dataclass(frozen=True)
 class Layout:
@@ -40,42 +59,34 @@ class Layout:
 
 GUIDE = Layout(
     "guide",
-    ("train", "infer", "save", "restore"),
+    (TRAIN, INFER, SAVE, RESTORE),
     None,
     "train(x, y) -> loss, infer(x) -> output, save(checkpoint_path) or save() -> weights, "
     "restore(checkpoint_path) or restore(weights)",
 )
 PERSONALIZATION = Layout(
     "personalization",
-    ("load", "train", "infer", "save", "restore"),
-    "load",
+    (LOAD, TRAIN, INFER, SAVE, RESTORE),
+    LOAD,
     "load(feature) -> bottleneck, train(bottleneck, label) -> loss, infer(feature) -> output, "
     "save(checkpoint_path) or save() -> weights, restore(checkpoint_path) or restore(weights), "
     "optionally initialize()",
 )
-INITIALIZE = "initialize"  # personalization, optional: sets the head's starting weights
-# Optional signatures of any layout (fl_ondevice's models have both):
-# `reset()` zeroes optimizer slots and the step counter. Why a signature and not slots in the
-# weights: the weights are what crosses the wire (the server averages them), and FedAvg averages
-# weights, not optimizer state; a client starts every round from fresh optimizer state, as a new
-# local training session on a phone would. A pooled interpreter calls `reset` between clients.
-RESET_SIGNATURE = "reset"
-# FedProx (arXiv:1812.06127) on the device: `train_proximal(x, y, mu)` is `train` whose gradient
-# also has mu * (w - w_global), the gradient of mu/2 * ||w - w_global||^2. w_global is what
-# `restore` last loaded (the round's global model), kept in variables of its own. A separate
-# signature, not a third input of `train`, so FedAvg's step costs nothing extra and `train(x, y)`
-# keeps the layout of TensorFlow's on-device training guide.
-PROXIMAL_SIGNATURE = "train_proximal"
 # The two kinds of save/restore (see the module docstring).
 CHECKPOINT_IO, TENSOR_IO = "checkpoint", "tensors"
 WEIGHT_IO = (CHECKPOINT_IO, TENSOR_IO)
 ANDROID = Layout(
     "android",
-    ("train", "infer", "parameters", "restore"),
-    "parameters",
+    (TRAIN, INFER, PARAMETERS, RESTORE),
+    PARAMETERS,
     "train(x, y) -> loss, infer(x) -> logits, parameters() -> a0..aN, restore(a0..aN)",
 )
 LAYOUTS = (GUIDE, PERSONALIZATION, ANDROID)
+# The signatures of fl_ondevice's own files: the guide layout's plus train_proximal and reset
+# (model=mlp, 2nn, cnn, simple_cnn, and transfer with trainable=all), and the personalization
+# layout's plus initialize, in the order an app calls them (model=transfer, trainable=head).
+OWN_GUIDE_SIGNATURES = (*GUIDE.required, TRAIN_PROXIMAL, RESET)
+OWN_PERSONALIZATION_SIGNATURES = (*PERSONALIZATION.required, INITIALIZE)
 NAMES = {
     GUIDE.name: "TensorFlow Lite's on-device training guide",
     PERSONALIZATION.name: "TensorFlow's model_personalization app",

@@ -5,7 +5,7 @@ the phone. The base (3x3 conv 16 + ReLU + 2x2 max-pool, 3x3 conv 32 + ReLU + 2x2
 flatten, dense 64 + ReLU = the bottleneck; SAME padding, so 8x8 digits and 28x28 images both
 fit) is pretrained centrally on ``model.base_classes`` of the run's dataset (its train split),
 with a temporary head; the clients then train a new head (dense 64 -> classes) on
-``dataset.classes``, which the base has never seen (config.py enforces the two are disjoint).
+``dataset.classes``, which the base has never seen (the config keeps the two disjoint).
 
 ``model.trainable=head`` builds TensorFlow's model_personalization layout:
 
@@ -40,12 +40,11 @@ import tensorflow as tf
 
 from fl_ondevice import seeds
 from fl_ondevice.config import DatasetConfig, ModelConfig
-from fl_ondevice.data.datasets import Dataset, load_dataset
-from fl_ondevice.ondevice.layouts import INITIALIZE, PERSONALIZATION
+from fl_ondevice.data.dataset import Dataset
+from fl_ondevice.data.datasets import load_dataset
+from fl_ondevice.ondevice.architectures import Layer, architecture_layers
 from fl_ondevice.ondevice.model import (
-    Layer,
     TrainableModel,
-    architecture_layers,
     build_model,
     initial_weight,
     restore_variables,
@@ -57,8 +56,6 @@ log = logging.getLogger(__name__)
 
 # Bump when the base's graph or the pretraining changes, so stale cached bases are ignored.
 BASE_CODE_VERSION = 1
-# The model_personalization signatures, in the order an app calls them.
-PERSONALIZATION_SIGNATURES = (*PERSONALIZATION.required, INITIALIZE)
 HEAD = ("output/kernel", "output/bias")  # the names of architecture_layers("transfer")'s head
 BOTTLENECK = 64  # units of the base's dense layer
 PRETRAIN_BATCH = 32
@@ -369,7 +366,6 @@ def build_transfer(
 __all__ = [
     "BOTTLENECK",
     "HEAD",
-    "PERSONALIZATION_SIGNATURES",
     "PretrainedBase",
     "TransferHead",
     "base_key",

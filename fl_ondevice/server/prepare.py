@@ -9,21 +9,23 @@ from pathlib import Path
 
 from flwr.serverapp.strategy import Strategy
 
-from fl_ondevice.config import Config, ConfigError
+from fl_ondevice.config import Config
 from fl_ondevice.console import native_stderr_to_log
 from fl_ondevice.data import (
     Partition,
     make_partitions,
 )
-from fl_ondevice.data.datasets import Dataset, load_dataset
+from fl_ondevice.data.dataset import Dataset
+from fl_ondevice.data.datasets import load_dataset
 from fl_ondevice.devicetime.calibration import (
     CALIBRATION_JSON,
     Calibration,
     batch_sizes_needed,
-    load_or_measure,
     read_calibration,
 )
 from fl_ondevice.devicetime.clock import DeviceClock, device_classes
+from fl_ondevice.devicetime.measure import load_or_measure
+from fl_ondevice.errors import ConfigError
 from fl_ondevice.ondevice.convert import build_tflite
 from fl_ondevice.ondevice.device import OnDeviceModel
 from fl_ondevice.server.resume import (
@@ -83,7 +85,7 @@ def prepare(cfg: Config) -> Prepared:
             f"model.path={cfg.model.path!r} predicts {model.num_classes} classes but "
             f"dataset.name={cfg.dataset.name!r} has {dataset.num_classes}"
         )
-    model.check_proximal(float(setting(strategy, "proximal_mu", 0.0)))
+    model.check_proximal(float(setting(strategy, "proximal_mu")))
     resumed = load_resume_point(Path(cfg.resume), model.weight_spec) if cfg.resume else None
     clock = _device_clock(cfg, dataset, partitions, model_file, strategy)
     if clock is not None and resumed is not None and resumed.rows:

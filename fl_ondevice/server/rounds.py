@@ -86,7 +86,7 @@ def train_round(
     with seeded(seed, r, CONFIGURE_TRAIN):
         messages = list(strategy.configure_train(r, arrays, ConfigRecord(dict(config)), grid))
     replies: Iterable[Message] = grid.send_and_receive(messages, timeout=REPLY_TIMEOUT_SECONDS)
-    minimum = int(setting(strategy, "min_train_nodes", 1) if min_updates is None else min_updates)
+    minimum = int(setting(strategy, "min_train_nodes") if min_updates is None else min_updates)
     if not getattr(strategy, "aggregates_as_replies_arrive", False):
         replies = list(replies)
         if _too_few(grid, r, minimum):

@@ -88,9 +88,29 @@ def layers(strategy: Strategy) -> Iterator[tuple[str, Strategy]]:
         key, layer = f"{key}.strategy", cast(Strategy, getattr(layer, "strategy", None))
 
 
-def setting(strategy: Strategy, name: str, default: Any = None) -> Any:
-    """The outermost value of attribute ``name`` among the strategy's layers."""
-    return next((getattr(s, name) for _, s in layers(strategy) if hasattr(s, name)), default)
+# The one fallback of each sampling setting, for a strategy without that attribute (a user's own
+# Strategy class): it waits for one node, needs one valid update, trains every client and asks
+# none to evaluate. Flower's strategies have them all, valued by conf/strategy/*.yaml or the
+# class' own defaults (conf/strategy/fedavg.yaml says where ours differ from Flower's).
+WITHOUT: dict[str, Any] = {
+    "fraction_train": None,  # no sampling: every client trains
+    "fraction_evaluate": 0.0,
+    "min_train_nodes": 1,
+    "min_evaluate_nodes": 1,
+    "min_available_nodes": 1,
+    "proximal_mu": 0.0,
+}
+
+
+def setting(strategy: Strategy, name: str) -> Any:
+    """The outermost value of attribute ``name`` (a key of :data:`WITHOUT`) among the strategy's
+    layers; ``WITHOUT[name]`` when none has it."""
+    return next((getattr(s, name) for _, s in layers(strategy) if hasattr(s, name)), WITHOUT[name])
+
+
+def _own(s: Strategy, name: str) -> Any:
+    # One layer's value of a sampling setting, or its fallback.
+    return getattr(s, name, WITHOUT[name])
 
 
 def nodes_needed(strategy: Strategy) -> int:
@@ -98,9 +118,9 @@ def nodes_needed(strategy: Strategy) -> int:
     waits, polling once a second, until at least this many are connected)."""
     needed = 1
     for _, s in layers(strategy):
-        needed = max(needed, getattr(s, "min_available_nodes", 1), getattr(s, "min_train_nodes", 1))
-        if getattr(s, "fraction_evaluate", 0.0) > 0.0:
-            needed = max(needed, getattr(s, "min_evaluate_nodes", 1))
+        needed = max(needed, _own(s, "min_available_nodes"), _own(s, "min_train_nodes"))
+        if _own(s, "fraction_evaluate") > 0.0:
+            needed = max(needed, _own(s, "min_evaluate_nodes"))
     return int(needed)
 
 
@@ -109,15 +129,15 @@ def check_sampling(strategy: Strategy, cfg: Config) -> None:
     n = cfg.num_clients
     for key, s in layers(strategy):
         for name in ("fraction_train", "fraction_evaluate"):
-            value = getattr(s, name, None)
+            value = _own(s, name)
             if value is not None and not 0.0 <= value <= 1.0:
                 raise ConfigError(f"{key}.{name}={value!r} is invalid: must be in [0, 1]")
-        if getattr(s, "fraction_train", 1.0) == 0.0:
+        if _own(s, "fraction_train") == 0.0:
             raise ConfigError(f"{key}.fraction_train=0.0 is invalid: must be in (0, 1]")
-        fraction_evaluate = getattr(s, "fraction_evaluate", 0.0)
+        fraction_evaluate = _own(s, "fraction_evaluate")
         evaluates = fraction_evaluate > 0.0
         for name in ("min_train_nodes", "min_available_nodes", "min_evaluate_nodes"):
-            value = getattr(s, name, None)
+            value = _own(s, name)
             if value is None or (name == "min_evaluate_nodes" and not evaluates):
                 continue
             if not 1 <= value <= n:
@@ -132,15 +152,15 @@ def check_sampling(strategy: Strategy, cfg: Config) -> None:
             )
         _check_num_sampled(key, s, cfg)
     k = cfg.personalize.epochs
-    if k > 0 and not setting(strategy, "fraction_evaluate", 0.0) > 0.0:
+    if k > 0 and not setting(strategy, "fraction_evaluate") > 0.0:
         # The fine-tuning runs inside the clients' evaluation: no evaluation, no metrics.
         raise ConfigError(
             f"personalize.epochs={k} needs client-side evaluation, but "
-            f"strategy.fraction_evaluate={setting(strategy, 'fraction_evaluate', None)!r}: set "
+            f"strategy.fraction_evaluate={setting(strategy, 'fraction_evaluate')!r}: set "
             "strategy.fraction_evaluate>0 (the share of clients that evaluate and fine-tune) "
             "or personalize.epochs=0"
         )
-    mu = setting(strategy, "proximal_mu", 0.0)
+    mu = setting(strategy, "proximal_mu")
     if not mu >= 0.0:
         raise ConfigError(f"strategy.proximal_mu={mu!r} is invalid: must be >= 0")
 
@@ -151,7 +171,7 @@ def _check_num_sampled(key: str, s: Strategy, cfg: Config) -> None:
     fraction = getattr(getattr(s, "strategy", None), "fraction_train", None)
     if wanted is None or fraction is None:
         return
-    minimum = getattr(s.strategy, "min_train_nodes", 1)  # type: ignore[attr-defined]
+    minimum = _own(s.strategy, "min_train_nodes")  # type: ignore[attr-defined]
     k = sample_size(cfg.num_clients, fraction, minimum)
     if wanted != k:
         raise ConfigError(

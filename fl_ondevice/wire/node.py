@@ -24,13 +24,13 @@ from typing import Any
 
 from flwr.common.config import parse_config_args
 
-from fl_ondevice.config import CACHE_DIR as DEFAULT_CACHE_DIR
 from fl_ondevice.config import Config
 from fl_ondevice.errors import ConfigError, ModelError
 
 ENV = "FL_ONDEVICE_NODE_CONFIG"
 BACKEND_KEY = "node_config"  # the simulation's backend config (not Flower's key): ENV's value
 DATA_DIR, DOWNLOAD, CACHE_DIR = "data-dir", "download", "cache-dir"
+DEFAULT_CACHE_DIR: str = Config.cache_dir  # the run config's default (a dataclass default)
 RECEIVED = "received"  # cache subdirectory of the models a node was sent, by SHA-256
 
 
@@ -96,6 +96,11 @@ class ModelMissing(Exception):
 
 
 _CHECKED: dict[tuple[str, str], str] = {}  # (cache dir, sha256) -> a file checked this process
+
+
+def forget_checked() -> None:
+    """Forget which received model files this process has checked (tests: a new process)."""
+    _CHECKED.clear()
 
 
 def received_model(sha256: str, data: bytes | None, cache_dir: str) -> str:
