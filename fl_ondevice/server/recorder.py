@@ -129,7 +129,7 @@ class MetricsRow:
                 "elapsed_seconds": now - self.t_start,
                 "rss_mib": process_tree_rss_mib(),
                 **_sim_columns(traffic, self.clock),
-                **_local_columns(traffic, self.personalize_epochs),
+                **local_columns(traffic, self.personalize_epochs),
             }
         )
 
@@ -204,12 +204,14 @@ def client_records(prep: Prepared) -> list[ClientRecord]:
     ]
 
 
-def _local_columns(traffic: RoundTraffic, personalize_epochs: int) -> dict[str, Any]:
+def local_columns(traffic: RoundTraffic, personalize_epochs: int) -> dict[str, Any]:
     # Spread of the evaluated clients' local accuracies; empty (NaN) with personalization off,
-    # so a run without it keeps its metrics.
+    # so a run without it keeps its metrics. In client order, not reply order: the mean's float
+    # sum must not depend on which reply came first.
     columns: dict[str, Any] = {}
+    evaluations = [traffic.evaluations[c] for c in sorted(traffic.evaluations)]
     for name, key in zip(LOCAL_ACCURACIES, (EVAL_ACCURACY, EVAL_ACCURACY_PERSONAL), strict=True):
-        values = [m[key] for m in traffic.evaluations.values() if key in m]
+        values = [m[key] for m in evaluations if key in m]
         stats = spread(values if personalize_epochs > 0 else [])
         columns.update({f"{name}_{stat}": value for stat, value in stats.items()})
     return columns
