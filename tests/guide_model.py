@@ -37,6 +37,9 @@ class GuideModel(tf.Module):
     """
 
     def __init__(self, with_save: bool = True) -> None:
+        # Seeded, as the other layout models: unseeded, the initial weights (and how far 3 rounds
+        # of FedAvg get from them) depended on what the process had drawn before.
+        keras.utils.set_random_seed(2)
         self.model = keras.Sequential(
             [
                 keras.layers.Input((8, 8)),
