@@ -162,7 +162,9 @@ def _ran_this_checkout(run_dir: Path) -> bool:
     # This checkout's runs name their strategy class (strategy._target_; commits before the
     # strategy layer was opened wrote strategy.name), write every top-level key of this
     # checkout's Config (a baseline without, e.g., `device` is older code) and record the
-    # clients' runtime in metrics.json (commits before the LiteRT move did not).
+    # clients' runtime in metrics.json (commits before the LiteRT move did not), and name a
+    # strategy module this checkout has (commits before the subpackages: fl_ondevice.fedavg).
+    import importlib.util
     from dataclasses import fields
 
     from omegaconf import OmegaConf
@@ -174,7 +176,14 @@ def _ran_this_checkout(run_dir: Path) -> bool:
         return False
     if not metrics.is_file() or "runtime" not in json.loads(metrics.read_text()):
         return False
-    return set(OmegaConf.load(config)) == {f.name for f in fields(Config)}
+    loaded = OmegaConf.load(config)
+    module = str(OmegaConf.select(loaded, "strategy._target_", default="")).rpartition(".")[0]
+    try:
+        if module.startswith("fl_ondevice.") and importlib.util.find_spec(module) is None:
+            return False
+    except ModuleNotFoundError:  # a parent of the path is a module here, not a package
+        return False
+    return set(loaded) == {f.name for f in fields(Config)}
 
 
 def _rounds_done(progress: Path) -> int:
