@@ -43,9 +43,10 @@ def _finish(proc: subprocess.Popen, timeout: float = 900) -> str:
     return output
 
 
-def _running_under(work: Path) -> list[str]:
-    """Processes (zombies aside) whose FLWR_HOME or command line is under ``work``."""
-    found = []
+def _running_under(work: Path) -> dict[int, str]:
+    """pid -> command of the processes (zombies aside) whose FLWR_HOME or command line is under
+    ``work``."""
+    found = {}
     for proc in Path("/proc").iterdir():
         try:
             stat = (proc / "stat").read_text()
@@ -56,8 +57,7 @@ def _running_under(work: Path) -> list[str]:
         except (OSError, ValueError):
             continue
         if str(work).encode() in environ + cmdline:
-            command = cmdline.replace(b"\0", b" ").decode(errors="replace")
-            found.append(f"{proc.name}: {command}")
+            found[int(proc.name)] = cmdline.replace(b"\0", b" ").decode(errors="replace")
     return found
 
 
@@ -65,7 +65,20 @@ def _assert_nothing_left(work: Path) -> None:
     deadline = time.monotonic() + 10  # processes that were told to stop may take a moment
     while (left := _running_under(work)) and time.monotonic() < deadline:
         time.sleep(0.5)
-    assert not left, left
+    assert not left, [f"{pid}: {command}" for pid, command in left.items()]
+
+
+@pytest.fixture(autouse=True)
+def _kill_leftovers(tmp_path):
+    """After each test, kill what is still running under its tmp_path. The tests assert that
+    nothing is left; this only keeps a failed one (deploy killed on a timeout, its SuperLink and
+    SuperNodes orphaned) from leaving processes on the machine."""
+    yield
+    for pid in _running_under(tmp_path):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
 
 
 def _wait_for(proc: subprocess.Popen, out: Path, done, what: str, timeout: float = 600) -> None:
