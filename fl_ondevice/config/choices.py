@@ -19,6 +19,13 @@ ENCODINGS = (FLOAT32, FLOAT16, INT8)
 TRAINABLE = ("head", "all")
 OPTIMIZERS = ("sgd", "adam")
 ATTACKS = ("none", "sign_flip", "scale")
+# How a DP run's clients are assumed drawn, for its epsilon (dp.sampling; config.groups.DpConfig).
+WITHOUT_REPLACEMENT, POISSON, NO_AMPLIFICATION = (
+    "without_replacement",
+    "poisson",
+    "no_amplification",
+)
+DP_SAMPLING = (WITHOUT_REPLACEMENT, POISSON, NO_AMPLIFICATION)
 
 
 def require(ok: bool, key: str, value: Any, allowed: str) -> None:

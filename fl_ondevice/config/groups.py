@@ -10,6 +10,7 @@ from fl_ondevice.config.choices import (
     ATTACKS,
     DATASET_CLASSES,
     DATASETS,
+    DP_SAMPLING,
     ENCODINGS,
     MODELS,
     OPTIMIZERS,
@@ -346,3 +347,40 @@ class PersonalizeConfig:
             self.epochs,
             "must be >= 0 (0 = off, k > 0 = fine-tune k local epochs at each evaluation)",
         )
+
+
+@dataclass
+class DpConfig:
+    """The (epsilon, delta) accounting of a run with a DP strategy (``strategy=dp_*``) or
+    ``LocalDpMod``: its delta, the sampling it assumes, and a budget."""
+
+    # The delta of every epsilon reported; null = num_clients ** -1.1, below 1/num_clients as a
+    # user-level guarantee needs (Kairouz et al. 2021, "Practical and private (deep) learning").
+    delta: float | None = None
+    # How the clients of a round are drawn, for amplification by sampling:
+    # - without_replacement: exactly m of the N clients, uniformly, each round (what this
+    #   simulator does; replace-one neighbours): the default, because it is exact here;
+    # - poisson: each client joins with probability m/N (add/remove-one neighbours), the model
+    #   of TFF's, Opacus' and McMahan et al. 2018's epsilons; an approximation here;
+    # - no_amplification: every round as a full-population Gaussian release (Flower's own
+    #   accountant for fixed clipping); also what a run with device=... falls back to, since
+    #   availability windows make the sample not uniform over the N clients.
+    sampling: str = "without_replacement"
+    # Solve for the strategy's noise_multiplier before the run starts so that the final epsilon
+    # (num_rounds rounds, this sampling and delta) is at most this; null = take the
+    # noise_multiplier the strategy names.
+    target_epsilon: float | None = None
+    # Stop the run cleanly before the round that would take epsilon above this; null = no limit.
+    max_epsilon: float | None = None
+
+    def __post_init__(self) -> None:
+        require(
+            self.delta is None or 0.0 < self.delta < 1.0,
+            "dp.delta",
+            self.delta,
+            "must be in (0, 1), or null for num_clients ** -1.1",
+        )
+        require(self.sampling in DP_SAMPLING, "dp.sampling", self.sampling, f"one of {DP_SAMPLING}")
+        for key in ("target_epsilon", "max_epsilon"):
+            value = getattr(self, key)
+            require(value is None or value > 0.0, f"dp.{key}", value, "must be > 0, or null")

@@ -17,6 +17,7 @@ from fl_ondevice.config.groups import (
     ClientConfig,
     DatasetConfig,
     DeviceConfig,
+    DpConfig,
     ModelConfig,
     PartitionConfig,
     PersonalizeConfig,
@@ -40,6 +41,7 @@ class Config:
     device: DeviceConfig = field(default_factory=DeviceConfig)
     round: RoundConfig = field(default_factory=RoundConfig)
     personalize: PersonalizeConfig = field(default_factory=PersonalizeConfig)
+    dp: DpConfig = field(default_factory=DpConfig)
     seed: int = 0  # one seed: initial weights, partitions, sampling, shuffling, faults
     num_clients: int = 10
     num_rounds: int = 50  # digits + mlp reach >= 90% central accuracy well before this
@@ -134,6 +136,7 @@ GROUPS: dict[str, type] = {
     "device": DeviceConfig,
     "round": RoundConfig,
     "personalize": PersonalizeConfig,
+    "dp": DpConfig,
 }
 
 

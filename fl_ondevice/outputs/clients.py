@@ -27,6 +27,7 @@ class ClientRecord:
     last_eval_round: int | None = None  # the last round it was evaluated in (None: never)
     local_acc_global: float | None = None  # the global model's accuracy on its local test split
     local_acc_personal: float | None = None  # ... fine-tuned (personalize.epochs > 0)
+    local_epsilon: float | None = None  # with LocalDpMod: its local epsilon over its rounds
 
 
 CLIENT_COLUMNS = tuple(f.name for f in fields(ClientRecord))

@@ -57,6 +57,9 @@ COLUMNS = (
     # With personalize.epochs > 0, in rounds with client evaluation: mean, 10th percentile,
     # median and 90th percentile over the evaluated clients; empty otherwise.
     *(f"{name}_{stat}" for name in LOCAL_ACCURACIES for stat in SPREAD),
+    # With a central DP strategy (strategy=dp_*): the epsilon at dp.delta of every round so far
+    # (fl_ondevice.server.privacy); empty otherwise.
+    "epsilon",
 )
 # Columns that differ between two runs of one seed (timings, memory); all others must not.
 TIME_COLUMNS = frozenset(
@@ -153,6 +156,19 @@ def summarize(rows: Sequence[Mapping[str, Any]], run_info: Mapping[str, Any]) ->
         ),
         # With personalize.epochs > 0: the clients' mean local accuracy, global vs personalized.
         **_final_local(rows),
+        # With DP: the final epsilon (at run_info's privacy.delta) and the clients' local ones.
+        **_privacy(rows, run_info),
+    }
+
+
+def _privacy(rows: Sequence[Mapping[str, Any]], run_info: Mapping[str, Any]) -> dict[str, Any]:
+    privacy, local = run_info.get("privacy") or {}, (run_info.get("privacy") or {}).get("local")
+    return {
+        "epsilon": rows[-1].get("epsilon") if rows else None,
+        "delta": privacy.get("delta"),
+        "stopped_before_round": privacy.get("stopped_before_round"),  # by dp.max_epsilon
+        "local_epsilon_max": local["epsilon_max"] if local else None,
+        "local_epsilon_median": local["epsilon_median"] if local else None,
     }
 
 
@@ -191,6 +207,12 @@ def summary_line(summary: dict[str, Any], out_dir: str) -> str:
             f"{summary['final_local_acc_personal']:.4f} personalized "
             f"(round {summary['final_local_round']})"
         )
+    if summary.get("epsilon") is not None:
+        parts.append(f"epsilon {summary['epsilon']:.3f} at delta {summary['delta']:.3g}")
+    if summary.get("stopped_before_round") is not None:
+        parts.append(f"stopped by dp.max_epsilon before round {summary['stopped_before_round']}")
+    if summary.get("local_epsilon_max") is not None:
+        parts.append(f"local epsilon <= {summary['local_epsilon_max']:.3f}")
     if summary.get("target_accuracy"):
         reached, hours = summary["rounds_to_target"], summary.get("sim_hours_to_target")
         parts.append(

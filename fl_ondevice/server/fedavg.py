@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable
-from typing import cast
+from typing import Any, cast
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
@@ -26,10 +26,18 @@ class FedAvg(FlowerFedAvg):
     sum(n_k * w_k) as it arrives and dropped; the average sum / sum(n_k) is cast back to the
     updates' dtype. It equals Flower's float32 average sum(w_k * n_k / N) up to float32
     rounding, and, given the replies in the same order, bit for bit run after run.
+
+    ``equal_weights=True`` averages the updates with weight 1 each, sum(w_k) / K, whatever their
+    ``weighted_by_key``: what a DP wrapper's noise is calibrated to (each of the K clipped
+    updates moves the average by at most clipping_norm / K). The train metrics stay weighted.
     """
 
     #: The round loop may pass ``aggregate_train`` a stream instead of a list.
     aggregates_as_replies_arrive = True
+
+    def __init__(self, *args: Any, equal_weights: bool = False, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.equal_weights = equal_weights
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
@@ -44,7 +52,8 @@ class FedAvg(FlowerFedAvg):
                 continue
             validate_message_reply_consistency([msg.content], self.weighted_by_key, True)
             record = next(iter(msg.content.metric_records.values()))
-            total.add(next(iter(msg.content.array_records.values())), record, self.weighted_by_key)
+            weight = 1.0 if self.equal_weights else float(cast(float, record[self.weighted_by_key]))
+            total.add(next(iter(msg.content.array_records.values())), weight)
             metrics.append(RecordDict({"metrics": record}))
         log.debug("aggregate_train: %d results, %d failures", len(metrics), failures)
         if not metrics:
@@ -60,12 +69,11 @@ class _WeightedSum:
         self.dtypes: dict[str, np.dtype] = {}
         self.weight = 0.0
 
-    def add(self, arrays: ArrayRecord, metrics: MetricRecord, weighted_by_key: str) -> None:
+    def add(self, arrays: ArrayRecord, n: float) -> None:
         if self.sums and list(arrays.keys()) != list(self.sums):
             raise InconsistentMessageReplies(
                 reason="All ArrayRecords must have the same keys for aggregation."
             )
-        n = float(cast(float, metrics[weighted_by_key]))
         for key, array in arrays.items():
             w = array_view(array)
             if key in self.sums:

@@ -28,6 +28,7 @@ from fl_ondevice.devicetime.measure import load_or_measure
 from fl_ondevice.errors import ConfigError
 from fl_ondevice.ondevice.convert import build_tflite
 from fl_ondevice.ondevice.device import OnDeviceModel
+from fl_ondevice.server.privacy import Privacy, plan_privacy, with_target_noise
 from fl_ondevice.server.resume import (
     ResumePoint,
     load_resume_point,
@@ -50,6 +51,7 @@ class Prepared:
     strategy: Strategy
     resumed: ResumePoint | None  # where an interrupted run (``cfg.resume``) continues
     clock: DeviceClock | None  # the phones' simulated clock (``device``), None without phones
+    privacy: Privacy | None = None  # the (epsilon, delta) accounting of a DP run
 
 
 def prepare(cfg: Config) -> Prepared:
@@ -62,7 +64,11 @@ def prepare(cfg: Config) -> Prepared:
     if cfg.resume:
         state_file(Path(cfg.resume))  # fail before converting models or starting engines
     strategy = make_strategy(cfg)
-    client_mods(cfg)  # a bad mod fails here, not on every worker
+    solved = with_target_noise(cfg, strategy)
+    if solved is not cfg:  # dp.target_epsilon: the noise is set before the strategy is built
+        cfg, strategy = solved, make_strategy(solved)
+    mods = client_mods(cfg)  # a bad mod fails here, not on every worker
+    privacy = plan_privacy(cfg, strategy, mods)
     dataset = load_dataset(cfg.dataset, cfg.seed, cfg.cache_dir)
     partitions = make_partitions(dataset, cfg.num_clients, cfg.partition, cfg.seed)
     model_file = build_tflite(
@@ -87,10 +93,12 @@ def prepare(cfg: Config) -> Prepared:
         )
     model.check_proximal(float(setting(strategy, "proximal_mu")))
     resumed = load_resume_point(Path(cfg.resume), model.weight_spec) if cfg.resume else None
+    if resumed is not None and privacy is not None and privacy.accountant is not None:
+        privacy.accountant.replay(resumed.rows)  # the releases of the rounds already run
     clock = _device_clock(cfg, dataset, partitions, model_file, strategy)
     if clock is not None and resumed is not None and resumed.rows:
         clock.now = float(resumed.rows[-1].get("sim_elapsed_seconds") or 0.0)
-    return Prepared(cfg, dataset, partitions, model_file, model, strategy, resumed, clock)
+    return Prepared(cfg, dataset, partitions, model_file, model, strategy, resumed, clock, privacy)
 
 
 def model_key(cfg: Config, dataset: Dataset, model_file: Path) -> str:

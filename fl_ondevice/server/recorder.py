@@ -28,6 +28,7 @@ from fl_ondevice.outputs.clients import (
 from fl_ondevice.outputs.results import LOCAL_ACCURACIES, MetricsLog, spread
 from fl_ondevice.processes import process_tree_rss_mib
 from fl_ondevice.server.prepare import Prepared
+from fl_ondevice.server.privacy import Privacy
 from fl_ondevice.server.resume import (
     save_round,
 )
@@ -142,6 +143,7 @@ class ClientsCsv:
         cfg = prep.cfg
         self.path = Path(cfg.output_dir) / CLIENTS_CSV
         self.personalize = cfg.personalize.epochs > 0
+        self.local = prep.privacy.local if prep.privacy is not None else None
         self.records = client_records(prep)
         if prep.resumed is not None and cfg.resume:
             self.records = resumed_clients(
@@ -155,6 +157,9 @@ class ClientsCsv:
                 client = self.records[c]
                 client.rounds += 1
                 client.train_rounds = f"{client.train_rounds};{r}".lstrip(";")
+        if self.local is not None:  # LocalDpMod: each update a client sent was a release
+            for client in self.records:
+                client.local_epsilon = self.local.epsilon(client.rounds)
         for c, metrics in traffic.evaluations.items():
             if EVAL_ACCURACY in metrics:
                 client = self.records[c]
@@ -164,6 +169,31 @@ class ClientsCsv:
                     metrics.get(EVAL_ACCURACY_PERSONAL) if self.personalize else None
                 )
         write_clients(self.records, self.path)
+
+
+class PrivacyLedger:
+    """The round's central DP release composed into the run's epsilon (its ``epsilon`` column)
+    and, with ``LocalDpMod``, the clients' local epsilons summarised; both reach metrics.json's
+    ``privacy`` through ``info``.
+
+    Every round that sampled clients is a release, a skipped one too: the noisy aggregate was
+    computed even if the round then kept the global model (conservative). A resumed run's
+    accountant has composed the earlier rounds already (``Accountant.replay``).
+    """
+
+    def __init__(self, privacy: Privacy, clients: ClientsCsv, info: dict[str, Any]) -> None:
+        self.privacy, self.clients, self.info = privacy, clients, info
+
+    def __call__(self, record: RoundRecord) -> None:
+        accountant = self.privacy.accountant
+        if accountant is not None:
+            if record.round > 0 and record.traffic.sampled > 0:
+                accountant.compose(record.traffic.sampled)
+            record.row["epsilon"] = accountant.epsilon
+            self.info["epsilon"] = accountant.epsilon
+        if self.privacy.local is not None:
+            epsilons = [c.local_epsilon or 0.0 for c in self.clients.records]
+            self.info["local"] = self.privacy.local.summary(epsilons)
 
 
 class ResumeSave:

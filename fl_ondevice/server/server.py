@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+from collections.abc import Iterable
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -35,10 +36,12 @@ from fl_ondevice.outputs.plots import (
 )
 from fl_ondevice.outputs.results import MetricsLog, summarize
 from fl_ondevice.server.prepare import Prepared
+from fl_ondevice.server.privacy import within_budget
 from fl_ondevice.server.recorder import (
     CentralEvaluation,
     ClientsCsv,
     MetricsRow,
+    PrivacyLedger,
     ProgressLine,
     ResumeSave,
     RoundHook,
@@ -100,24 +103,24 @@ def run_server(
     metrics = _start_outputs(prep, overrides, resumed)
     clients = client_grid(grid, prep, nodes_own_data, engine_workers)
     clients_csv = ClientsCsv(prep)
-    hooks: list[RoundHook] = [
-        CentralEvaluation(prep),
-        MetricsRow(prep, metrics),
-        clients_csv,
-        ResumeSave(prep, metrics),
-        ProgressLine(cfg.num_rounds),
-    ]
+    hooks: list[RoundHook] = [CentralEvaluation(prep), MetricsRow(prep, metrics), clients_csv]
+    rounds: Iterable[int] = range(resumed.round + 1 if resumed else 1, cfg.num_rounds + 1)
+    if prep.privacy is not None:
+        info = metrics.run_info.setdefault("privacy", prep.privacy.info)
+        hooks.append(PrivacyLedger(prep.privacy, clients_csv, info))
+        rounds = within_budget(rounds, prep.privacy.accountant, prep.privacy.max_epsilon, info)
+    hooks += [ResumeSave(prep, metrics), ProgressLine(cfg.num_rounds)]
     recorder = RoundRecorder(hooks, clients.traffic)
     if resumed:
-        initial, first = resumed.weights, resumed.round + 1
+        initial = resumed.weights
     else:
-        initial, first = prep.server_model.initial_weights(), 1
+        initial = prep.server_model.initial_weights()
         recorder.record(0, initial)
     final = run_rounds(
         prep.strategy,
         clients,
         to_arrays(initial),
-        range(first, cfg.num_rounds + 1),
+        rounds,
         ConfigRecord(),  # what each strategy adds to it (server-round, proximal-mu, ...)
         cfg.seed,
         recorder.after_round,
@@ -198,6 +201,7 @@ def _finish_outputs(
     model_files: bool,
 ) -> None:
     cfg, out = prep.cfg, Path(prep.cfg.output_dir)
+    metrics.write()  # what the last round left out: a privacy budget's stop (PrivacyLedger)
     if model_files:
         write_model_files(prep, weights)
     title = (
