@@ -298,8 +298,9 @@ def _progress(row: dict, num_rounds: int) -> None:
     per_round = row["elapsed_seconds"] / r
     eta = per_round * (num_rounds - r)
     train_loss = row["train_loss"]
+    epsilon = row.get("epsilon")
     log.info(
-        "round %d/%d  accuracy %.4f  loss %.4f  train-loss %s  clients %d/%d  %.2f s  ETA %s%s",
+        "round %d/%d  accuracy %.4f  loss %.4f  train-loss %s  clients %d/%d  %.2f s  ETA %s%s%s",
         r,
         num_rounds,
         row["accuracy"],
@@ -309,6 +310,7 @@ def _progress(row: dict, num_rounds: int) -> None:
         row["clients_sampled"],
         row["seconds"],
         _duration(eta),
+        "" if epsilon is None else f"  epsilon {epsilon:.3f}",
         "  (skipped)" if row["skipped"] else "",
     )
 
