@@ -76,12 +76,17 @@ def _shrunk(cfg: Config) -> list[str]:
     n = cfg.num_clients
     # model=transfer pretrains its base first: one epoch is enough to run the round.
     pretrain = ["model.pretrain_epochs=1"] if cfg.model.name == "transfer" else []
+    # A DP wrapper (experiment=dp) samples through its inner strategy and must be told how many.
+    inner = "strategy.strategy" if "strategy" in cfg.strategy else "strategy"
+    sampled = max(int(n * 0.01), min(2, n))
+    wrapper = [f"strategy.num_sampled_clients={sampled}"] if inner != "strategy" else []
     return [
         *pretrain,
+        *wrapper,
         "num_rounds=1",
         "client.local_epochs=1",
-        "strategy.fraction_train=0.01",  # int(n * 0.01) = 0 for n < 100: min_train_nodes decides
-        f"strategy.min_train_nodes={min(2, n)}",
+        f"{inner}.fraction_train=0.01",  # int(n * 0.01) = 0 for n < 100: min_train_nodes decides
+        f"{inner}.min_train_nodes={min(2, n)}",
         "partition.local_test_fraction=0.9",
         "target_accuracy=null",
     ]
