@@ -185,3 +185,24 @@ def test_device_time_table_gives_simulated_minutes_and_bytes_to_the_target(tmp_p
     # Seed 0 reaches 75% in round 2 (180 s, 2 x 200 B); seed 1 never does within 3 rounds.
     assert cells[2:6] == ["0, 1", "2 / >3", "180 / >270", "0 / >0"]
     assert cells[6:8] == ["90.0", "1.0"]
+
+
+def test_dp_table_regenerates_the_committed_files(tmp_path):
+    # experiments/dp's table, CSV and README are what `python -m experiments.tables dp` writes from
+    # the committed runs: rebuilt in a copy, they are byte for byte the committed ones.
+    import shutil
+
+    from experiments import tables
+
+    committed = Path(__file__).resolve().parents[1] / "experiments" / "dp"
+    copy = tmp_path / "experiments" / "dp"
+    shutil.copytree(committed / "runs", copy / "runs")
+    shutil.copy(committed / "README.md", copy / "README.md")
+
+    text = tables.build("dp", tmp_path / "experiments")
+
+    for name in ("README.md", tables.RESULTS_MD, tables.RESULTS_CSV):
+        assert (copy / name).read_bytes() == (committed / name).read_bytes(), name
+    assert "FedAvg, no DP" in text and "DP-FedAvg" in text
+    for png in (tables.ACCURACY_PNG, tables.DP_PNG):
+        assert (copy / png).stat().st_size > 0
