@@ -627,6 +627,142 @@ def transfer(runs: list[Run]) -> Table:
     return Table(markdown(header, rows), csv_rows, panels)
 
 
+DP_PNG = "accuracy_vs_epsilon.png"
+DP_CEILING = "FedAvg, no DP"
+
+
+@dataclass(frozen=True)
+class DpRun:
+    """A DP run (its mechanism and the epsilon its metrics.json reports) or the ceiling."""
+
+    run: Run
+    z: float | None = None  # noise multiplier; None: no DP wrapper
+    clip: float | None = None
+    sampled: int = 0  # num_sampled_clients: the noise on the average is z C / sampled
+    epsilon: float | None = None
+    delta: float | None = None
+    sampling: str | None = None
+
+
+def _dp_run(run: Run) -> DpRun:
+    s = run.config.get("strategy", {})
+    if "noise_multiplier" not in s:
+        return DpRun(run)
+    privacy = json.loads((run.path / "metrics.json").read_text()).get("privacy") or {}
+    return DpRun(
+        run,
+        float(s["noise_multiplier"]),
+        float(s["clipping_norm"]),
+        int(s["num_sampled_clients"]),
+        privacy.get("epsilon"),
+        privacy.get("delta"),
+        privacy.get("sampling"),
+    )
+
+
+def dp(runs: list[Run]) -> Table:
+    """DP-FedAvg (server-side fixed clipping): final and best accuracy against the epsilon
+    spent, per noise multiplier and clipping norm, and the non-private FedAvg ceiling."""
+    every = [_dp_run(r) for r in runs]
+    ceiling = [d for d in every if d.z is None]
+    private = sorted((d for d in every if d.z is not None), key=lambda d: (-d.clip, d.z))
+    header = [
+        "setting",
+        "clipping norm C",
+        "noise multiplier z",
+        "noise std on the average (z C / m)",
+        "ε",
+        "δ",
+        "rounds",
+        "final acc.",
+        "best acc.",
+    ]
+    rows, csv_rows = [], []
+    for d in ceiling + private:
+        run = d.run
+        if d.z is None:
+            cells = [DP_CEILING, "—", "—", "—", "∞", "—"]
+        else:
+            cells = [
+                "DP-FedAvg",
+                f"{d.clip:g}",
+                f"{d.z:g}",
+                f"{d.z * d.clip / d.sampled:.4f}",
+                "—" if d.epsilon is None else f"{d.epsilon:.2f}",
+                "—" if d.delta is None else f"{d.delta:.1e}",
+            ]
+        rows.append(
+            [*cells, len(run.trained), f"{run.final_accuracy:.4f}", f"{run.best_accuracy:.4f}"]
+        )
+        csv_rows.append(
+            {
+                **_csv_row(run, ()),
+                "strategy": strategy_label(run.config),
+                "noise_multiplier": d.z,
+                "clipping_norm": d.clip,
+                "epsilon": d.epsilon,
+                "delta": d.delta,
+                "sampling": d.sampling,
+            }
+        )
+    panels: dict[str, list[tuple[str, Run]]] = {}
+    for clip in dict.fromkeys(d.clip for d in private):
+        curves = [(DP_CEILING, d.run) for d in ceiling]
+        curves += [(f"z = {d.z:g}", d.run) for d in private if d.clip == clip]
+        panels[f"clipping norm C = {clip:g}"] = curves
+    return Table(
+        markdown(header, rows),
+        csv_rows,
+        panels,
+        figures={DP_PNG: lambda path: _plot_accuracy_vs_epsilon(ceiling, private, path)},
+    )
+
+
+def _plot_accuracy_vs_epsilon(ceiling: list[DpRun], private: list[DpRun], path: Path) -> None:
+    # Final (filled) and best (hollow) accuracy against epsilon, one line per clipping norm, each
+    # point labelled with its noise multiplier; the non-private run as a horizontal line.
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cycle = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    fig, ax = plt.subplots(figsize=(7, 4.5), layout="constrained")
+    for i, clip in enumerate(dict.fromkeys(d.clip for d in private)):
+        mine = sorted((d for d in private if d.clip == clip), key=lambda d: d.epsilon or 0.0)
+        eps = [d.epsilon for d in mine]
+        colour = cycle[i % len(cycle)]
+        final = [d.run.final_accuracy for d in mine]
+        ax.plot(eps, final, "o-", color=colour, label=f"C = {clip:g}, final")
+        best = [d.run.best_accuracy for d in mine]
+        ax.plot(eps, best, "o--", mfc="none", color=colour, alpha=0.6, label=f"C = {clip:g}, best")
+        for d, e, acc in zip(mine, eps, final, strict=True):
+            offset = (4, -11) if i else (4, 5)
+            ax.annotate(
+                f"z={d.z:g}", (e, acc), textcoords="offset points", xytext=offset, fontsize=7
+            )
+    for d in ceiling:
+        acc = d.run.final_accuracy
+        ax.axhline(acc, color="black", ls=":", label=f"{DP_CEILING} (ε = ∞), final: {acc:.3f}")
+    first = (private or ceiling)[0]
+    cfg = first.run.config
+    delta = first.delta
+    ax.set_xscale("log")
+    ax.set_xlabel("ε after the last round" + (f" (δ = {delta:.1e})" if delta else ""))
+    ax.set_ylabel("central test accuracy")
+    ax.set_ylim(0, 1)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8, loc="lower right")
+    per_round = first.run.trained[-1]["clients_sampled"]
+    ax.set_title(
+        f"DP-FedAvg, {cfg['model']['name']}, {cfg['num_clients']:,} clients, {per_round} a "
+        f"round, {len(first.run.trained)} rounds",
+        fontsize=10,
+    )
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 EXPERIMENTS: dict[str, Callable[[list[Run]], Table]] = {
     "ondevice_fmnist": ondevice_fmnist,
     "mcmahan2017": mcmahan2017,
@@ -634,6 +770,7 @@ EXPERIMENTS: dict[str, Callable[[list[Run]], Table]] = {
     "device_time": device_time,
     "personalization": personalization,
     "transfer": transfer,
+    "dp": dp,
 }
 
 

@@ -76,12 +76,17 @@ def _shrunk(cfg: Config) -> list[str]:
     n = cfg.num_clients
     # model=transfer pretrains its base first: one epoch is enough to run the round.
     pretrain = ["model.pretrain_epochs=1"] if cfg.model.name == "transfer" else []
+    # A DP wrapper (experiment=dp) samples through its inner strategy and must be told how many.
+    inner = "strategy.strategy" if "strategy" in cfg.strategy else "strategy"
+    sampled = max(int(n * 0.01), min(2, n))
+    wrapper = [f"strategy.num_sampled_clients={sampled}"] if inner != "strategy" else []
     return [
         *pretrain,
+        *wrapper,
         "num_rounds=1",
         "client.local_epochs=1",
-        "strategy.fraction_train=0.01",  # int(n * 0.01) = 0 for n < 100: min_train_nodes decides
-        f"strategy.min_train_nodes={min(2, n)}",
+        f"{inner}.fraction_train=0.01",  # int(n * 0.01) = 0 for n < 100: min_train_nodes decides
+        f"{inner}.min_train_nodes={min(2, n)}",
         "partition.local_test_fraction=0.9",
         "target_accuracy=null",
     ]
@@ -180,3 +185,24 @@ def test_device_time_table_gives_simulated_minutes_and_bytes_to_the_target(tmp_p
     # Seed 0 reaches 75% in round 2 (180 s, 2 x 200 B); seed 1 never does within 3 rounds.
     assert cells[2:6] == ["0, 1", "2 / >3", "180 / >270", "0 / >0"]
     assert cells[6:8] == ["90.0", "1.0"]
+
+
+def test_dp_table_regenerates_the_committed_files(tmp_path):
+    # experiments/dp's table, CSV and README are what `python -m experiments.tables dp` writes from
+    # the committed runs: rebuilt in a copy, they are byte for byte the committed ones.
+    import shutil
+
+    from experiments import tables
+
+    committed = Path(__file__).resolve().parents[1] / "experiments" / "dp"
+    copy = tmp_path / "experiments" / "dp"
+    shutil.copytree(committed / "runs", copy / "runs")
+    shutil.copy(committed / "README.md", copy / "README.md")
+
+    text = tables.build("dp", tmp_path / "experiments")
+
+    for name in ("README.md", tables.RESULTS_MD, tables.RESULTS_CSV):
+        assert (copy / name).read_bytes() == (committed / name).read_bytes(), name
+    assert "FedAvg, no DP" in text and "DP-FedAvg" in text
+    for png in (tables.ACCURACY_PNG, tables.DP_PNG):
+        assert (copy / png).stat().st_size > 0
