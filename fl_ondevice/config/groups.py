@@ -49,6 +49,10 @@ class DatasetConfig:
 @dataclass
 class PartitionConfig:
     name: str = "dirichlet"
+    # A Flower Datasets partitioner class (flwr_datasets.partitioner.X) instead of ours (name).
+    # Its arguments are the keys below of the same name; num_partitions is num_clients, seed the
+    # run's seed (fl_ondevice.data.flower).
+    _target_: str | None = None
     alpha: float = 0.5  # dirichlet: concentration; small = skewed (Hsu et al. 2019)
     min_partition_size: int = 10  # dirichlet: resample until every client holds this many
     max_retries: int = 100  # dirichlet: resampling attempts before giving up
@@ -56,10 +60,28 @@ class PartitionConfig:
     shard_size: int = 300  # shards: 200 shards of 300 MNIST images in the paper
     labels_per_client: int = 2  # label_quantity: NIID-Bench #C=k
     local_test_fraction: float = 0.2  # per-client local test split, for client-side evaluation
+    # Flower Datasets partitioners' arguments (null = the partitioner's default); alpha,
+    # min_partition_size and shard_size above are theirs too. Other arguments: +partition.args.K=V.
+    partition_by: str = "label"  # the column: label, or client for data with natural clients
+    num_classes_per_partition: int | None = None  # PathologicalPartitioner
+    class_assignment_mode: str | None = None  # PathologicalPartitioner
+    num_shards_per_partition: int | None = None  # ShardPartitioner
+    keep_incomplete_shard: bool | None = None  # ShardPartitioner
+    self_balancing: bool | None = None  # DirichletPartitioner
+    strictness: float | None = None  # ContinuousPartitioner
+    group_size: int | None = None  # GroupedNaturalIdPartitioner
+    args: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         p = "partition"
         require(self.name in PARTITIONERS, f"{p}.name", self.name, f"choose one of {PARTITIONERS}")
+        require(
+            self._target_ is None or "." in self._target_,
+            f"{p}._target_",
+            self._target_,
+            "name a partitioner class by its module path, e.g. "
+            "flwr_datasets.partitioner.DirichletPartitioner, or null for partition.name",
+        )
         require(self.alpha > 0, f"{p}.alpha", self.alpha, "must be > 0")
         for key in ("min_partition_size",):
             require(getattr(self, key) >= 0, f"{p}.{key}", getattr(self, key), "must be >= 0")

@@ -1,12 +1,14 @@
-"""Split one training set among clients: iid, dirichlet, shards, label_quantity.
+"""Split one training set among clients: iid, dirichlet, shards, label_quantity, or Flower's.
 
 Every partitioner returns, per client, an int64 array of indices into the one shared training set:
-no client holds a copy of the images. We do not use ``flwr-datasets`` (0.6.1 checked): it would add
-``datasets``, ``pyarrow``, ``seaborn`` and ``rich`` to every client process, its partitioners hand
-back ``datasets.Dataset`` objects rather than indices into our arrays (``ShardPartitioner`` even
-sorts the dataset first, so its rows are positions in a sorted copy), ``IidPartitioner`` does not
-shuffle, and ``DirichletPartitioner`` fixes its resampling budget at 10 attempts. Each construction
-below is a few lines of numpy with a documented random-number order, tested property by property.
+no client holds a copy of the images. ``partition._target_`` selects any Flower Datasets
+partitioner instead (``fl_ondevice.data.flower``). Ours stay for what they add: they are numpy
+only (no ``datasets``/``pyarrow`` in the client processes), ``iid`` shuffles (Flower's
+``IidPartitioner`` cuts rows in order), ``dirichlet`` retries ``partition.max_retries`` times
+(Flower's gives up after 10), ``shards`` picks random shards of one label-sorted order as in
+arXiv:1602.05629, ``label_quantity`` is NIID-Bench's #C=k draw (client i always holds label i mod C,
+which Flower's ``PathologicalPartitioner`` does not guarantee); each has a documented
+random-number order, tested property by property.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import numpy as np
 
 from fl_ondevice.config import PartitionConfig
 from fl_ondevice.data.dataset import Dataset
+from fl_ondevice.data.flower import flower_partition_indices
 from fl_ondevice.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -419,7 +422,8 @@ def make_partitions(
     num_clients : int
         Number of clients.
     cfg : PartitionConfig
-        Partitioner choice and parameters; ``cfg.local_test_fraction`` is the local test share.
+        Partitioner choice (ours by ``name``, Flower's by ``_target_``) and parameters;
+        ``cfg.local_test_fraction`` is the local test share.
     seed : int
         Run seed.
 
@@ -433,7 +437,11 @@ def make_partitions(
     DataError
         The partition request is impossible (see ``partition_indices``).
     """
-    parts = partition_indices(dataset.y_train, num_clients, cfg, seed, dataset.num_classes)
+    if cfg._target_ is not None:
+        columns = {"label": dataset.y_train}
+        parts = flower_partition_indices(columns, num_clients, cfg, seed)
+    else:
+        parts = partition_indices(dataset.y_train, num_clients, cfg, seed, dataset.num_classes)
     partitions = []
     for client_id, indices in enumerate(parts):
         train_idx, test_idx = local_split(indices, cfg.local_test_fraction, seed, client_id)
