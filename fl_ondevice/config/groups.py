@@ -23,8 +23,11 @@ from fl_ondevice.config.choices import (
 @dataclass
 class DatasetConfig:
     name: str = "digits"  # ships with scikit-learn: runs offline
-    # Directory of the IDX .gz files (fashion_mnist, mnist); null = look in the standard places.
+    # Directory of the IDX .gz files (fashion_mnist, mnist) or of LEAF's train/ and test/ JSON
+    # (femnist); null = look in the standard places.
     data_dir: str | None = None
+    # dataset=files: a .npz with x (N, H, W), y (N,), optional client (N,), x_test and y_test.
+    path: str | None = None
     # Allow a download (HTTPS from keras' dataset bucket or FL_ONDEVICE_DATASET_URL, checked by
     # SHA-256) when no local copy is found.
     download: bool = True
@@ -37,7 +40,14 @@ class DatasetConfig:
     def __post_init__(self) -> None:
         require(self.name in DATASETS, "dataset.name", self.name, f"choose one of {DATASETS}")
         if self.classes is not None:
-            check_classes("dataset.classes", self.classes, DATASET_CLASSES[self.name])
+            check_classes("dataset.classes", self.classes, DATASET_CLASSES.get(self.name))
+        require(
+            self.name != "files" or bool(self.path),
+            "dataset.path",
+            self.path,
+            "dataset=files needs dataset.path=FILE.npz with arrays x (N, H, W) and y (N,), "
+            "optionally client (N,), x_test and y_test",
+        )
         require(
             0.0 < self.test_fraction < 1.0,
             "dataset.test_fraction",

@@ -76,7 +76,7 @@ class Config:
 
     def _check_transfer(self) -> None:
         base, classes = self.model.base_classes, self.dataset.classes
-        check_classes("model.base_classes", base, DATASET_CLASSES[self.dataset.name])
+        check_classes("model.base_classes", base, DATASET_CLASSES.get(self.dataset.name))
         require(
             classes is not None,
             "dataset.classes",
