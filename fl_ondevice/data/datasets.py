@@ -15,6 +15,7 @@ from fl_ondevice.data.dataset import Dataset, select_classes
 from fl_ondevice.data.digits import load_digits
 from fl_ondevice.data.files import load_files_dataset
 from fl_ondevice.data.idx import SYSTEM_DIRS, load_idx_dataset
+from fl_ondevice.data.leaf import load_femnist
 from fl_ondevice.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -88,6 +89,8 @@ def _load_cached(
         dataset = load_digits(test_fraction, seed, cache_dir)
     elif name == "files":
         dataset = load_files_dataset(str(data_dir), test_fraction, seed)
+    elif name == "femnist":
+        dataset = load_femnist(data_dir)
     elif name in SYSTEM_DIRS:
         dataset = load_idx_dataset(name, data_dir, download)
     else:

@@ -394,6 +394,7 @@ def make_partitions(
         The partition request is impossible (see ``partition_indices``).
     """
     if dataset.train_clients is not None and cfg._target_ is None:
+        log.info("%s: one client per natural client (partition.name ignored)", dataset.name)
         return natural_partitions(dataset, num_clients, cfg.local_test_fraction, seed)
     # Natural clients' own test rows (LEAF's per-user test split) are never partitioned.
     rows = np.arange(len(dataset.y_train))
