@@ -60,7 +60,7 @@ def main(cfg: DictConfig) -> None:
         print(f"pretraining ({report}): {report.read_text()}")
 
 
-def _data_shape(run: Config) -> tuple[tuple[int, int], int]:
+def _data_shape(run: Config) -> tuple[tuple[int, ...], int]:
     """Image shape and class count: from the tables, or a files dataset's file."""
     name, classes = run.dataset.name, run.dataset.classes
     if name not in DATASET_SHAPES:

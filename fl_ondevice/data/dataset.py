@@ -49,9 +49,9 @@ class Dataset:
     local_test: np.ndarray | None = None  # (N,) bool, a natural client's own test rows
 
     @property
-    def input_shape(self) -> tuple[int, int]:
-        """Image shape (H, W) of one example."""
-        return (int(self.train_images.shape[1]), int(self.train_images.shape[2]))
+    def input_shape(self) -> tuple[int, ...]:
+        """Image shape of one example: (H, W), or (H, W, C) for colour images."""
+        return tuple(int(d) for d in self.train_images.shape[1:])
 
     def train_x(self, indices: np.ndarray | slice | None = None) -> np.ndarray:
         """Train images ``indices`` (all when None) as float32 in [0, 1], shape (len, H, W).

@@ -1,4 +1,4 @@
-"""load_dataset: digits, fashion_mnist, mnist, femnist or files by name, once per process.
+"""load_dataset: digits, (fashion_)mnist, femnist, cifar10 or files by name, once per process.
 
 Each source has its module: ``digits`` (scikit-learn's, split and cached), ``idx`` (the IDX files
 of (Fashion-)MNIST, found locally or fetched by ``download``); ``dataset`` holds the type.
@@ -11,8 +11,10 @@ import logging
 import os
 
 from fl_ondevice.config import DATASETS, DatasetConfig
+from fl_ondevice.data.cifar import load_cifar10
 from fl_ondevice.data.dataset import Dataset, select_classes
 from fl_ondevice.data.digits import load_digits
+from fl_ondevice.data.download import keras_cache_dir
 from fl_ondevice.data.files import load_files_dataset
 from fl_ondevice.data.idx import SYSTEM_DIRS, load_idx_dataset
 from fl_ondevice.data.leaf import load_femnist
@@ -91,6 +93,8 @@ def _load_cached(
         dataset = load_files_dataset(str(data_dir), test_fraction, seed)
     elif name == "femnist":
         dataset = load_femnist(data_dir)
+    elif name == "cifar10":  # keras.datasets.cifar10 unpacks the same archive there too
+        dataset = load_cifar10(data_dir, download, keras_cache_dir())
     elif name in SYSTEM_DIRS:
         dataset = load_idx_dataset(name, data_dir, download)
     else:

@@ -1,10 +1,10 @@
 """dataset=files: your own (federated) data from one ``.npz`` file.
 
-Arrays: ``x`` (N, H, W) images, uint8 0..255 or floats in [0, 1]; ``y`` (N,) integer labels
-0..k-1; optional ``client`` (N,), any values, one natural client each (the clients are the sorted
-distinct values); optional ``x_test``/``y_test``, the central test set. Without them a seeded
-``test_fraction`` of the rows is held out as the central test set. Every check fails with one
-line that names the file, the array and what to change.
+Arrays: ``x`` (N, H, W) or (N, H, W, C) images, uint8 0..255 or floats in [0, 1]; ``y`` (N,)
+integer labels 0..k-1; optional ``client`` (N,), any values, one natural client each (the
+clients are the sorted distinct values); optional ``x_test``/``y_test``, the central test set.
+Without them a seeded ``test_fraction`` of the rows is held out as the central test set. Every
+check fails with one line that names the file, the array and what to change.
 """
 
 from __future__ import annotations
@@ -105,8 +105,11 @@ def _read(file: Path) -> dict[str, np.ndarray]:
 
 
 def _images(x: np.ndarray, where: str, name: str) -> np.ndarray:
-    if x.ndim != 3:
-        raise DataError(f"{where}: {name} has shape {x.shape}; need grey images (N, H, W)")
+    if x.ndim not in (3, 4):
+        raise DataError(
+            f"{where}: {name} has shape {x.shape}; "
+            "need grey (N, H, W) or colour (N, H, W, C) images"
+        )
     if x.dtype == np.uint8:
         return x
     if not np.issubdtype(x.dtype, np.floating):
