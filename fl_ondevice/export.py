@@ -11,7 +11,8 @@ import numpy as np
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from fl_ondevice.config import DATASET_CLASSES, DATASET_SHAPES, parse_config
+from fl_ondevice.config import DATASET_CLASSES, DATASET_SHAPES, Config, parse_config
+from fl_ondevice.data import load_dataset
 from fl_ondevice.ondevice import OnDeviceModel
 from fl_ondevice.ondevice.convert import build_tflite
 
@@ -48,9 +49,7 @@ def main(cfg: DictConfig) -> None:
     print its description (and, for model=transfer, the base's pretraining report)."""
 
     run = parse_config(cfg)  # the whole config: model=transfer's checks span dataset and model
-    input_shape = DATASET_SHAPES[run.dataset.name]
-    classes = run.dataset.classes
-    num_classes = DATASET_CLASSES[run.dataset.name] if classes is None else len(classes)
+    input_shape, num_classes = _data_shape(run)
     cache_dir = os.path.expanduser(run.cache_dir)
     path = build_tflite(run.model, input_shape, num_classes, run.seed, cache_dir, run.dataset)
     out = Path(HydraConfig.get().runtime.output_dir) / "model.tflite"
@@ -59,6 +58,15 @@ def main(cfg: DictConfig) -> None:
     report = path.with_suffix(".json")
     if report.is_file():
         print(f"pretraining ({report}): {report.read_text()}")
+
+
+def _data_shape(run: Config) -> tuple[tuple[int, ...], int]:
+    """Image shape and class count: from the tables, or a files dataset's file."""
+    name, classes = run.dataset.name, run.dataset.classes
+    if name not in DATASET_SHAPES:
+        data = load_dataset(run.dataset, run.seed)
+        return data.input_shape, data.num_classes
+    return DATASET_SHAPES[name], DATASET_CLASSES[name] if classes is None else len(classes)
 
 
 if __name__ == "__main__":

@@ -82,12 +82,16 @@ def test_defaults_live_in_the_config_dataclasses_only():
     assert composed.eval_batch_size == EVAL_BATCH_SIZE
 
 
+# Options that need a path to validate.
+EXTRA = {"tflite": ["model.path=x.tflite"], "files": ["dataset.path=x.npz"]}
+
+
 def test_every_group_option_composes_and_validates():
     from fl_ondevice.server.strategy import make_strategy
 
     for group in ("dataset", "model", "partition", "strategy"):
         for option in sorted((ROOT / "conf" / group).glob("*.yaml")):
-            extra = ["model.path=x.tflite"] if option.stem == "tflite" else []
+            extra = EXTRA.get(option.stem, [])
             cfg = _default(f"{group}={option.stem}", *extra)
             make_strategy(cfg)  # every strategy YAML builds its Flower class
 

@@ -98,6 +98,7 @@ BUILT_IN = [
     ("2nn", (8, 8), {"learning_rate": 0.05, "momentum": 0.9}),
     ("cnn", (8, 8), {"optimizer": "adam", "learning_rate": 1e-3}),
     ("simple_cnn", (28, 28), {"learning_rate": 0.05, "momentum": 0.9}),
+    ("simple_cnn", (32, 32, 3), {"learning_rate": 0.01, "momentum": 0.9}),  # CIFAR-10
     ("transfer", (8, 8), {"learning_rate": 0.1, "trainable": "all", "pretrained": False}),
     ("transfer", (8, 8), {"learning_rate": 0.1, "trainable": "head", "pretrained": False}),
 ]

@@ -68,6 +68,8 @@ def test_100_interpreter_steps_match_tf(converted, name, opt):
         ("simple_cnn", (15, 14)),
         ("transfer", (8, 8)),  # 3x3 kernels
         ("transfer", (15, 14)),
+        ("simple_cnn", (32, 32, 3)),  # colour: CIFAR-10's shape, NIID-Bench's model
+        ("cnn", (9, 11, 3)),
     ],
 )
 def test_hand_written_gradients_equal_the_tapes_with_ties(name, shape):
@@ -148,7 +150,14 @@ def test_restore_then_infer_matches_tf_logits(converted):
 
 @pytest.mark.parametrize(
     ("name", "shape"),
-    [("cnn", (28, 28)), ("simple_cnn", (28, 28)), ("cnn", (9, 11)), ("transfer", (15, 14))],
+    [
+        ("cnn", (28, 28)),
+        ("simple_cnn", (28, 28)),
+        ("cnn", (9, 11)),
+        ("transfer", (15, 14)),
+        ("simple_cnn", (32, 32, 3)),  # colour images: the channels are the first conv's input
+        ("cnn", (32, 32, 3)),
+    ],
 )
 def test_forward_equals_tf_convolution_pooling_and_dense_layers(name, shape):
     # The models convolve by matrix products over shifted windows; TF's own ops, written out
@@ -158,7 +167,7 @@ def test_forward_equals_tf_convolution_pooling_and_dense_layers(name, shape):
     x = np.random.default_rng(4).random((6, *shape), dtype=np.float32)
     padding = "VALID" if name == "simple_cnn" else "SAME"
     convs = sum(1 for n in module.weight_names if n.startswith("conv")) // 2
-    a = x[..., None]
+    a = x if len(shape) == 3 else x[..., None]  # (batch, H, W, C)
     for i in range(convs):
         a = tf.nn.relu(tf.nn.conv2d(a, ws[2 * i], 1, padding) + ws[2 * i + 1])
         a = tf.nn.max_pool2d(a, 2, 2, "SAME")
@@ -314,6 +323,8 @@ def _exact_convolutions(weights: dict[str, np.ndarray]) -> dict[str, np.ndarray]
         ("simple_cnn", (28, 28), {"learning_rate": 0.05}),
         ("simple_cnn", (28, 28), {"learning_rate": 0.01, "momentum": 0.9}),
         ("simple_cnn", (28, 28), {"optimizer": "adam", "learning_rate": 1e-3}),
+        # CIFAR-10's 32x32x3 with NIID-Bench's optimizer (SGD lr 0.01, momentum 0.9).
+        ("simple_cnn", (32, 32, 3), {"learning_rate": 0.01, "momentum": 0.9}),
         # The whole transfer network (model.trainable=all); head-only: tests/test_transfer.py.
         ("transfer", (8, 8), {"learning_rate": 0.1, "trainable": "all"}),
         ("transfer", (8, 8), {"learning_rate": 0.05, "momentum": 0.9, "trainable": "all"}),

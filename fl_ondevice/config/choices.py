@@ -6,13 +6,20 @@ from typing import Any
 
 from fl_ondevice.errors import ConfigError
 
-DATASETS = ("digits", "fashion_mnist", "mnist")
+DATASETS = ("digits", "fashion_mnist", "mnist", "femnist", "cifar10", "files")
 PARTITIONERS = ("iid", "dirichlet", "shards", "label_quantity")
 MODELS = ("mlp", "2nn", "cnn", "simple_cnn", "tflite", "transfer")
-# Classes and image shape (H, W) per dataset, to check class lists and export a model before any
-# data is loaded.
-DATASET_CLASSES = {"digits": 10, "fashion_mnist": 10, "mnist": 10}
-DATASET_SHAPES = {"digits": (8, 8), "fashion_mnist": (28, 28), "mnist": (28, 28)}
+# Classes and image shape (H, W), or (H, W, C) for colour, per dataset, to check class lists and
+# export a model before any data is loaded; a files dataset's come from its file. FEMNIST: 10
+# digits + 26 + 26 letters.
+DATASET_CLASSES = {"digits": 10, "fashion_mnist": 10, "mnist": 10, "femnist": 62, "cifar10": 10}
+DATASET_SHAPES: dict[str, tuple[int, ...]] = {
+    "digits": (8, 8),
+    "fashion_mnist": (28, 28),
+    "mnist": (28, 28),
+    "femnist": (28, 28),
+    "cifar10": (32, 32, 3),
+}
 # What a client uploads (client.update_encoding; fl_ondevice.wire.encoding encodes and decodes).
 FLOAT32, FLOAT16, INT8 = "float32", "float16", "int8"
 ENCODINGS = (FLOAT32, FLOAT16, INT8)

@@ -24,8 +24,11 @@ from fl_ondevice.config.choices import (
 @dataclass
 class DatasetConfig:
     name: str = "digits"  # ships with scikit-learn: runs offline
-    # Directory of the IDX .gz files (fashion_mnist, mnist); null = look in the standard places.
+    # Directory of the IDX .gz files (fashion_mnist, mnist) or of LEAF's train/ and test/ JSON
+    # (femnist); null = look in the standard places.
     data_dir: str | None = None
+    # dataset=files: a .npz with x (N, H, W), y (N,), optional client (N,), x_test and y_test.
+    path: str | None = None
     # Allow a download (HTTPS from keras' dataset bucket or FL_ONDEVICE_DATASET_URL, checked by
     # SHA-256) when no local copy is found.
     download: bool = True
@@ -38,7 +41,14 @@ class DatasetConfig:
     def __post_init__(self) -> None:
         require(self.name in DATASETS, "dataset.name", self.name, f"choose one of {DATASETS}")
         if self.classes is not None:
-            check_classes("dataset.classes", self.classes, DATASET_CLASSES[self.name])
+            check_classes("dataset.classes", self.classes, DATASET_CLASSES.get(self.name))
+        require(
+            self.name != "files" or bool(self.path),
+            "dataset.path",
+            self.path,
+            "dataset=files needs dataset.path=FILE.npz with arrays x (N, H, W) and y (N,), "
+            "optionally client (N,), x_test and y_test",
+        )
         require(
             0.0 < self.test_fraction < 1.0,
             "dataset.test_fraction",
@@ -50,6 +60,10 @@ class DatasetConfig:
 @dataclass
 class PartitionConfig:
     name: str = "dirichlet"
+    # A Flower Datasets partitioner class (flwr_datasets.partitioner.X) instead of ours (name).
+    # Its arguments are the keys below of the same name; num_partitions is num_clients, seed the
+    # run's seed (fl_ondevice.data.flower).
+    _target_: str | None = None
     alpha: float = 0.5  # dirichlet: concentration; small = skewed (Hsu et al. 2019)
     min_partition_size: int = 10  # dirichlet: resample until every client holds this many
     max_retries: int = 100  # dirichlet: resampling attempts before giving up
@@ -57,10 +71,28 @@ class PartitionConfig:
     shard_size: int = 300  # shards: 200 shards of 300 MNIST images in the paper
     labels_per_client: int = 2  # label_quantity: NIID-Bench #C=k
     local_test_fraction: float = 0.2  # per-client local test split, for client-side evaluation
+    # Flower Datasets partitioners' arguments (null = the partitioner's default); alpha,
+    # min_partition_size and shard_size above are theirs too. Other arguments: +partition.args.K=V.
+    partition_by: str = "label"  # the column: label, or client for data with natural clients
+    num_classes_per_partition: int | None = None  # PathologicalPartitioner
+    class_assignment_mode: str | None = None  # PathologicalPartitioner
+    num_shards_per_partition: int | None = None  # ShardPartitioner
+    keep_incomplete_shard: bool | None = None  # ShardPartitioner
+    self_balancing: bool | None = None  # DirichletPartitioner
+    strictness: float | None = None  # ContinuousPartitioner
+    group_size: int | None = None  # GroupedNaturalIdPartitioner
+    args: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         p = "partition"
         require(self.name in PARTITIONERS, f"{p}.name", self.name, f"choose one of {PARTITIONERS}")
+        require(
+            self._target_ is None or "." in self._target_,
+            f"{p}._target_",
+            self._target_,
+            "name a partitioner class by its module path, e.g. "
+            "flwr_datasets.partitioner.DirichletPartitioner, or null for partition.name",
+        )
         require(self.alpha > 0, f"{p}.alpha", self.alpha, "must be > 0")
         for key in ("min_partition_size",):
             require(getattr(self, key) >= 0, f"{p}.{key}", getattr(self, key), "must be >= 0")

@@ -11,7 +11,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from fl_ondevice.config.choices import DATASET_CLASSES, check_classes, require
+from fl_ondevice.config.choices import DATASET_CLASSES, DATASET_SHAPES, check_classes, require
 from fl_ondevice.config.groups import (
     BackendConfig,
     ClientConfig,
@@ -78,7 +78,14 @@ class Config:
 
     def _check_transfer(self) -> None:
         base, classes = self.model.base_classes, self.dataset.classes
-        check_classes("model.base_classes", base, DATASET_CLASSES[self.dataset.name])
+        require(
+            len(DATASET_SHAPES.get(self.dataset.name, ())) != 3,
+            "model",
+            "transfer",
+            f"model=transfer's base takes grey images; dataset={self.dataset.name} is colour: "
+            "use model=cnn or model=simple_cnn",
+        )
+        check_classes("model.base_classes", base, DATASET_CLASSES.get(self.dataset.name))
         require(
             classes is not None,
             "dataset.classes",

@@ -5,6 +5,7 @@
 - ``digits``, ``idx``, ``download``: the sources (scikit-learn's digits; IDX files, fetched
   into the Keras cache when missing);
 - ``partitioners``: iid, dirichlet, shards, label_quantity as indices into one training set;
+- ``flower``: any Flower Datasets partitioner named by ``partition._target_``, as indices too;
 - ``report``: ``partition.csv``, ``partition.json`` and ``partition.png``.
 """
 

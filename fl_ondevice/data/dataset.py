@@ -31,6 +31,12 @@ class Dataset:
         Labels, shape (N,), int64 in [0, num_classes), read-only.
     num_classes : int
         Number of classes.
+    train_clients : np.ndarray or None
+        (N,) int64 in 0..K-1: the natural client of each training row (FEMNIST's writers, a
+        files dataset's ``client`` array); None when a partitioner makes the clients.
+    local_test : np.ndarray or None
+        (N,) bool: training rows that are their client's own test data (LEAF's per-user test
+        split), used only as the natural clients' local test sets, never assigned for training.
     """
 
     name: str
@@ -39,11 +45,13 @@ class Dataset:
     test_images: np.ndarray  # (M, H, W), as train_images
     y_test: np.ndarray  # (M,) int64
     num_classes: int
+    train_clients: np.ndarray | None = None  # (N,) int64, natural client per training row
+    local_test: np.ndarray | None = None  # (N,) bool, a natural client's own test rows
 
     @property
-    def input_shape(self) -> tuple[int, int]:
-        """Image shape (H, W) of one example."""
-        return (int(self.train_images.shape[1]), int(self.train_images.shape[2]))
+    def input_shape(self) -> tuple[int, ...]:
+        """Image shape of one example: (H, W), or (H, W, C) for colour images."""
+        return tuple(int(d) for d in self.train_images.shape[1:])
 
     def train_x(self, indices: np.ndarray | slice | None = None) -> np.ndarray:
         """Train images ``indices`` (all when None) as float32 in [0, 1], shape (len, H, W).
@@ -117,6 +125,7 @@ def select_classes(dataset: Dataset, classes: tuple[int, ...]) -> Dataset:
     relabel = np.full(dataset.num_classes, -1, np.int64)
     relabel[list(classes)] = np.arange(len(classes))
     train, test = (relabel[dataset.y_train] >= 0), (relabel[dataset.y_test] >= 0)
+    clients, local = dataset.train_clients, dataset.local_test
     return make_dataset(
         dataset.name,
         dataset.train_images[train],  # as stored: uint8 stays uint8
@@ -124,6 +133,8 @@ def select_classes(dataset: Dataset, classes: tuple[int, ...]) -> Dataset:
         dataset.test_images[test],
         relabel[dataset.y_test[test]],
         len(classes),
+        None if clients is None else clients[train],
+        None if local is None else local[train],
     )
 
 
@@ -134,10 +145,14 @@ def make_dataset(
     test_images: np.ndarray,
     y_test: np.ndarray,
     num_classes: int,
+    train_clients: np.ndarray | None = None,
+    local_test: np.ndarray | None = None,
 ) -> Dataset:
     """A :class:`Dataset` of contiguous, read-only copies (or views) of the arrays."""
     arrays = [np.ascontiguousarray(a) for a in (train_images, y_train, test_images, y_test)]
-    for array in arrays:
+    natural = [None if a is None else np.ascontiguousarray(a) for a in (train_clients, local_test)]
+    for array in [*arrays, *(a for a in natural if a is not None)]:
         # Shared by every client of the process: a client writing into it would corrupt the others.
         array.setflags(write=False)
-    return Dataset(name, arrays[0], arrays[1], arrays[2], arrays[3], num_classes)
+    train_x, train_y, test_x, test_y = arrays
+    return Dataset(name, train_x, train_y, test_x, test_y, num_classes, natural[0], natural[1])

@@ -1,4 +1,4 @@
-"""load_dataset: digits, fashion_mnist or mnist by name, loaded once per process.
+"""load_dataset: digits, (fashion_)mnist, femnist, cifar10 or files by name, once per process.
 
 Each source has its module: ``digits`` (scikit-learn's, split and cached), ``idx`` (the IDX files
 of (Fashion-)MNIST, found locally or fetched by ``download``); ``dataset`` holds the type.
@@ -10,10 +10,14 @@ import functools
 import logging
 import os
 
-from fl_ondevice.config import DATASET_CLASSES, DatasetConfig
+from fl_ondevice.config import DATASETS, DatasetConfig
+from fl_ondevice.data.cifar import load_cifar10
 from fl_ondevice.data.dataset import Dataset, select_classes
 from fl_ondevice.data.digits import load_digits
+from fl_ondevice.data.download import keras_cache_dir
+from fl_ondevice.data.files import load_files_dataset
 from fl_ondevice.data.idx import SYSTEM_DIRS, load_idx_dataset
+from fl_ondevice.data.leaf import load_femnist
 from fl_ondevice.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -28,7 +32,8 @@ def load_dataset(cfg: DatasetConfig, seed: int = 0, cache_dir: str | None = None
         ``name`` selects the dataset; ``data_dir`` and ``download`` steer the file lookup of
         fashion_mnist and mnist (``download`` fetches them with `fetch_dataset` when no
         directory has them); ``test_fraction`` is the held-out share of digits;
-        ``classes`` keeps only those classes (train and test), relabelled 0..k-1 in that order.
+        ``classes`` keeps only those classes (train and test), relabelled 0..k-1 in that order;
+        ``path`` is a files dataset's ``.npz`` (``fl_ondevice.data.files``).
     seed : int
         Seed of the stratified train/test split of digits. fashion_mnist and mnist have an
         official split and ignore it.
@@ -57,6 +62,9 @@ def load_dataset(cfg: DatasetConfig, seed: int = 0, cache_dir: str | None = None
         return _load_cached(
             cfg.name, None, False, float(cfg.test_fraction), int(seed), classes, cache
         )
+    if cfg.name == "files":  # held out by seed and test_fraction when the file has no test set
+        path = os.path.abspath(os.path.expanduser(str(cfg.path)))
+        return _load_cached(cfg.name, path, False, float(cfg.test_fraction), int(seed), classes)
     # Official split: seed, test_fraction and the cache do not matter, keep them out of the key.
     return _load_cached(cfg.name, cfg.data_dir, bool(cfg.download), 0.0, 0, classes)
 
@@ -81,10 +89,16 @@ def _load_cached(
         return select_classes(full, classes)
     if name == "digits":
         dataset = load_digits(test_fraction, seed, cache_dir)
+    elif name == "files":
+        dataset = load_files_dataset(str(data_dir), test_fraction, seed)
+    elif name == "femnist":
+        dataset = load_femnist(data_dir)
+    elif name == "cifar10":  # keras.datasets.cifar10 unpacks the same archive there too
+        dataset = load_cifar10(data_dir, download, keras_cache_dir())
     elif name in SYSTEM_DIRS:
         dataset = load_idx_dataset(name, data_dir, download)
     else:
-        raise DataError(f"unknown dataset {name!r}: choose one of {sorted(DATASET_CLASSES)}")
+        raise DataError(f"unknown dataset {name!r}: choose one of {list(DATASETS)}")
     log.info(
         "loaded %s: %d train / %d test examples of shape %s",
         name,

@@ -1,51 +1,41 @@
-"""Split one training set among clients: iid, dirichlet, shards, label_quantity.
+"""Split one training set among clients: iid, dirichlet, shards, label_quantity, or Flower's.
 
 Every partitioner returns, per client, an int64 array of indices into the one shared training set:
-no client holds a copy of the images. We do not use ``flwr-datasets`` (0.6.1 checked): it would add
-``datasets``, ``pyarrow``, ``seaborn`` and ``rich`` to every client process, its partitioners hand
-back ``datasets.Dataset`` objects rather than indices into our arrays (``ShardPartitioner`` even
-sorts the dataset first, so its rows are positions in a sorted copy), ``IidPartitioner`` does not
-shuffle, and ``DirichletPartitioner`` fixes its resampling budget at 10 attempts. Each construction
-below is a few lines of numpy with a documented random-number order, tested property by property.
+no client holds a copy of the images. ``partition._target_`` selects any Flower Datasets
+partitioner instead (``fl_ondevice.data.flower``). Ours stay for what they add: they are numpy
+only (no ``datasets``/``pyarrow`` in the client processes), ``iid`` shuffles (Flower's
+``IidPartitioner`` cuts rows in order), ``dirichlet`` retries ``partition.max_retries`` times
+(Flower's gives up after 10), ``shards`` picks random shards of one label-sorted order as in
+arXiv:1602.05629, ``label_quantity`` is NIID-Bench's #C=k draw (client i always holds label i mod C,
+which Flower's ``PathologicalPartitioner`` does not guarantee); each has a documented
+random-number order, tested property by property.
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 
 import numpy as np
 
 from fl_ondevice.config import PartitionConfig
 from fl_ondevice.data.dataset import Dataset
+from fl_ondevice.data.flower import flower_partition_indices
+from fl_ondevice.data.local import Partition, local_split
+from fl_ondevice.data.natural import natural_partitions
 from fl_ondevice.errors import DataError
 
 log = logging.getLogger(__name__)
 
-
-@dataclass(frozen=True, eq=False)
-class Partition:
-    """One client's share of the training set, as indices into ``Dataset.train_images``/``y_train``.
-
-    Attributes
-    ----------
-    client_id : int
-        0-based client number.
-    train_indices : np.ndarray
-        (n_train,) int64, sorted; the client trains on these.
-    test_indices : np.ndarray
-        (n_test,) int64, sorted, disjoint from ``train_indices``; the client's local test set
-        (may be empty for tiny clients).
-    """
-
-    client_id: int
-    train_indices: np.ndarray
-    test_indices: np.ndarray
-
-    @property
-    def num_examples(self) -> int:
-        """Number of examples the client holds, train and local test together."""
-        return int(len(self.train_indices) + len(self.test_indices))
+__all__ = [
+    "Partition",
+    "dirichlet_partition",
+    "iid_partition",
+    "label_quantity_partition",
+    "local_split",
+    "make_partitions",
+    "partition_indices",
+    "shards_partition",
+]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -372,41 +362,6 @@ def label_quantity_partition(
 # ---------------------------------------------------------------------------------------------
 
 
-def local_split(
-    indices: np.ndarray, fraction: float, seed: int, client_id: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """Split one client's indices into local train and local test parts, seeded per client.
-
-    ``n_test = min(round(fraction * n), n - 1)``: a client always keeps at least one training
-    example, and a client with one example (or a fraction that rounds to 0) has an empty local
-    test set. The random source is seeded by ``(seed, client_id)``, independent of the other
-    clients.
-
-    Parameters
-    ----------
-    indices : np.ndarray
-        (n,) the client's indices into the training set.
-    fraction : float
-        Share held out for the local test set, in [0, 1).
-    seed : int
-        Run seed.
-    client_id : int
-        Client number (makes the split differ between clients of one run).
-
-    Returns
-    -------
-    tuple of np.ndarray
-        ``(train_idx, test_idx)``, both sorted int64, disjoint, together equal to ``indices``.
-    """
-    indices = np.asarray(indices, dtype=np.int64)
-    n = len(indices)
-    if not 0.0 <= fraction < 1.0:
-        raise DataError(f"local test fraction {fraction} is invalid: must be in [0, 1)")
-    n_test = min(int(np.floor(fraction * n + 0.5)), max(n - 1, 0))
-    shuffled = np.random.default_rng([seed, client_id]).permutation(indices)
-    return np.sort(shuffled[n_test:]), np.sort(shuffled[:n_test])
-
-
 def make_partitions(
     dataset: Dataset, num_clients: int, cfg: PartitionConfig, seed: int
 ) -> list[Partition]:
@@ -419,7 +374,8 @@ def make_partitions(
     num_clients : int
         Number of clients.
     cfg : PartitionConfig
-        Partitioner choice and parameters; ``cfg.local_test_fraction`` is the local test share.
+        Partitioner choice (ours by ``name``, Flower's by ``_target_``) and parameters;
+        ``cfg.local_test_fraction`` is the local test share.
     seed : int
         Run seed.
 
@@ -428,14 +384,32 @@ def make_partitions(
     list of Partition
         One per client, ``client_id`` 0..num_clients-1.
 
+    Data with natural clients (``dataset.train_clients``) is split by them unless
+    ``cfg._target_`` names a partitioner (``fl_ondevice.data.natural``); Flower's partitioners
+    then see them as the ``client`` column.
+
     Raises
     ------
     DataError
         The partition request is impossible (see ``partition_indices``).
     """
-    parts = partition_indices(dataset.y_train, num_clients, cfg, seed, dataset.num_classes)
+    if dataset.train_clients is not None and cfg._target_ is None:
+        log.info("%s: one client per natural client (partition.name ignored)", dataset.name)
+        return natural_partitions(dataset, num_clients, cfg.local_test_fraction, seed)
+    # Natural clients' own test rows (LEAF's per-user test split) are never partitioned.
+    rows = np.arange(len(dataset.y_train))
+    if dataset.local_test is not None:
+        rows = np.flatnonzero(~dataset.local_test)
+    labels = dataset.y_train[rows]
+    if cfg._target_ is not None:
+        columns = {"label": labels}
+        if dataset.train_clients is not None:
+            columns["client"] = dataset.train_clients[rows]
+        parts = flower_partition_indices(columns, num_clients, cfg, seed)
+    else:
+        parts = partition_indices(labels, num_clients, cfg, seed, dataset.num_classes)
     partitions = []
     for client_id, indices in enumerate(parts):
-        train_idx, test_idx = local_split(indices, cfg.local_test_fraction, seed, client_id)
+        train_idx, test_idx = local_split(rows[indices], cfg.local_test_fraction, seed, client_id)
         partitions.append(Partition(client_id, train_idx, test_idx))
     return partitions

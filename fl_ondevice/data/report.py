@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from fl_ondevice.data.partitioners import Partition
+from fl_ondevice.data.local import Partition
 
 log = logging.getLogger(__name__)
 

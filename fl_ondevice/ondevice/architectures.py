@@ -54,8 +54,8 @@ def _mlp_gradients(
     return loss, dense_backward(ws, inputs, g)[1]
 
 
-def _mlp(hidden: Sequence[int]) -> Callable[[tuple[int, int], int], Architecture]:
-    def build(input_shape: tuple[int, int], num_classes: int) -> Architecture:
+def _mlp(hidden: Sequence[int]) -> Callable[[tuple[int, ...], int], Architecture]:
+    def build(input_shape: tuple[int, ...], num_classes: int) -> Architecture:
         names = [f"hidden{i + 1}" for i in range(len(hidden))] + ["output"]
         sizes = [math.prod(input_shape), *hidden, num_classes]
         return _dense_stack(names, sizes), _mlp_forward, _mlp_gradients
@@ -63,19 +63,25 @@ def _mlp(hidden: Sequence[int]) -> Callable[[tuple[int, int], int], Architecture
     return build
 
 
+def _nhwc(x: tf.Tensor) -> tf.Tensor:
+    """Images as (batch, H, W, C): grey (batch, H, W) images get a channel axis of 1."""
+    return tf.expand_dims(x, -1) if len(x.shape) == 3 else x
+
+
 def _cnn(
     convs: Sequence[int], dense: Sequence[int], padding: str, kernel: int = 5
-) -> Callable[[tuple[int, int], int], Architecture]:
+) -> Callable[[tuple[int, ...], int], Architecture]:
     """kxk conv + ReLU + 2x2 max-pool blocks, then dense ReLU layers, then the output layer.
 
     Longer than a screen: ``forward`` and ``gradients`` are closures over the layer shapes the
     builder computes, and the backward pass reads best beside its forward pass.
     """
 
-    def build(input_shape: tuple[int, int], num_classes: int) -> Architecture:
-        h, w = input_shape
+    def build(input_shape: tuple[int, ...], num_classes: int) -> Architecture:
+        # Grey images (H, W) are one channel; colour images (H, W, C) bring their own.
+        h, w = input_shape[0], input_shape[1]
+        channels = input_shape[2] if len(input_shape) == 3 else 1
         layers: list[Layer] = []
-        channels = 1
         for i, c in enumerate(convs):
             layers += [
                 (f"conv{i + 1}/kernel", (kernel, kernel, channels, c)),
@@ -96,7 +102,7 @@ def _cnn(
         n_conv = 2 * len(convs)
 
         def forward(ws: Sequence[tf.Tensor], x: tf.Tensor) -> tf.Tensor:
-            a = tf.expand_dims(x, -1)  # (batch, H, W, 1)
+            a = _nhwc(x)  # (batch, H, W, C)
             for i in range(0, n_conv, 2):
                 a = tf.nn.relu(tf.nn.max_pool2d(conv(a, ws[i], padding) + ws[i + 1], 2, 2, "SAME"))
             return _mlp_forward(ws[n_conv:], a)
@@ -106,7 +112,7 @@ def _cnn(
         ) -> tuple[tf.Tensor, list[tf.Tensor]]:
             # Forward with max-pool before ReLU: max_pool(relu(z)) == relu(max_pool(z)), and the
             # ReLU gradient then masks the 4x smaller pooled tensor.
-            a = tf.expand_dims(x, -1)  # (batch, H, W, 1)
+            a = _nhwc(x)  # (batch, H, W, C)
             blocks = []  # (block input's windows, conv output before pooling, block output)
             for i in range(0, n_conv, 2):
                 windows = windows_of(a, kernel, padding)  # kept: the kernel's gradient needs them
@@ -152,7 +158,7 @@ ARCHITECTURES = {
 }
 
 
-def architecture_layers(name: str, input_shape: tuple[int, int], num_classes: int) -> list[Layer]:
+def architecture_layers(name: str, input_shape: tuple[int, ...], num_classes: int) -> list[Layer]:
     """The weights (names, shapes), in forward order, of architecture ``name`` (``model.name``)
     for images of ``input_shape`` and ``num_classes`` classes."""
     layers, _, _ = ARCHITECTURES[name](input_shape, num_classes)

@@ -140,7 +140,7 @@ def tensorflow_version() -> str:
 
 def cache_key(
     cfg: ModelConfig,
-    input_shape: tuple[int, int],
+    input_shape: tuple[int, ...],
     num_classes: int,
     seed: int,
     dataset: DatasetConfig | None = None,
@@ -169,7 +169,7 @@ def cache_key(
 
 def build_tflite(
     cfg: ModelConfig,
-    input_shape: tuple[int, int],
+    input_shape: tuple[int, ...],
     num_classes: int,
     seed: int,
     cache_dir: str | os.PathLike[str],
@@ -236,7 +236,7 @@ def convert_and_verify(module: tf.Module) -> bytes:
 
 def bake(
     cfg: ModelConfig,
-    input_shape: tuple[int, int],
+    input_shape: tuple[int, ...],
     num_classes: int,
     weights: dict[str, np.ndarray],
     base: dict[str, np.ndarray] | None = None,

@@ -66,7 +66,7 @@ class TrainableModel(tf.Module):
     def __init__(
         self,
         name: str,
-        input_shape: tuple[int, int],
+        input_shape: tuple[int, ...],
         num_classes: int,
         optimizer: ModelConfig,
         seed: int = 0,
@@ -74,7 +74,7 @@ class TrainableModel(tf.Module):
     ) -> None:
         super().__init__(name=name.replace("2nn", "two_nn"))
         self.arch = name
-        self.input_shape_ = (int(input_shape[0]), int(input_shape[1]))
+        self.input_shape_ = tuple(int(d) for d in input_shape)  # (H, W) or (H, W, C)
         self.num_classes = int(num_classes)
         self.opt = optimizer
         layers, self.forward, self._gradients = ARCHITECTURES[name](
@@ -218,7 +218,7 @@ def initial_weight(name: str, shape: tuple[int, ...], rng: np.random.Generator) 
 
 def build_model(
     cfg: ModelConfig,
-    input_shape: tuple[int, int],
+    input_shape: tuple[int, ...],
     num_classes: int,
     seed: int = 0,
     initial: Mapping[str, np.ndarray] | None = None,

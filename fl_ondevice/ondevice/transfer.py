@@ -64,7 +64,7 @@ PRETRAIN_MOMENTUM = 0.9
 Weights = dict[str, np.ndarray]
 
 
-def base_layers(input_shape: tuple[int, int]) -> list[Layer]:
+def base_layers(input_shape: tuple[int, ...]) -> list[Layer]:
     """The base's weights (names, shapes) for images of ``input_shape``, in forward order."""
     layers = architecture_layers("transfer", input_shape, 2)
     return [(name, shape) for name, shape in layers if name not in HEAD]
@@ -81,7 +81,7 @@ def bottleneck(base: Sequence[tf.Tensor], x: tf.Tensor) -> tf.Tensor:
     return tf.nn.relu(tf.matmul(a, base[4]) + base[5])
 
 
-def random_base(input_shape: tuple[int, int], seed: int) -> Weights:
+def random_base(input_shape: tuple[int, ...], seed: int) -> Weights:
     """Glorot-uniform kernels and zero biases from ``seed``: the same values the whole
     network (``TrainableModel("transfer", ...)``) draws for its base layers."""
     rng = np.random.default_rng(seed)
@@ -273,7 +273,7 @@ class TransferHead(tf.Module):
 
     def __init__(
         self,
-        input_shape: tuple[int, int],
+        input_shape: tuple[int, ...],
         num_classes: int,
         base: Mapping[str, np.ndarray],
         start: Mapping[str, np.ndarray],
@@ -345,7 +345,7 @@ class TransferHead(tf.Module):
 
 def build_transfer(
     cfg: ModelConfig,
-    input_shape: tuple[int, int],
+    input_shape: tuple[int, ...],
     num_classes: int,
     seed: int,
     base: Mapping[str, np.ndarray],
