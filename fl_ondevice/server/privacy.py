@@ -2,11 +2,11 @@
 
 Central DP: a ``DifferentialPrivacy*Clipping`` wrapper clips each of a round's m updates to C,
 averages them with equal weights and adds N(0, (z C / m)^2) to the average: one sampled Gaussian
-release per round. :class:`Accountant` composes those releases with Renyi DP (Flower's
-``RdpAccountant``, on Google's ``dp-accounting``) for the sampling ``dp.sampling`` names and
-reports epsilon at ``dp.delta`` after every round. The sampling is known exactly here (the
-strategy draws m of the N clients, seeded), so the default accounting, m of N without
-replacement, is exact rather than assumed.
+release per round. :class:`Accountant` composes those releases with Renyi DP (Google's
+``dp-accounting``, the library under Flower's own ``RdpAccountant``) for the sampling
+``dp.sampling`` names and reports epsilon at ``dp.delta`` after every round. The sampling is
+known exactly here (the strategy draws m of the N clients, seeded), so the default accounting,
+m of N without replacement, is exact rather than assumed.
 
 Adaptive clipping also releases a noisy count of clipped updates (std sigma_b); Flower inflates
 the update noise so that both together are one Gaussian mechanism of the configured multiplier
@@ -29,17 +29,14 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import dp_accounting
+import numpy as np
+from dp_accounting.rdp import rdp_privacy_accountant as rdp_accounting
 from flwr.client.mod import LocalDpMod as LegacyLocalDpMod
 from flwr.clientapp.mod import LocalDpMod
-from flwr.serverapp import PrivacyConfig, RdpAccountant
 from flwr.serverapp.strategy import Strategy
 from flwr.serverapp.strategy.dp_adaptive_clipping import DifferentialPrivacyAdaptiveBase
 from flwr.serverapp.strategy.dp_fixed_clipping import DifferentialPrivacyFixedClippingBase
-from flwr.supercore.privacy_accounting import (
-    GaussianPrivacyEvent,
-    NeighboringRelation,
-    SamplingMethod,
-)
 
 from fl_ondevice.config import NO_AMPLIFICATION, POISSON, WITHOUT_REPLACEMENT, Config
 from fl_ondevice.errors import ConfigError
@@ -47,11 +44,11 @@ from fl_ondevice.server.strategy import layers
 
 log = logging.getLogger(__name__)
 
-# dp.sampling -> Flower's accounting model (the pairs its PrivacyConfig supports).
-MODELS = {
-    WITHOUT_REPLACEMENT: (SamplingMethod.WITHOUT_REPLACEMENT, NeighboringRelation.REPLACE_ONE),
-    POISSON: (SamplingMethod.POISSON, NeighboringRelation.ADD_OR_REMOVE_ONE),
-    NO_AMPLIFICATION: (SamplingMethod.NO_AMPLIFICATION, NeighboringRelation.ADD_OR_REMOVE_ONE),
+# dp.sampling -> its neighbouring relation (the pairs Flower's PrivacyConfig supports too).
+RELATIONS = {
+    WITHOUT_REPLACEMENT: dp_accounting.NeighboringRelation.REPLACE_ONE,
+    POISSON: dp_accounting.NeighboringRelation.ADD_OR_REMOVE_ONE,
+    NO_AMPLIFICATION: dp_accounting.NeighboringRelation.ADD_OR_REMOVE_ONE,
 }
 LOCAL_DP_MODS = (LocalDpMod, LegacyLocalDpMod)
 
@@ -133,23 +130,35 @@ def run_sampling(cfg: Config) -> str:
 
 
 class Accountant:
-    """The cumulative epsilon of a mechanism's releases, one per round (Flower's
-    ``RdpAccountant``); ``sampling`` is a ``dp.sampling`` value."""
+    """The cumulative epsilon of a mechanism's releases, one per round, by Renyi DP;
+    ``sampling`` is a ``dp.sampling`` value.
+
+    The RDP of one round's release is computed once per sample size with ``dp-accounting``'s
+    ``RdpAccountant`` (for m of N without replacement ~0.1 s: too slow to repeat every round);
+    composition adds RDP, so the RDP of the run is each sample size's rounds times its
+    release's, and epsilon is ``dp-accounting``'s conversion of that sum at ``delta``. The
+    ledger (``releases``: rounds per sample size) is all the state there is.
+    """
 
     def __init__(self, mechanism: Mechanism, delta: float, sampling: str) -> None:
         self.mechanism, self.delta, self.sampling = mechanism, delta, sampling
-        method, relation = MODELS[sampling]
-        config = PrivacyConfig(delta, mechanism.population, relation, method)
-        self.flower = RdpAccountant(config)
+        self.releases: dict[int, int] = {}
+        self._rdp: dict[int, np.ndarray] = {}
+        self._orders = rdp_accounting.RdpAccountant().orders
 
-    def event(self, sample_size: int) -> GaussianPrivacyEvent:
-        """One round's release, its m clients drawn from the population."""
-        m = self.mechanism
-        return GaussianPrivacyEvent(m.noise_multiplier, sample_size, m.population)
+    def event(self, sample_size: int) -> dp_accounting.DpEvent:
+        """One round's release, its ``sample_size`` clients drawn from the population."""
+        gaussian = dp_accounting.GaussianDpEvent(self.mechanism.noise_multiplier)
+        n = self.mechanism.population
+        if self.sampling == WITHOUT_REPLACEMENT:
+            return dp_accounting.SampledWithoutReplacementDpEvent(n, sample_size, gaussian)
+        if self.sampling == POISSON:
+            return dp_accounting.PoissonSampledDpEvent(sample_size / n, gaussian)
+        return gaussian
 
-    def compose(self, sample_size: int) -> None:
-        """Add one round's release."""
-        self.flower.compose(self.event(sample_size))
+    def compose(self, sample_size: int, rounds: int = 1) -> None:
+        """Add ``rounds`` releases of ``sample_size`` clients each."""
+        self.releases[sample_size] = self.releases.get(sample_size, 0) + rounds
 
     def replay(self, rows: Iterable[Mapping[str, Any]]) -> None:
         """Compose the releases of the rounds a resumed run's metrics rows record (each
@@ -161,11 +170,25 @@ class Accountant:
     @property
     def epsilon(self) -> float:
         """Epsilon at ``delta`` of every release so far (0 before the first)."""
-        return self.flower.get_epsilon(self.delta) if self.flower.num_releases else 0.0
+        return self._epsilon(self.releases)
 
     def would_exceed(self, max_epsilon: float) -> bool:
         """Whether one more round of the expected sample size takes epsilon above the limit."""
-        return self.flower.would_exceed(self.event(self.mechanism.sample_size), max_epsilon)
+        m = self.mechanism.sample_size
+        return self._epsilon({**self.releases, m: self.releases.get(m, 0) + 1}) > max_epsilon
+
+    def _epsilon(self, releases: Mapping[int, int]) -> float:
+        if not releases:
+            return 0.0
+        total = sum(count * self._release_rdp(m) for m, count in sorted(releases.items()))
+        return float(rdp_accounting.compute_epsilon(self._orders, total, self.delta)[0])
+
+    def _release_rdp(self, sample_size: int) -> np.ndarray:
+        if sample_size not in self._rdp:
+            relation = RELATIONS[self.sampling]
+            one = rdp_accounting.RdpAccountant(neighboring_relation=relation)
+            self._rdp[sample_size] = one.compose(self.event(sample_size)).rdp
+        return self._rdp[sample_size]
 
 
 def epsilon_after(
@@ -182,7 +205,7 @@ def epsilon_after(
     accountant = Accountant(
         Mechanism("", "", noise_multiplier, sample_size, population), delta, sampling
     )
-    accountant.flower.compose(accountant.event(sample_size), rounds)
+    accountant.compose(sample_size, rounds)
     return accountant.epsilon
 
 
@@ -217,8 +240,8 @@ def solve_noise_multiplier(
 def within_budget(
     rounds: Iterable[int], accountant: Accountant | None, max_epsilon: float | None, info: dict
 ) -> Iterator[int]:
-    """``rounds`` up to the one that would take epsilon above ``max_epsilon`` (Flower's
-    ``would_exceed``); that round goes into ``info["stopped_before_round"]`` and the log."""
+    """``rounds`` up to the one that would take epsilon above ``max_epsilon`` (what Flower's
+    ``would_exceed`` asks); that round goes into ``info["stopped_before_round"]`` and the log."""
     for r in rounds:
         if (
             accountant is not None
