@@ -172,10 +172,15 @@ class Accountant:
         """Epsilon at ``delta`` of every release so far (0 before the first)."""
         return self._epsilon(self.releases)
 
+    def after(self, rounds: int) -> float:
+        """Epsilon at ``delta`` once ``rounds`` more releases of the expected sample size have
+        followed those so far."""
+        m = self.mechanism.sample_size
+        return self._epsilon({**self.releases, m: self.releases.get(m, 0) + rounds})
+
     def would_exceed(self, max_epsilon: float) -> bool:
         """Whether one more round of the expected sample size takes epsilon above the limit."""
-        m = self.mechanism.sample_size
-        return self._epsilon({**self.releases, m: self.releases.get(m, 0) + 1}) > max_epsilon
+        return self.after(1) > max_epsilon
 
     def _epsilon(self, releases: Mapping[int, int]) -> float:
         if not releases:
@@ -202,11 +207,8 @@ def epsilon_after(
     """Epsilon at ``delta`` after ``rounds`` identical releases (0 noise: infinite)."""
     if noise_multiplier <= 0.0:
         return math.inf
-    accountant = Accountant(
-        Mechanism("", "", noise_multiplier, sample_size, population), delta, sampling
-    )
-    accountant.compose(sample_size, rounds)
-    return accountant.epsilon
+    mechanism = Mechanism("", "", noise_multiplier, sample_size, population)
+    return Accountant(mechanism, delta, sampling).after(rounds)
 
 
 def solve_noise_multiplier(
@@ -390,14 +392,9 @@ def _central(cfg: Config, mechanism: Mechanism, delta: float, info: dict) -> Acc
             mechanism.key,
         )
         return None
-    planned = epsilon_after(
-        mechanism.noise_multiplier,
-        mechanism.sample_size,
-        mechanism.population,
-        cfg.num_rounds,
-        delta,
-        sampling,
-    )
+    # The accountant computes one release's RDP for this, and keeps it for the rounds.
+    accountant = Accountant(mechanism, delta, sampling)
+    planned = accountant.after(cfg.num_rounds)
     log.info(
         "differential privacy: %s, noise multiplier %.4f, %d of %d clients a round (%s): "
         "epsilon %.4f at delta %.3g after %d rounds",
@@ -410,4 +407,4 @@ def _central(cfg: Config, mechanism: Mechanism, delta: float, info: dict) -> Acc
         delta,
         cfg.num_rounds,
     )
-    return Accountant(mechanism, delta, sampling)
+    return accountant

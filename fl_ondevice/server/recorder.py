@@ -189,8 +189,7 @@ class PrivacyLedger:
         if accountant is not None:
             if record.round > 0 and record.traffic.sampled > 0:
                 accountant.compose(record.traffic.sampled)
-            record.row["epsilon"] = accountant.epsilon
-            self.info["epsilon"] = accountant.epsilon
+            record.row["epsilon"] = self.info["epsilon"] = accountant.epsilon
         if self.privacy.local is not None:
             epsilons = [c.local_epsilon or 0.0 for c in self.clients.records]
             self.info["local"] = self.privacy.local.summary(epsilons)
